@@ -1,0 +1,105 @@
+"""Checkpoint files: one ``torch.save`` dict holding the resolved config, the data contract and state dicts.
+
+Layout (format ``hagan-clinic/1``)::
+
+    {"format": "hagan-clinic", "version": 1,
+     "config": {...resolved config...}, "data_contract": {modality, window, spacing_mm, size},
+     "parts": ["G", "EH", "EG", ...], "state_dicts": {"G": {...}, ...}, "extra": {...}}
+
+Only plain containers, strings, numbers and tensors are stored, so every checkpoint loads with
+``torch.load(weights_only=True)``: a checkpoint is untrusted input and must never be able to run code.
+Files are written to a temporary name in the target folder and renamed into place, so a crash never leaves
+a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+from .models.hagan import HAGAN, PARTS
+
+FORMAT = "hagan-clinic"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable hagan-clinic checkpoint; the message is one line."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(model: HAGAN, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "data_contract": model.config.data_contract(),
+        "parts": list(model.parts),
+        "state_dicts": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in model.part_state_dicts().items()},
+        "extra": dict(extra or {}),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict, validated for format; raises CheckpointError (one line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle, a truncated file or not a torch file at all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a hagan-clinic checkpoint (reference .pth files are converted with import-reference)"
+        )
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported")
+    return payload
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> HAGAN:
+    """A HAGAN in eval mode with the checkpoint's config and weights, on ``device``."""
+    payload = read_checkpoint(path)
+    try:
+        config = Config.from_dict(payload["config"], source=f"{Path(path).name} config")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    model = HAGAN(config)
+    parts = [p for p in payload.get("parts", []) if p in PARTS]
+    if "G" not in parts:
+        raise CheckpointError(f"{path}: checkpoint holds no generator")
+    for name in parts:
+        try:
+            getattr(model, name).load_state_dict(payload["state_dicts"][name])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: {name} weights do not fit the config ({_first_line(err)})") from None
+    model.parts = tuple(parts)
+    return model.to(device).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300]

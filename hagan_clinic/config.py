@@ -1,0 +1,262 @@
+"""Typed, frozen configuration loaded from YAML.
+
+A config file may name a parent with ``extends: other.yaml`` (resolved relative to the file); the child's keys
+are merged over the parent's, section by section. ``--set section.key=value`` overrides are applied last, their
+values parsed as YAML (so ``model.size=128`` is an int and ``data.window=[-1000,400]`` a list). Unknown keys and
+wrong types are rejected with a :class:`ConfigError` whose one-line message names the key.
+
+The model geometry that follows from the config (feature-map size, slab depth, number of upsampling stages) is
+derived here, once, so that no network carries a hidden constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+#: The whole volume is split into this many slabs along D (the axial axis): G^H is trained on one slab per
+#: step and E^G reads the E^H outputs of all of them. It is part of the published architecture (D^H's strides
+#: assume a slab of S/8 slices), not a tunable.
+NUM_SLABS = 8
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that names the offending key or file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+
+
+class ModelConfig(_Section):
+    """Network geometry. Widths are the reference's names for them; everything else derives from these."""
+
+    size: int = Field(256, description="output edge S of the cubic volume (voxels)")
+    latent_dim: int = Field(1024, description="length of z")
+    num_classes: int = Field(0, ge=0, description="0 for unconditional; C > 0 adds a one-hot label to z")
+    g_width: int = Field(32, description="generator base width c: trunk 16c..2c, G^H c.., G^L c, c/2")
+    d_high_width: int = Field(512, description="D^H widest layer (the reference's 512)")
+    d_low_width: int = Field(256, description="D^L widest layer")
+    e_ground_width: int = Field(256, description="E^G widest layer")
+    norm_groups: int = Field(8, description="GroupNorm groups in G and the encoders")
+    high_stages: int | None = Field(
+        None, description="x2 upsampling stages in G^H; default 2, and 3 for 512^3 (feature map capped at 64^3)"
+    )
+    encode_mode: Literal["slabs", "whole"] = Field(
+        "slabs", description="E^H per slab (as E^G is trained) or over the whole volume at once"
+    )
+
+    @property
+    def stages(self) -> int:
+        if self.high_stages is not None:
+            return self.high_stages
+        return max(2, int(math.log2(self.size)) - 6)
+
+    @property
+    def upsample(self) -> int:
+        """Ratio of output size to feature-map size (4 in the reference)."""
+        return 2**self.stages
+
+    @property
+    def feature_size(self) -> int:
+        """Edge F of G^A's feature map and of the low-resolution volume."""
+        return self.size // self.upsample
+
+    @property
+    def feature_channels(self) -> int:
+        return 2 * self.g_width
+
+    @property
+    def slab_depth(self) -> int:
+        """Slices of one high-resolution slab (S/8)."""
+        return self.size // NUM_SLABS
+
+    @property
+    def feature_slab_depth(self) -> int:
+        return self.feature_size // NUM_SLABS
+
+    @property
+    def max_slab_start(self) -> int:
+        """Largest slab start r in output slices; r / max_slab_start is D^H's position input (224 at 256^3)."""
+        return self.size - self.slab_depth
+
+    @property
+    def trunk_upsamplings(self) -> int:
+        return int(math.log2(self.feature_size // 4))
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> ModelConfig:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"model.{key}: {msg}")
+
+        need(self.size >= 32 and _pow2(self.size), "size", f"must be a power of two >= 32, got {self.size}")
+        need(self.high_stages is None or self.high_stages >= 1, "high_stages", "must be >= 1")
+        f = self.feature_size
+        need(f >= 8 and self.size % self.upsample == 0, "high_stages", f"leaves a feature map of {f}^3 (< 8)")
+        need(f <= 64, "high_stages", f"leaves a feature map of {f}^3; G^A reaches at most 64^3 (raise it)")
+        need(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        g = self.norm_groups
+        need(g >= 1, "norm_groups", "must be >= 1")
+        # every GroupNorm in G (down to G^L's c/2 and G^H's last hidden stage) and in E must split evenly
+        smallest_g = self.g_width // 2 ** max(1, self.stages - 2)
+        need(
+            self.g_width >= 2 and smallest_g >= 1 and smallest_g % g == 0,
+            "g_width",
+            f"{self.g_width} leaves layers of {smallest_g} channels, not divisible by norm_groups={g}",
+        )
+        need(
+            self.e_ground_width % (8 * g) == 0,
+            "e_ground_width",
+            f"must be a multiple of 8 * norm_groups = {8 * g}",
+        )
+        need(self.d_high_width % 64 == 0, "d_high_width", "must be a multiple of 64")
+        need(self.d_low_width % 8 == 0, "d_low_width", "must be a multiple of 8")
+        return self
+
+
+class DataConfig(_Section):
+    """The data contract: how intensities and geometry map between the scanner's world and the model's."""
+
+    modality: Literal["CT", "MR"] = "CT"
+    window: tuple[float, float] = Field(
+        (-1024.0, 600.0), description="intensity range mapped to [-1, 1] (HU for CT, normalised units for MR)"
+    )
+    spacing_mm: tuple[float, float, float] = Field(
+        (1.5, 1.5, 1.5), description="voxel spacing (x, y, z) in mm of the model's grid"
+    )
+    dir: str | None = Field(None, description="training data folder")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"data.window: lower bound must be below upper, got {list(self.window)}")
+        if min(self.spacing_mm) <= 0:
+            raise ValueError(f"data.spacing_mm: must be positive, got {list(self.spacing_mm)}")
+        return self
+
+
+class Config(_Section):
+    seed: int = 0
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def data_contract(self) -> dict[str, Any]:
+        """What a consumer of generated or encoded volumes needs to map them back to HU and millimetres."""
+        return {
+            "modality": self.data.modality,
+            "window": list(self.data.window),
+            "spacing_mm": list(self.data.spacing_mm),
+            "size": self.model.size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as err:
+            raise ConfigError(f"{source}: {_first_error(err)}") from None
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if e["type"] == "value_error":
+        # our validators already name the key in their message
+        return msg.removeprefix("Value error, ")
+    return f"{key}: {msg} (got {e.get('input')!r})" if key else msg
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or a bare name ('tiny') looked up in the project's configs/ folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file not found: {path}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path.name}: 'extends' loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.exists():
+        raise ConfigError(f"{path.name}: extends '{parent}', which does not exist")
+    return _deep_merge(_read_yaml(parent_path, (*seen, path)), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set '{item}': expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(parents[: i + 1])}' is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (following ``extends``), apply ``--set`` overrides, validate.
+
+    Raises ConfigError with a one-line message naming the key on any problem.
+    """
+    p = resolve_path(path)
+    data = apply_overrides(_read_yaml(p), overrides)
+    return Config.from_dict(data, source=p.name)
