@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config, ConfigError
+from .errors import HaganError
 from .models.hagan import HAGAN, PARTS
 
 FORMAT = "hagan-clinic"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HaganError):
     """A file that is not a readable hagan-clinic checkpoint; the message is one line."""
 
 
@@ -67,7 +69,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # foreign pickles make torch warn before it refuses them
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle, a truncated file or not a torch file at all
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import HaganError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: The whole volume is split into this many slabs along D (the axial axis): G^H is trained on one slab per
@@ -27,7 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NUM_SLABS = 8
 
 
-class ConfigError(ValueError):
+class ConfigError(HaganError):
     """A configuration problem, with a one-line message that names the offending key or file."""
 
 
@@ -47,7 +49,8 @@ class ModelConfig(_Section):
     e_ground_width: int = Field(256, description="E^G widest layer")
     norm_groups: int = Field(8, description="GroupNorm groups in G and the encoders")
     high_stages: int | None = Field(
-        None, description="x2 upsampling stages in G^H; default 2, and 3 for 512^3 (feature map capped at 64^3)"
+        None,
+        description="x2 upsampling stages in G^H; default 2, and 3 for 512^3 (feature map capped at 64^3)",
     )
     encode_mode: Literal["slabs", "whole"] = Field(
         "slabs", description="E^H per slab (as E^G is trained) or over the whole volume at once"
@@ -201,10 +204,10 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 def resolve_path(path: str | Path) -> Path:
     """A config path as given, or a bare name ('tiny') looked up in the project's configs/ folder."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
     raise ConfigError(f"config file not found: {path}")
 

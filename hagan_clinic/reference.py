@@ -13,6 +13,7 @@ given, and checked against the layers present.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, apply_overrides
+from .errors import HaganError
 from .models.hagan import HAGAN
 
 # (our module path, reference module path, spectral-normalised?) per network, generated from the geometry
 _Pairs = list[tuple[str, str, bool]]
 
 
-class ReferenceImportError(ValueError):
+class ReferenceImportError(HaganError):
     """Reference weights that cannot be converted; the message names the keys at fault."""
 
 
@@ -36,7 +38,9 @@ def read_reference_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ReferenceImportError(f"reference checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # foreign pickles make torch warn before it refuses them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         msg = " ".join(str(err).split())[:200]
         raise ReferenceImportError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
@@ -54,14 +58,20 @@ def strip_reference_state_dict(obj: object, what: str = "state dict") -> dict[st
 def _pairs_G(model: HAGAN) -> _Pairs:
     pairs = [("trunk.fc", "fc1", False)]
     for i in range(len(model.G.trunk.blocks)):
-        pairs += [(f"trunk.blocks.{i}.conv", f"tp_conv{i + 1}", False), (f"trunk.blocks.{i}.norm", f"bn{i + 1}", False)]
+        pairs += [
+            (f"trunk.blocks.{i}.conv", f"tp_conv{i + 1}", False),
+            (f"trunk.blocks.{i}.norm", f"bn{i + 1}", False),
+        ]
     n = len(model.G.trunk.blocks)  # G^H's layers continue the trunk's numbering (tp_conv6, bn6, tp_conv7)
     for i, stage in enumerate(model.G.high.stages):
         pairs.append((f"high.stages.{i}.conv", f"tp_conv{n + i + 1}", False))
         if stage.norm is not None:
             pairs.append((f"high.stages.{i}.norm", f"bn{n + i + 1}", False))
     for i in range(len(model.G.low.blocks)):
-        pairs += [(f"low.blocks.{i}.conv", f"sub_G.tp_conv{i + 1}", False), (f"low.blocks.{i}.norm", f"sub_G.bn{i + 1}", False)]
+        pairs += [
+            (f"low.blocks.{i}.conv", f"sub_G.tp_conv{i + 1}", False),
+            (f"low.blocks.{i}.norm", f"sub_G.bn{i + 1}", False),
+        ]
     pairs.append(("low.out", f"sub_G.tp_conv{len(model.G.low.blocks) + 1}", False))
     return pairs
 
@@ -88,7 +98,10 @@ def _pairs_EG(model: HAGAN) -> _Pairs:
     first = 5 - len(model.EG.blocks)
     pairs = []
     for i in range(len(model.EG.blocks)):
-        pairs += [(f"blocks.{i}.conv", f"conv{i + first}", False), (f"blocks.{i}.norm", f"bn{i + first}", False)]
+        pairs += [
+            (f"blocks.{i}.conv", f"conv{i + first}", False),
+            (f"blocks.{i}.norm", f"bn{i + first}", False),
+        ]
     pairs.append(("out", "conv5", False))
     return pairs
 
@@ -97,9 +110,7 @@ _PAIRS = {"G": _pairs_G, "D": _pairs_D, "EH": _pairs_EH, "EG": _pairs_EG}
 _FILE_NAMES = {"G": "generator", "D": "discriminator", "EH": "encoder (E)", "EG": "sub-encoder (Sub_E)"}
 
 
-def infer_config(
-    sds: Mapping[str, Mapping[str, torch.Tensor]], size: int, overrides: tuple[str, ...] = ()
-) -> Config:
+def infer_config(sds: Mapping[str, Mapping[str, torch.Tensor]], size: int, overrides: tuple[str, ...] = ()) -> Config:
     """The config whose networks have the reference tensors' shapes (norm groups: the reference's 8)."""
 
     def shape(part: str, key: str) -> tuple[int, ...]:
@@ -169,10 +180,14 @@ def convert_part(part: str, ref: Mapping[str, torch.Tensor], model: HAGAN) -> di
 
     name = _FILE_NAMES[part]
     if missing:
-        raise ReferenceImportError(f"{name}: missing keys {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        raise ReferenceImportError(
+            f"{name}: missing keys {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
     unknown = sorted(set(ref) - used)
     if unknown:
-        raise ReferenceImportError(f"{name}: unknown keys {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
+        raise ReferenceImportError(
+            f"{name}: unknown keys {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else "")
+        )
     for key, tensor in out.items():
         if key not in target:
             raise ReferenceImportError(f"{name}: no place for key {key} in our {part}")

@@ -54,9 +54,7 @@ class HAGAN(nn.Module):
         return select_image_slab(x, slab_start, self.config.model)
 
     @torch.no_grad()
-    def generate(
-        self, z: torch.Tensor, labels: torch.Tensor | None = None, slab: int | None = None
-    ) -> torch.Tensor:
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None, slab: int | None = None) -> torch.Tensor:
         """Whole volumes from latent vectors.
 
         z: (N, L) float. labels: (N,) int class indices for a conditional model, else None.

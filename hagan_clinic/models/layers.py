@@ -82,6 +82,6 @@ def sn(module: nn.Module) -> nn.Module:
 def check_input(x: torch.Tensor, expected: tuple[int | None, ...], what: str) -> None:
     """Raise ValueError unless x has len(expected) dims matching expected (None = any size)."""
     shape = tuple(x.shape)
-    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape, strict=True)):
         want = "(" + ", ".join("N" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{what}: expected shape {want}, got {shape}")

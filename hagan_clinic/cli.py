@@ -1,0 +1,175 @@
+"""The ``hagan-clinic`` command line. Thin: parse, load, call one function. Heavy imports live inside commands.
+
+Exit status: 0 done; 2 bad arguments, config, checkpoint or input (one-line message on stderr); 1 an
+unexpected internal error (one line; set HAGAN_CLINIC_DEBUG=1 for the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import HaganError
+
+SET_HELP = "Override a config value, e.g. --set model.size=128 (repeatable)."
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HaganError(f"--device: unknown device '{name}' (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HaganError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _progress(desc: str, unit: str):
+    from tqdm import tqdm
+
+    def wrap(iterable):
+        return tqdm(iterable, desc=desc, unit=unit, file=sys.stderr, disable=None)
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="hagan-clinic")
+def cli() -> None:
+    """HA-GAN for 3D CT and MRI cohorts: generate, encode, and import published weights.
+
+    Start with `hagan-clinic demo`; every command has --help.
+    """
+
+
+@cli.command("check-config")
+@click.argument("config_file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
+    """Validate CONFIG_FILE (a path or a name in configs/) and print the resolved config."""
+    from .config import load_config
+
+    cfg = load_config(config_file, overrides)
+    m = cfg.model
+    click.echo(cfg.to_yaml().rstrip())
+    click.echo(
+        f"# derived: feature map {m.feature_channels}ch x {m.feature_size}^3, G^H stages {m.stages}, "
+        f"slab {m.slab_depth} slices ({m.feature_slab_depth} feature slices), "
+        f"D^H position = r / {m.max_slab_start}"
+    )
+
+
+@cli.command()
+@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
+@click.option("-n", "--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for NIfTI files.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same volumes.")
+@click.option("--label", type=int, default=None, help="Class of every sample (conditional checkpoints).")
+@click.option(
+    "--slab",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run G^H this many feature slices at a time (same output, less memory).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+def generate(checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str) -> None:
+    """Generate volumes from a checkpoint and write them as NIfTI (HU for CT, spacing in the affine)."""
+    from .checkpoint import load_checkpoint
+    from .sampling import generate_to_nifti
+
+    dev = _resolve_device(device)
+    model = load_checkpoint(checkpoint, device=dev)
+    try:
+        paths = generate_to_nifti(
+            model, n, out, seed=seed, label=label, slab=slab, progress=_progress("generate", "vol")
+        )
+    except ValueError as err:
+        raise HaganError(str(err)) from None
+    click.echo(f"wrote {len(paths)} volume(s) to {out}")
+
+
+@cli.command("import-reference")
+@click.option("--generator", required=True, type=click.Path(dir_okay=False), help="Reference G_iterN.pth.")
+@click.option("--encoder", required=True, type=click.Path(dir_okay=False), help="Reference E_iterN.pth (E^H).")
+@click.option("--sub-encoder", required=True, type=click.Path(dir_okay=False), help="Reference Sub_E_iterN.pth.")
+@click.option("--discriminator", type=click.Path(dir_okay=False), default=None, help="Reference D_iterN.pth.")
+@click.option("--size", required=True, type=click.Choice(["128", "256"]), help="Output size of those weights.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Data contract, e.g. data.modality=MR.")
+def import_reference_cmd(
+    generator: str,
+    encoder: str,
+    sub_encoder: str,
+    discriminator: str | None,
+    size: str,
+    out: str,
+    overrides: tuple[str, ...],
+) -> None:
+    """Convert checkpoints of the reference HA-GAN implementation into one hagan-clinic checkpoint."""
+    from .models.hagan import parameter_table
+    from .reference import import_reference
+
+    model = import_reference(generator, encoder, sub_encoder, int(size), discriminator, overrides)
+    model.save(
+        out,
+        extra={
+            "source": "reference import",
+            "files": [Path(p).name for p in (generator, encoder, sub_encoder)],
+        },
+    )
+    total = sum(v for k, v in parameter_table(model).items() if k in model.parts)
+    click.echo(f"wrote {out}: parts {', '.join(model.parts)}, {total / 1e6:.2f}M parameters, size {size}^3")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
+@click.option("--fast", is_flag=True, help="Smaller and quicker.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def demo(out: str, fast: bool, no_tracking: bool) -> None:
+    """Run the end-to-end demo on the built-in synthetic data, logged to mlruns/."""
+    from pipelines.demo import run
+
+    run(Path(out), fast=fast, tracking=not no_tracking)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one-line errors and documented exit codes instead of tracebacks."""
+    prog = "hagan-clinic"
+    try:
+        cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except click.ClickException as err:
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see '{err.ctx.command_path} --help')"
+        click.echo(f"{prog}: error: {err.format_message()}{hint}", err=True)
+        return err.exit_code
+    except HaganError as err:
+        click.echo(f"{prog}: error: {' '.join(str(err).split())}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except Exception as err:  # an unexpected failure still ends in one line unless asked for more
+        if os.environ.get("HAGAN_CLINIC_DEBUG"):
+            raise
+        msg = " ".join(str(err).split())[:300]
+        click.echo(
+            f"{prog}: internal error: {type(err).__name__}: {msg} (HAGAN_CLINIC_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""NIfTI reading and writing for model-space volumes.
+
+Array convention: the model's tensors are (D, H, W) with D the axial (slice) axis, i.e. (z, y, x). NIfTI stores
+(i, j, k) = (x, y, z), so volumes are transposed on the way out and back in, and the affine carries the voxel
+spacing (x, y, z) in mm of the data contract: a generated volume keeps its physical size.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def to_model_range(values: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """Scanner units (HU for CT) -> [-1, 1], clipping to the window. float32."""
+    lo, hi = float(window[0]), float(window[1])
+    out = (np.clip(values.astype(np.float32), lo, hi) - lo) / (hi - lo)
+    return out * 2.0 - 1.0
+
+
+def from_model_range(values: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """[-1, 1] -> scanner units (HU for CT). float32."""
+    lo, hi = float(window[0]), float(window[1])
+    return ((np.clip(values.astype(np.float32), -1.0, 1.0) + 1.0) / 2.0) * (hi - lo) + lo
+
+
+def spacing_affine(spacing_xyz: Sequence[float]) -> np.ndarray:
+    return np.diag([float(spacing_xyz[0]), float(spacing_xyz[1]), float(spacing_xyz[2]), 1.0])
+
+
+def write_volume(
+    path: str | Path,
+    volume_dhw: np.ndarray,
+    spacing_xyz: Sequence[float],
+    dtype: np.dtype | type = np.float32,
+    description: str = "",
+) -> Path:
+    """Write a (D, H, W) volume as NIfTI with the spacing in its affine, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.ascontiguousarray(np.transpose(volume_dhw, (2, 1, 0)))
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        data = np.clip(np.rint(data), info.min, info.max)
+    img = nib.Nifti1Image(data.astype(dtype), spacing_affine(spacing_xyz))
+    img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description.encode()[:79]
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(volume (D, H, W) float32, affine 4x4) of a NIfTI file written in the convention above."""
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0))), img.affine

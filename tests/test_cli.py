@@ -1,0 +1,176 @@
+"""The command line: help, config checking, generation to NIfTI, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from hagan_clinic.cli import main
+from hagan_clinic.config import load_config
+from hagan_clinic.models.hagan import HAGAN
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert err.startswith("hagan-clinic: error:")
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return HAGAN.from_config(load_config("tiny")).save(tmp_path / "tiny.pt")
+
+
+@pytest.fixture
+def conditional_checkpoint(tmp_path):
+    return HAGAN.from_config(load_config("tiny", ["model.num_classes=2"])).save(tmp_path / "cond.pt")
+
+
+def test_help_lists_the_commands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("check-config", "generate", "import-reference", "demo"):
+        assert command in out
+    for command in ("check-config", "generate", "import-reference", "demo"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0 and "Usage:" in out
+
+
+def test_console_script_answers_help():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from hagan_clinic.cli import main; sys.exit(main(['--help']))"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0
+    assert "torch" not in proc.stderr
+    # --help must not pay for torch or mlflow
+    probe = "import sys; from hagan_clinic.cli import main; main(['--help']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith(
+        "False"
+    )
+
+
+def test_check_config_prints_resolved_config(capsys):
+    code, out, _ = run(capsys, "check-config", "tiny", "--set", "model.size=64")
+    assert code == 0
+    assert "size: 64" in out
+    assert "feature map 16ch x 16^3" in out
+
+
+def test_check_config_rejects_unknown_key(capsys):
+    code, _, err = run(capsys, "check-config", "tiny", "--set", "model.wdith=3")
+    assert_one_line_error(code, err, "model.wdith")
+
+
+def test_generate_writes_nifti_in_hu_with_spacing(capsys, checkpoint, tmp_path):
+    out_dir = tmp_path / "gen"
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(checkpoint), "-n", "2", "--out", str(out_dir))
+    assert code == 0, out
+    files = sorted(out_dir.glob("*.nii.gz"))
+    assert [f.name for f in files] == ["sample_0000.nii.gz", "sample_0001.nii.gz"]
+    img = nib.load(str(files[0]))
+    assert img.shape == (32, 32, 32)
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [12.0, 12.0, 12.0])
+    assert img.get_data_dtype() == np.int16
+    data = np.asarray(img.dataobj)
+    assert data.min() >= -1024 and data.max() <= 600
+    assert (out_dir / "samples.csv").read_text().splitlines()[0] == "file,index,seed,label"
+    assert not list(out_dir.glob(".*"))  # no temporary files left
+
+
+def test_generate_same_seed_same_volumes_and_slab_matches(capsys, checkpoint, tmp_path):
+    def volumes(folder, *extra):
+        assert run(capsys, "generate", "--checkpoint", str(checkpoint), "-n", "2", "--out", str(folder), *extra)[0] == 0
+        return [np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob("*.nii.gz"))]
+
+    a = volumes(tmp_path / "a", "--seed", "7")
+    b = volumes(tmp_path / "b", "--seed", "7")
+    c = volumes(tmp_path / "c", "--seed", "8")
+    d = volumes(tmp_path / "d", "--seed", "7", "--slab", "1")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+    assert not np.array_equal(a[0], a[1])
+    # slab generation equals one pass to 1e-5 in [-1, 1]; after rounding to whole HU at most 1 HU apart
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(a, d))
+    # sample i does not depend on how many samples were asked for
+    e = volumes(tmp_path / "e", "--seed", "7", "-n", "1")
+    assert np.array_equal(a[0], e[0])
+
+
+def test_generate_with_label_on_conditional_checkpoint(capsys, conditional_checkpoint, tmp_path):
+    out_dir = tmp_path / "cond"
+    code, _, err = run(
+        capsys, "generate", "--checkpoint", str(conditional_checkpoint), "-n", "2", "--label", "1", "--out", str(out_dir)
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.glob("*.nii.gz")) == ["sample_0000_label1.nii.gz", "sample_0001_label1.nii.gz"]
+    code, _, err = run(
+        capsys, "generate", "--checkpoint", str(conditional_checkpoint), "--label", "2", "--out", str(tmp_path / "x")
+    )
+    assert_one_line_error(code, err, "[0, 1]")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "--checkpoint", "missing.pt", "--out", "o"], "not found"),
+        (["generate", "--checkpoint", "{ckpt}", "--out", "o", "-n", "0"], "-n"),
+        (["generate", "--checkpoint", "{ckpt}", "--out", "o", "--label", "1"], "unconditional"),
+        (["generate", "--checkpoint", "{ckpt}", "--out", "o", "--device", "tpu"], "device"),
+        (["generate", "--checkpoint", "{ckpt}", "--out", "o", "--slab", "0"], "--slab"),
+        (["generate", "--out", "o"], "--checkpoint"),
+        (["generate", "--checkpoint", "{garbage}", "--out", "o"], "not a readable checkpoint"),
+        (["import-reference", "--generator", "g.pth", "--encoder", "e.pth", "--sub-encoder", "s.pth",
+          "--size", "256", "--out", "m.pt"], "not found"),
+        (["import-reference", "--generator", "g.pth", "--encoder", "e.pth", "--sub-encoder", "s.pth",
+          "--size", "64", "--out", "m.pt"], "--size"),
+        (["check-config", "nonexistent.yaml"], "not found"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_give_one_line_and_exit_2(capsys, checkpoint, tmp_path, args, needle):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    args = [a.format(ckpt=checkpoint, garbage=garbage) for a in args]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, needle)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(capsys, checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "generate", "--checkpoint", str(checkpoint), "--out", "o", "--device", "cuda")
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_demo_fast_logs_nested_runs(capsys, tmp_path):
+    import mlflow
+
+    code, out, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"))
+    assert code == 0, err
+    assert (tmp_path / "demo" / "generated.png").stat().st_size > 0
+    assert "untrained" in out
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["demo", "encode", "generate", "model"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = next(r for r in runs if r.info.run_name == "demo")
+    assert parent.data.params["model.size"] == "32"
+    children = [r for r in runs if r.info.run_name != "demo"]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    generate_run = next(r for r in runs if r.info.run_name == "generate")
+    assert generate_run.data.metrics["slab_vs_one_pass_max_abs_diff"] <= 1e-5
