@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure still ends in one line unless asked for more
         if os.environ.get("HAGAN_CLINIC_DEBUG"):
             raise
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            click.echo(f"{prog}: error: out of memory; generate with --slab 4 (or smaller) to bound it", err=True)
+            return 1
         msg = " ".join(str(err).split())[:300]
         click.echo(
             f"{prog}: internal error: {type(err).__name__}: {msg} (HAGAN_CLINIC_DEBUG=1 shows the traceback)",

@@ -113,11 +113,11 @@ def test_generate_same_seed_same_volumes_and_slab_matches(capsys, checkpoint, tm
 
 def test_generate_with_label_on_conditional_checkpoint(capsys, conditional_checkpoint, tmp_path):
     out_dir = tmp_path / "cond"
-    code, _, err = run(
-        capsys, "generate", "--checkpoint", str(conditional_checkpoint), "-n", "2", "--label", "1", "--out", str(out_dir)
-    )
+    ckpt = str(conditional_checkpoint)
+    code, _, err = run(capsys, "generate", "--checkpoint", ckpt, "-n", "2", "--label", "1", "--out", str(out_dir))
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.glob("*.nii.gz")) == ["sample_0000_label1.nii.gz", "sample_0001_label1.nii.gz"]
+    written = sorted(p.name for p in out_dir.glob("*.nii.gz"))
+    assert written == ["sample_0000_label1.nii.gz", "sample_0001_label1.nii.gz"]
     code, _, err = run(
         capsys, "generate", "--checkpoint", str(conditional_checkpoint), "--label", "2", "--out", str(tmp_path / "x")
     )

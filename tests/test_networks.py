@@ -25,7 +25,7 @@ def small(size: int, *more: str):
 
 
 # (size, expected feature edge F, slab depth S/8, feature slab depth F/8); tiny widths: c = 8, L = 32
-GEOMETRY = [(32, 8, 4, 1), (64, 16, 8, 2), (128, 32, 16, 4), (256, 64, 32, 8)]
+GEOMETRY = [(32, 8, 4, 1), (64, 16, 8, 2), (128, 32, 16, 4), (256, 64, 32, 8), (512, 64, 64, 8)]
 
 
 @pytest.mark.parametrize(("size", "f", "slab", "fslab"), GEOMETRY)
@@ -184,3 +184,15 @@ def test_paper_parameter_counts(name, total):
     assert table["EH"] == _reference_count(size, "E")
     assert table["EG"] == _reference_count(size, "Sub_E")
     assert table["G"] == table["G^A"] + table["G^L"] + table["G^H"]
+
+
+def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = HAGAN.from_config(load_config("tiny", ["seed=5"]))
+    assert torch.equal(torch.rand(1), expected_next)
+    b = HAGAN.from_config(load_config("tiny", ["seed=5"]))
+    c = HAGAN.from_config(load_config("tiny", ["seed=6"]))
+    assert torch.equal(a.G.trunk.fc.weight, b.G.trunk.fc.weight)
+    assert not torch.equal(a.G.trunk.fc.weight, c.G.trunk.fc.weight)

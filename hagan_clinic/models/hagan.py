@@ -40,8 +40,10 @@ class HAGAN(nn.Module):
 
     @classmethod
     def from_config(cls, config: Config) -> HAGAN:
-        torch.manual_seed(config.seed)
-        return cls(config)
+        """A freshly initialised model; the initial weights depend only on ``config.seed``."""
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG stream untouched
+            torch.manual_seed(config.seed)
+            return cls(config)
 
     @property
     def device(self) -> torch.device:
