@@ -121,6 +121,11 @@ def infer_config(sds: Mapping[str, Mapping[str, torch.Tensor]], size: int, overr
 
     latent = shape("EG", "conv5.weight")[0]
     fc_in = shape("G", "fc1.weight")[1]
+    if fc_in < latent:
+        raise ReferenceImportError(
+            f"generator: fc1.weight has shape {shape('G', 'fc1.weight')}: {fc_in} inputs, fewer than the latent size"
+            f" {latent} (the outputs of Sub_E conv5.weight)"
+        )
     model = {
         "size": size,
         "latent_dim": latent,
@@ -150,6 +155,8 @@ def convert_part(part: str, ref: Mapping[str, torch.Tensor], model: HAGAN) -> di
     """Reference state dict of one network -> our state dict for ``model.<part>``; strict on both sides."""
     target = getattr(model, part).state_dict()
     out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # our key -> the reference key it comes from, for error messages
+    spectral_layers: list[tuple[str, str, torch.Tensor, torch.Tensor]] = []
     used: set[str] = set()
     missing: list[str] = []
 
@@ -160,23 +167,25 @@ def convert_part(part: str, ref: Mapping[str, torch.Tensor], model: HAGAN) -> di
         used.add(key)
         return ref[key]
 
+    def put(key: str, tensor: torch.Tensor, their_key: str) -> None:
+        out[key] = tensor
+        source[key] = their_key
+
     for ours, theirs, spectral in _PAIRS[part](model):
         bias = take(f"{theirs}.bias")
         if bias is not None:
-            out[f"{ours}.bias"] = bias
+            put(f"{ours}.bias", bias, f"{theirs}.bias")
         weight = take(f"{theirs}.weight")
         if not spectral:
             if weight is not None:
-                out[f"{ours}.weight"] = weight
+                put(f"{ours}.weight", weight, f"{theirs}.weight")
             continue
         u0 = take(f"{theirs}.u0")
         used.add(f"{theirs}.sv0")  # a record of the last estimate; the forward recomputes it
         if weight is not None:
-            out[f"{ours}.parametrizations.weight.original"] = weight
-            if u0 is not None:
-                u, v = _sn_vectors(weight.float(), u0.float())
-                out[f"{ours}.parametrizations.weight.0._u"] = u
-                out[f"{ours}.parametrizations.weight.0._v"] = v
+            put(f"{ours}.parametrizations.weight.original", weight, f"{theirs}.weight")
+            if u0 is not None:  # the power-iteration vectors follow once the weight's shape is known good
+                spectral_layers.append((ours, theirs, weight, u0))
 
     name = _FILE_NAMES[part]
     if missing:
@@ -193,8 +202,18 @@ def convert_part(part: str, ref: Mapping[str, torch.Tensor], model: HAGAN) -> di
             raise ReferenceImportError(f"{name}: no place for key {key} in our {part}")
         if tuple(target[key].shape) != tuple(tensor.shape):
             raise ReferenceImportError(
-                f"{name}: {key} has shape {tuple(tensor.shape)}, expected {tuple(target[key].shape)} for this geometry"
+                f"{name}: {source[key]} has shape {tuple(tensor.shape)}, expected {tuple(target[key].shape)}"
+                f" for this geometry (our {key})"
             )
+    for ours, theirs, weight, u0 in spectral_layers:
+        if u0.numel() != weight.shape[0]:
+            raise ReferenceImportError(
+                f"{name}: {theirs}.u0 has shape {tuple(u0.shape)}, expected (1, {weight.shape[0]}), one entry per"
+                f" output channel of {theirs}.weight"
+            )
+        u, v = _sn_vectors(weight.float(), u0.float())
+        out[f"{ours}.parametrizations.weight.0._u"] = u
+        out[f"{ours}.parametrizations.weight.0._v"] = v
     absent = sorted(set(target) - set(out))
     if absent:
         raise ReferenceImportError(f"{name}: the reference weights leave {', '.join(absent[:8])} unset")
@@ -215,9 +234,15 @@ def import_reference_state_dicts(
     model = HAGAN(config)
     expected_convs = len(model.D.high.convs) if "D" in sds else None
     if expected_convs is not None and (f"conv{7 - expected_convs}.weight" in sds["D"]):
-        raise ReferenceImportError(f"discriminator: has more layers than the {size}^3 reference (another size?)")
+        raise ReferenceImportError(
+            f"discriminator: has more layers than the {size}^3 reference"
+            f" (conv{7 - expected_convs}.weight; weights for another size?)"
+        )
     if f"conv{4 - len(model.EG.blocks)}.weight" in sds["EG"]:
-        raise ReferenceImportError(f"sub-encoder (Sub_E): has more layers than the {size}^3 reference (another size?)")
+        raise ReferenceImportError(
+            f"sub-encoder (Sub_E): has more layers than the {size}^3 reference"
+            f" (conv{4 - len(model.EG.blocks)}.weight; weights for another size?)"
+        )
     for part, ref in sds.items():
         getattr(model, part).load_state_dict(convert_part(part, ref, model))
     model.parts = tuple(p for p in ("G", "D", "EH", "EG") if p in sds)

@@ -59,8 +59,8 @@ def test_console_script_answers_help():
     assert "torch" not in proc.stderr
     # --help must not pay for torch or mlflow
     probe = "import sys; from hagan_clinic.cli import main; main(['--help']); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith(
-        "False"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip().endswith("False")
     )
 
 

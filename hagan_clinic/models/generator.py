@@ -72,7 +72,7 @@ class HighStage(nn.Module):
         self.norm = None if last else nn.GroupNorm(groups, cout)
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(y) if self.norm is None else F.relu(self.norm(y))
+        return torch.tanh_(y) if self.norm is None else F.relu(self.norm(y), inplace=True)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.activate(self.conv(h))
@@ -97,6 +97,19 @@ class HighBranch(nn.Module):
             h = stage(h)
         return h
 
+    def consume(self, holder: list[torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+        """G^H on the feature map popped from ``holder``, in one pass or ``chunk`` slices at a time.
+
+        Inference helper: taking the map out of a list leaves no reference in the caller's frame, so each
+        intermediate volume is freed as soon as the next stage has consumed it.
+        """
+        if chunk is not None:
+            return self._chunked(holder, chunk)
+        h = holder.pop()
+        for stage in self.stages:
+            h = stage(h)
+        return h
+
     def forward_chunked(self, h: torch.Tensor, chunk: int) -> torch.Tensor:
         """The same function as :meth:`forward` on the whole feature map, ``chunk`` feature slices at a time.
 
@@ -105,8 +118,12 @@ class HighBranch(nn.Module):
         the whole intermediate volume, as in one pass, and applied in place chunk by chunk. Peak memory is one
         intermediate volume plus one chunk's work instead of several full-size temporaries.
         """
+        return self._chunked([h], chunk)
+
+    def _chunked(self, holder: list[torch.Tensor], chunk: int) -> torch.Tensor:
         if chunk < 1:
             raise ValueError(f"slab must be >= 1 feature slice, got {chunk}")
+        h = holder.pop()
         for i, stage in enumerate(self.stages):
             step = chunk * 2**i  # the same output slices per chunk at every stage
             depth = h.shape[2]
@@ -116,8 +133,9 @@ class HighBranch(nn.Module):
                 lo, hi = max(a - 1, 0), min(b + 1, depth)
                 y = stage.conv(h[:, :, lo:hi])
                 y = y[:, :, 2 * (a - lo) : 2 * (a - lo) + 2 * (b - a)]
-                out[:, :, 2 * a : 2 * b] = torch.tanh(y) if stage.norm is None else y
-            del h
+                out[:, :, 2 * a : 2 * b] = torch.tanh_(y) if stage.norm is None else y
+                del y
+            del h  # the previous stage's volume, unless the caller still holds it
             if stage.norm is not None:
                 _group_norm_relu_(out, stage.norm, 2 * step)
             h = out

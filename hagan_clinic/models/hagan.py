@@ -65,10 +65,7 @@ class HAGAN(nn.Module):
         Returns (N, 1, S, S, S) in [-1, 1].
         """
         z = z.to(self.device, self.G.trunk.fc.weight.dtype)
-        h = self.G.features(z, labels)
-        if slab is None:
-            return self.G.high(h)
-        return self.G.high.forward_chunked(h, int(slab))
+        return self.G.high.consume([self.G.features(z, labels)], None if slab is None else int(slab))
 
     @torch.no_grad()
     def generate_low(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

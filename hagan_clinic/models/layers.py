@@ -43,7 +43,8 @@ class UpConv3d(nn.Conv3d):
             return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
         n, _, d, h, w = x.shape
         bias = None if self.bias is None else self.bias.repeat(8)
-        y = F.conv3d(F.pad(x, (1, 1, 1, 1, 1, 1)), self.folded_weight(), bias)  # (N, 8Co, d+1, h+1, w+1)
+        # padding=1 with a 2-tap kernel: output j sees inputs (j-1, j), without a padded copy of x
+        y = F.conv3d(x, self.folded_weight(), bias, padding=1)  # (N, 8Co, d+1, h+1, w+1)
         y = y.view(n, 2, 2, 2, self.out_channels, d + 1, h + 1, w + 1)
         out = x.new_empty((n, self.out_channels, 2 * d, 2 * h, 2 * w))
         for pd in (0, 1):
@@ -62,7 +63,8 @@ class ConvNormAct(nn.Module):
         self.norm = nn.GroupNorm(groups, conv.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
+        # in place: GroupNorm's backward needs its input, not its output, so this is safe under autograd too
+        return F.relu(self.norm(self.conv(x)), inplace=True)
 
 
 def conv3(cin: int, cout: int) -> nn.Conv3d:
