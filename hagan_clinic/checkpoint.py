@@ -63,18 +63,26 @@ def save_checkpoint(model: HAGAN, path: str | Path, extra: dict[str, Any] | None
     return atomic_torch_save(payload, path)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict, validated for format; raises CheckpointError (one line) otherwise."""
+def load_untrusted(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` of a file from anywhere: tensors and plain data, never code.
+
+    Raises CheckpointError with one line for a missing file, a pickle with code, a truncated or foreign file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
         with warnings.catch_warnings():  # foreign pickles make torch warn before it refuses them
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle, a truncated file or not a torch file at all
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path}: not a readable {what} ({first[:200]})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict, validated for format; raises CheckpointError (one line) otherwise."""
+    payload = load_untrusted(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a hagan-clinic checkpoint (reference .pth files are converted with import-reference)"

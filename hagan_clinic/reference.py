@@ -13,13 +13,13 @@ given, and checked against the layers present.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointError, load_untrusted
 from .config import Config, ConfigError, apply_overrides
 from .errors import HaganError
 from .models.hagan import HAGAN
@@ -34,16 +34,10 @@ class ReferenceImportError(HaganError):
 
 def read_reference_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A reference .pth file's model state dict, without DataParallel's ``module.`` prefix."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReferenceImportError(f"reference checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():  # foreign pickles make torch warn before it refuses them
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        msg = " ".join(str(err).split())[:200]
-        raise ReferenceImportError(f"{path}: not a readable PyTorch checkpoint ({msg})") from None
+        obj = load_untrusted(path, what="reference checkpoint")
+    except CheckpointError as err:
+        raise ReferenceImportError(str(err)) from None
     return strip_reference_state_dict(obj, str(path))
 
 
