@@ -50,14 +50,27 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(model: HAGAN, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu() for n, t in state.items()}
+
+
+def save_checkpoint(
+    model: HAGAN,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    ema_generator: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write config, data contract and the state dicts of ``model.parts`` (plus an EMA generator) atomically."""
+    state_dicts = {k: _cpu(v) for k, v in model.part_state_dicts().items()}
+    if ema_generator is not None:
+        state_dicts["G_ema"] = _cpu(ema_generator)
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": model.config.to_dict(),
         "data_contract": model.config.data_contract(),
         "parts": list(model.parts),
-        "state_dicts": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in model.part_state_dicts().items()},
+        "state_dicts": state_dicts,
         "extra": dict(extra or {}),
     }
     return atomic_torch_save(payload, path)
@@ -92,8 +105,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> HAGAN:
-    """A HAGAN in eval mode with the checkpoint's config and weights, on ``device``."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> HAGAN:
+    """A HAGAN in eval mode with the checkpoint's config and weights, on ``device``.
+
+    When the checkpoint carries an exponential moving average of G (training with ``train.ema``), G gets those
+    weights unless ``ema=False``. The encoders were trained against the raw G; for the closest reconstructions
+    through encode-then-generate, load with ``ema=False``.
+    """
     payload = read_checkpoint(path)
     try:
         config = Config.from_dict(payload["config"], source=f"{Path(path).name} config")
@@ -108,6 +126,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> HAG
             getattr(model, name).load_state_dict(payload["state_dicts"][name])
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"{path}: {name} weights do not fit the config ({_first_line(err)})") from None
+    if ema and "G_ema" in payload["state_dicts"]:
+        try:
+            model.G.load_state_dict(payload["state_dicts"]["G_ema"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: G_ema weights do not fit the config ({_first_line(err)})") from None
     model.parts = tuple(parts)
     return model.to(device).eval()
 

@@ -129,6 +129,55 @@ def import_reference_cmd(
 
 
 @cli.command()
+@click.option("--config", "config_file", required=True, help="Config file (a path, or a name in configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Volumes (else data.dir).")
+@click.option(
+    "--resume",
+    is_flag=False,
+    flag_value="latest",
+    default=None,
+    metavar="[STATE]",
+    help="Continue the run in --out from its latest state, or from the given state file.",
+)
+@click.option("--run-name", default=None, help="Run name (default: the config's name).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<run name>).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and the data summary, then stop.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def train(
+    config_file: str,
+    overrides: tuple[str, ...],
+    data_dir: str | None,
+    resume: str | None,
+    run_name: str | None,
+    out: str | None,
+    dry_run: bool,
+    no_tracking: bool,
+) -> None:
+    """Train HA-GAN (D, G, E^H, E^G) on a folder of volumes; several GPUs with torchrun."""
+    from .config import load_config, resolve_path
+    from .data import VolumeFolder
+
+    cfg = load_config(config_file, overrides)
+    name = run_name or resolve_path(config_file).stem
+    run_dir = Path(out) if out else Path("runs") / name
+    if dry_run:
+        click.echo(cfg.to_yaml().rstrip())
+        click.echo(f"# data: {VolumeFolder.from_config(cfg, data_dir).summary()}")
+        click.echo(f"# run folder: {run_dir}")
+        return
+    from .tracking import Tracker
+    from .training.loop import train as run_training
+
+    tracker = None
+    if cfg.tracking.enabled and not no_tracking and int(os.environ.get("RANK", "0")) == 0:
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    result = run_training(cfg, run_dir, data_dir=data_dir, resume=resume, run_name=name, tracker=tracker)
+    if result.snapshot is not None:
+        click.echo(f"trained to iteration {result.iteration}: {result.snapshot}")
+
+
+@cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True)
 @click.option("--fast", is_flag=True, help="Smaller and quicker.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")

@@ -135,7 +135,10 @@ class DataConfig(_Section):
     spacing_mm: tuple[float, float, float] = Field(
         (1.5, 1.5, 1.5), description="voxel spacing (x, y, z) in mm of the model's grid"
     )
-    dir: str | None = Field(None, description="training data folder")
+    dir: str | None = Field(None, description="training data folder (.npy in [-1, 1], or NIfTI in scanner units)")
+    table: str | None = Field(None, description="CSV listing the volumes (a path column) and optional labels")
+    path_column: str = Field("path", description="column of `table` with file paths relative to `dir`")
+    label_column: str | None = Field(None, description="column of `table` with integer class labels")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -146,11 +149,53 @@ class DataConfig(_Section):
         return self
 
 
+class TrainConfig(_Section):
+    """The training loop. Defaults are the reference's (Sun et al. 2022) except where it had a defect."""
+
+    iterations: int = Field(80000, ge=1)
+    batch_size: int = Field(4, ge=1, description="volumes per step and per process")
+    lr_g: float = Field(1e-4, gt=0)
+    lr_d: float = Field(4e-4, gt=0)
+    lr_eh: float = Field(1e-4, gt=0)
+    lr_eg: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    eps: float = 1e-8
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 adds grad scaling")
+    channels_last: bool = Field(False, description="channels-last-3d memory format (helps on GPUs)")
+    checkpoint_every: int = Field(1000, ge=1, description="iterations between snapshots and training states")
+    keep_last: int = Field(3, ge=1, description="snapshots and states kept besides the final one")
+    log_every: int = Field(50, ge=1, description="iterations between metric logs and progress lines")
+    image_every: int = Field(1000, ge=0, description="iterations between preview PNGs (0: only at the end)")
+    d_loss: Literal["averaged", "separate"] = Field(
+        "averaged", description="averaged: one BCE on the mean of the D^H and D^L logits (reference)"
+    )
+    d_high_weight: float = Field(1.0, ge=0, description="weight of D^H's BCE when d_loss is separate")
+    d_low_weight: float = Field(1.0, ge=0, description="weight of D^L's BCE when d_loss is separate")
+    class_weight_g: float = Field(0.1, ge=0, description="weight of G's class loss (conditional)")
+    encoder_weight: float = Field(1.0, ge=0, description="weight of the E^H / E^G L1 losses (paper text: 5)")
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on D's real inputs (0 = off)")
+    ema: bool = Field(False, description="keep an exponential moving average of G for sampling")
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    low_res: Literal["area", "nearest"] = Field(
+        "area", description="how x_low is made from x: area = antialiased mean (nearest: the reference's aliasing)"
+    )
+    max_nonfinite: int = Field(10, ge=1, description="abort after this many iterations in a row with a non-finite loss")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow store; default sqlite:///<cwd>/mlruns/mlflow.db")
+    experiment: str = "hagan-clinic"
+    register_model: str | None = Field("hagan-clinic", description="registered model name (null: do not register)")
+
+
 class Config(_Section):
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,17 @@ class NullTracker:
     run_id: str | None = None
 
     @contextmanager
-    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[NullTracker]:
+    def run(
+        self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False, run_id: str | None = None
+    ) -> Iterator[NullTracker]:
         yield self
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
+        return None
 
 
 class Tracker(NullTracker):
@@ -76,14 +80,24 @@ class Tracker(NullTracker):
         self.run_id: str | None = None
 
     @contextmanager
-    def run(self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False) -> Iterator[Tracker]:
+    def run(
+        self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False, run_id: str | None = None
+    ) -> Iterator[Tracker]:
+        """Open a run (or reopen ``run_id``, e.g. when training resumes) for the duration of the block."""
         mlflow = self._mlflow
-        active = mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested, tags=dict(tags or {}))
+        if run_id is not None and not self._exists(run_id):
+            run_id = None  # a resumed run logged elsewhere: start a new one here
+        if run_id is not None:
+            active = mlflow.start_run(run_id=run_id, nested=nested)
+        else:
+            active = mlflow.start_run(
+                run_name=name, experiment_id=self.experiment_id, nested=nested, tags=dict(tags or {})
+            )
         outer, self.run_id = self.run_id, active.info.run_id
         status = "FINISHED"
         try:
             yield self
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
             raise
         except BaseException:
@@ -111,3 +125,24 @@ class Tracker(NullTracker):
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self._mlflow.get_run(run_id)
+            return True
+        except Exception:  # unknown id in this store
+            return False
+
+    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
+        """Register the active run's ``artifact_path`` as a new version of model ``name``; returns the version."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient(self.uri)
+        with suppress(MlflowException):  # it exists already: add a version
+            client.create_registered_model(name)
+        source = self._mlflow.get_artifact_uri(artifact_path)
+        version = client.create_model_version(
+            name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
+        )
+        return str(version.version)

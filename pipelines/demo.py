@@ -15,28 +15,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _montage(volumes: list[np.ndarray], path: Path, title: str) -> Path:
-    """Axial, coronal and sagittal mid-slices of each (D, H, W) volume in [-1, 1], one row per volume."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(volumes), 3, figsize=(7.5, 2.5 * len(volumes)), squeeze=False)
-    for row, vol in zip(axes, volumes):
-        d, h, w = (s // 2 for s in vol.shape)
-        for ax, img, name in zip(row, (vol[d], vol[:, h, :], vol[:, :, w]), ("axial", "coronal", "sagittal")):
-            origin = "upper" if name == "axial" else "lower"
-            ax.imshow(img, cmap="gray", vmin=-1, vmax=1, origin=origin)
-            ax.set_title(name, fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
     import torch
 
@@ -44,6 +22,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
     from hagan_clinic.config import CONFIG_DIR, load_config
     from hagan_clinic.io.nifti import read_volume, to_model_range
     from hagan_clinic.models.hagan import HAGAN, parameter_table
+    from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti
     from hagan_clinic.tracking import NullTracker, Tracker
 
@@ -71,7 +50,8 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
             z = torch.randn(1, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
             slab_diff = (model.generate(z) - model.generate(z, slab=1)).abs().max().item()
             vols = [to_model_range(read_volume(p)[0], cfg.data.window) for p in paths]
-            png = _montage(vols, out / "generated.png", f"untrained HA-GAN, {cfg.model.size}^3, seed {cfg.seed}")
+            rows = [(f"sample {i}", v) for i, v in enumerate(vols)]
+            png = mid_slices_png(rows, out / "generated.png", f"untrained HA-GAN, {cfg.model.size}^3, seed {cfg.seed}")
             tracker.log_metrics({"seconds_per_volume": seconds, "slab_vs_one_pass_max_abs_diff": slab_diff})
             tracker.log_artifact(png)
             summary.append(

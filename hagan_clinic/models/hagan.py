@@ -97,11 +97,11 @@ class HAGAN(nn.Module):
     def part_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: getattr(self, name).state_dict() for name in self.parts}
 
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+    def save(self, path: str | Path, extra: dict | None = None, ema_generator: dict | None = None) -> Path:
         """Write a checkpoint (config, data contract, the state dicts of ``parts``) atomically."""
         from ..checkpoint import save_checkpoint
 
-        return save_checkpoint(self, path, extra=extra)
+        return save_checkpoint(self, path, extra=extra, ema_generator=ema_generator)
 
 
 def count_parameters(module: nn.Module) -> int:

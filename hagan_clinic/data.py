@@ -1,0 +1,167 @@
+"""Training data: a folder of volumes on the model's grid, an optional table with labels, a seeded sharded sampler.
+
+Volumes are ``.npy`` arrays (D, H, W) already in the model's range [-1, 1] (float16/float32; what the
+preprocessing cache writes), or NIfTI files in scanner units (HU for CT), mapped to [-1, 1] through the data
+contract's window. Every volume must be S x S x S. The folder is checked once, from headers only, before
+training starts: a problem is reported with the file that has it.
+
+The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
+the position: resuming needs only (epoch, position). Under torchrun each rank reads a disjoint shard
+(every world_size-th item of the epoch's permutation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import HaganError
+from .io.nifti import to_model_range
+
+SUFFIXES = (".npy", ".nii", ".nii.gz")
+
+
+class DataError(HaganError):
+    """Unusable training data; the message names the folder or file."""
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SUFFIXES) and not path.name.startswith(".")
+
+
+def _shape(path: Path) -> tuple[int, ...]:
+    if path.name.endswith(".npy"):
+        return tuple(np.load(path, mmap_mode="r").shape)
+    import nibabel as nib
+
+    return tuple(nib.load(str(path)).shape)
+
+
+@dataclass(frozen=True)
+class VolumeFolder:
+    """The checked list of training volumes, with labels when the model is conditional."""
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: tuple[int, ...] | None
+    window: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, cfg: Config, data_dir: str | Path | None = None) -> VolumeFolder:
+        root = Path(data_dir or cfg.data.dir or "")
+        if not str(root) or not root.is_dir():
+            raise DataError(f"data folder not found: '{root}' (give --data DIR or data.dir)")
+        files, labels = _listing(cfg, root)
+        if not files:
+            raise DataError(f"{root}: no volumes (.npy, .nii, .nii.gz) found")
+        size = cfg.model.size
+        for f in files:
+            try:
+                shape = _shape(f)
+            except Exception as err:  # unreadable header: name the file
+                raise DataError(f"{f}: not a readable volume ({' '.join(str(err).split())[:120]})") from None
+            if shape != (size, size, size):
+                raise DataError(f"{f}: shape {shape}, but the model needs {size}^3 volumes (preprocess them first)")
+        return cls(root, tuple(files), labels, tuple(cfg.data.window))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> np.ndarray:
+        """Volume ``index`` as float32 (D, H, W) in [-1, 1]."""
+        path = self.files[index]
+        if path.name.endswith(".npy"):
+            return np.clip(np.load(path).astype(np.float32), -1.0, 1.0)
+        from .io.nifti import read_volume
+
+        return to_model_range(read_volume(path)[0], self.window)
+
+    def summary(self) -> str:
+        text = f"{len(self)} volumes in {self.root}"
+        if self.labels is not None:
+            counts = np.bincount(np.asarray(self.labels))
+            text += ", labels " + ", ".join(f"{k}: {c}" for k, c in enumerate(counts))
+        return text
+
+
+def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | None]:
+    conditional = cfg.model.num_classes > 0
+    if cfg.data.table is None:
+        if conditional:
+            raise DataError("a conditional model needs data.table with data.label_column")
+        return sorted(p for p in root.rglob("*") if _is_volume(p)), None
+    import pandas as pd
+
+    table_path = Path(cfg.data.table)
+    if not table_path.is_file():
+        raise DataError(f"data table not found: {table_path}")
+    table = pd.read_csv(table_path)
+    need = [cfg.data.path_column] + ([cfg.data.label_column] if conditional else [])
+    if conditional and cfg.data.label_column is None:
+        raise DataError("a conditional model needs data.label_column")
+    for col in need:
+        if col not in table.columns:
+            raise DataError(f"{table_path.name}: no column '{col}'")
+    if "status" in table.columns:  # a preprocessing manifest: train on what was processed
+        table = table[table["status"].astype(str) == "ok"]
+    files = [root / str(p) for p in table[cfg.data.path_column]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) of {table_path.name} not found, e.g. {missing[0]}")
+    if not conditional:
+        return files, None
+    raw = pd.to_numeric(table[cfg.data.label_column], errors="coerce")
+    keep = raw.notna() & (raw >= 0)  # the reference let -1 ("no label") reach one_hot; we leave those out
+    values = raw[keep]
+    if ((values % 1) != 0).any() or (values >= cfg.model.num_classes).any():
+        bad = values[((values % 1) != 0) | (values >= cfg.model.num_classes)].iloc[0]
+        raise DataError(
+            f"{table_path.name}: label {bad} in '{cfg.data.label_column}' is not a class in "
+            f"[0, {cfg.model.num_classes - 1}]"
+        )
+    kept = [f for f, k in zip(files, keep) if k]
+    return kept, tuple(int(v) for v in values)
+
+
+class ShardedSampler:
+    """Endless seeded shuffling over ``n`` items; rank ``rank`` of ``world`` reads a disjoint shard of each epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n < world:
+            raise DataError(f"{n} volumes cannot be split over {world} processes")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.position = 0, 0
+        self._order = self._shard(0)
+
+    def _shard(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        # every rank gets the same count, so no rank waits for another at the epoch's end
+        per_rank = self.n // self.world
+        return perm[self.rank :: self.world][:per_rank]
+
+    def next_indices(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._shard(self.epoch)
+            take = min(count - len(out), len(self._order) - self.position)
+            out.extend(int(i) for i in self._order[self.position : self.position + take])
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("n") != self.n or state.get("world") != self.world:
+            raise DataError(
+                f"the saved data position is for {state.get('n')} volumes over {state.get('world')} process(es), "
+                f"not {self.n} over {self.world}: resume with the same data and process count"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._shard(self.epoch)

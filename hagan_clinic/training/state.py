@@ -1,0 +1,83 @@
+"""Training-state files: everything needed to continue a run exactly where it stopped.
+
+``state_<iteration>.pt`` holds all four networks (and the EMA generator), the optimisers and grad scalers, the
+RNG states of every rank (torch, CUDA, numpy, python, and the loop's own generators), the data sampler's
+position, the iteration, the metric window and the MLflow run id. Sampling snapshots (``snapshot_<iteration>.pt``,
+the ordinary checkpoint format) are separate, small files. Both are written atomically and loaded with
+``torch.load(weights_only=True)``, so every value in here is a tensor or plain data.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointError, atomic_torch_save, load_untrusted
+
+STATE_FORMAT = "hagan-clinic-train-state"
+_NUMBERED = re.compile(r"^(state|snapshot)_(\d+)\.pt$")
+
+
+def global_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_state(path: Path, payload: dict[str, Any]) -> Path:
+    return atomic_torch_save({"format": STATE_FORMAT, **payload}, path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    payload = load_untrusted(path, what="training state")
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a hagan-clinic training state (state_<iteration>.pt)")
+    return payload
+
+
+def numbered(folder: Path, kind: str) -> list[tuple[int, Path]]:
+    """(iteration, path) of ``kind`` files ('state' or 'snapshot') in ``folder``, oldest first."""
+    found = []
+    for p in folder.glob(f"{kind}_*.pt") if folder.is_dir() else []:
+        m = _NUMBERED.match(p.name)
+        if m and m.group(1) == kind:
+            found.append((int(m.group(2)), p))
+    return sorted(found)
+
+
+def latest_state(folder: Path) -> Path | None:
+    states = numbered(folder, "state")
+    return states[-1][1] if states else None
+
+
+def rotate(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recent numbered states and snapshots."""
+    for kind in ("state", "snapshot"):
+        for _, path in numbered(folder, kind)[:-keep]:
+            path.unlink(missing_ok=True)
