@@ -166,8 +166,13 @@ def train(
         click.echo(f"# data: {VolumeFolder.from_config(cfg, data_dir).summary()}")
         click.echo(f"# run folder: {run_dir}")
         return
+    import signal
+
     from .tracking import Tracker
     from .training.loop import train as run_training
+
+    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the MLflow run is closed as KILLED
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     tracker = None
     if cfg.tracking.enabled and not no_tracking and int(os.environ.get("RANK", "0")) == 0:

@@ -51,9 +51,10 @@ class VolumeFolder:
 
     @classmethod
     def from_config(cls, cfg: Config, data_dir: str | Path | None = None) -> VolumeFolder:
-        root = Path(data_dir or cfg.data.dir or "")
-        if not str(root) or not root.is_dir():
-            raise DataError(f"data folder not found: '{root}' (give --data DIR or data.dir)")
+        given = str(data_dir or cfg.data.dir or "")
+        root = Path(given)  # Path("") is "." (the current folder): test the string, not the path
+        if not given or not root.is_dir():
+            raise DataError(f"data folder not found: '{given}' (give --data DIR or data.dir)")
         files, labels = _listing(cfg, root)
         if not files:
             raise DataError(f"{root}: no volumes (.npy, .nii, .nii.gz) found")

@@ -85,6 +85,7 @@ class Tracker(NullTracker):
     ) -> Iterator[Tracker]:
         """Open a run (or reopen ``run_id``, e.g. when training resumes) for the duration of the block."""
         mlflow = self._mlflow
+        nested = nested or self.run_id is not None  # a run opened inside another becomes its child
         if run_id is not None and not self._exists(run_id):
             run_id = None  # a resumed run logged elsewhere: start a new one here
         if run_id is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,3 +30,33 @@ def tiny_config(*overrides: str):
 @pytest.fixture
 def tiny_model():
     return HAGAN.from_config(tiny_config()).eval()
+
+
+def write_volumes(folder, n: int = 4, size: int = 32, seed: int = 0) -> list:
+    """``n`` synthetic training volumes: a bright Gaussian blob in noise, float16 in [-1, 1], as .npy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grid = np.mgrid[:size, :size, :size].astype(np.float32)
+    paths = []
+    for i in range(n):
+        centre = rng.uniform(size * 0.3, size * 0.7, 3)
+        r2 = sum((grid[k] - centre[k]) ** 2 for k in range(3))
+        vol = 1.6 * np.exp(-r2 / (2 * (size / 8) ** 2)) - 0.8 + rng.normal(0.0, 0.1, grid.shape[1:])
+        path = folder / f"vol_{i:02d}.npy"
+        np.save(path, np.clip(vol, -1.0, 1.0).astype(np.float16))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def volume_dir(tmp_path):
+    """A folder of four 32^3 training volumes (the tiny config's size)."""
+    folder = tmp_path / "volumes"
+    write_volumes(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_volumes():
+    """``write_volumes`` for tests that need more folders or other sizes."""
+    return write_volumes

@@ -163,14 +163,17 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"))
     assert code == 0, err
     assert (tmp_path / "demo" / "generated.png").stat().st_size > 0
-    assert "untrained" in out
+    assert (tmp_path / "demo" / "run" / "model.pt").is_file()
+    assert "toy ellipsoids, not anatomy" in out
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     names = sorted(r.info.run_name for r in runs)
-    assert names == ["demo", "encode", "generate", "model"]
+    assert names == ["data", "demo", "encode", "generate", "train"]
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = next(r for r in runs if r.info.run_name == "demo")
-    assert parent.data.params["model.size"] == "32"
     children = [r for r in runs if r.info.run_name != "demo"]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    train_run = next(r for r in runs if r.info.run_name == "train")
+    assert train_run.data.params["model.size"] == "32"
+    assert train_run.data.params["train.iterations"] == "60"
     generate_run = next(r for r in runs if r.info.run_name == "generate")
     assert generate_run.data.metrics["slab_vs_one_pass_max_abs_diff"] <= 1e-5

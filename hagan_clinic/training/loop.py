@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import random
 import resource
 import sys
 import time
@@ -163,6 +164,7 @@ def train(
     resume_path = dist.gather(str(resume_path) if resume_path else None)[0]
     torch.manual_seed(cfg.seed + dist.rank)
     np.random.seed((cfg.seed + dist.rank) % 2**32)
+    random.seed(cfg.seed + dist.rank)  # saved and restored with the others: seed it too, for reproducible runs
 
     # ---- data ---------------------------------------------------------------------------------------------
     data = VolumeFolder.from_config(cfg, data_dir)
@@ -174,8 +176,7 @@ def train(
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(model.G).eval().requires_grad_(False) if tc.ema else None
-    lrs = {"D": tc.lr_d, "G": tc.lr_g, "EH": tc.lr_eh, "EG": tc.lr_eg}
-    opts = {p: torch.optim.Adam(getattr(model, p).parameters(), lr=lrs[p], betas=tc.betas, eps=tc.eps) for p in PHASES}
+    opts = make_optimizers(model, tc)
     fp16 = tc.precision == "fp16"
     scalers = {p: torch.amp.GradScaler(device.type, enabled=fp16) for p in PHASES}
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank)  # z and slab starts, on the CPU
@@ -253,7 +254,8 @@ def train(
     last: dict[str, float] = {}
     snap_path: Path | None = None
     with tracker.run(name, run_id=run_id, tags={"stage": "train"}):
-        if run_id is None:
+        active_run_id = tracker.run_id  # the tracker forgets it when the run closes
+        if active_run_id != run_id:  # a new run (also on resuming a run logged to another store)
             tracker.log_params(cfg.to_dict())
             tracker.set_tags({f"data.{k}": v for k, v in cfg.data_contract().items()})
         if main:
@@ -301,14 +303,15 @@ def train(
                         + "); lower the learning rates, or train in fp32 or bf16"
                     )
                 for key, v in values.items():
-                    if math.isfinite(v):
+                    if math.isfinite(v):  # a mean over the iterations where the value was finite
                         window[key] = window.get(key, 0.0) + v
+                        window[f"_n.{key}"] = window.get(f"_n.{key}", 0.0) + 1
                 window["_n"] = window.get("_n", 0.0) + 1
 
                 if it % tc.log_every == 0 or it == tc.iterations:
                     elapsed = time.perf_counter() - t_window
                     n = window.pop("_n", 1.0)
-                    last = {k: v / n for k, v in window.items()}
+                    last = {k: v / window[f"_n.{k}"] for k, v in window.items() if not k.startswith("_n.")}
                     window = {}
                     metrics = {**last, "it_per_s": n / max(elapsed, 1e-9), "peak_memory_mb": _peak_memory_mb(device)}
                     metrics["nonfinite_skipped"] = nonfinite_total
@@ -318,7 +321,7 @@ def train(
                     bar.log(
                         it,
                         tc.iterations,
-                        {k: metrics[k] for k in ("loss_D", "loss_G", "loss_EH", "loss_EG", "it_per_s")},
+                        {k: metrics[k] for k in ("loss_D", "loss_G", "loss_EH", "loss_EG", "it_per_s") if k in metrics},
                     )
                     t_window = time.perf_counter()
 
@@ -345,9 +348,17 @@ def train(
                     tracker.register_model(cfg.tracking.register_model, "snapshot", cfg.data_contract())
         finally:
             bar.close()
-    run_ended = tracker.run_id
     dist.barrier()
-    return TrainResult(out, it, snap_path, last, nonfinite_total, run_ended or run_id)
+    return TrainResult(out, it, snap_path, last, nonfinite_total, active_run_id or run_id)
+
+
+def make_optimizers(model: HAGAN, tc: Any) -> dict[str, torch.optim.Adam]:
+    """One Adam per network, with the fused kernel (one pass over all parameters instead of one per tensor)."""
+    lrs = {"D": tc.lr_d, "G": tc.lr_g, "EH": tc.lr_eh, "EG": tc.lr_eg}
+    return {
+        p: torch.optim.Adam(getattr(model, p).parameters(), lr=lrs[p], betas=tc.betas, eps=tc.eps, fused=True)
+        for p in PHASES
+    }
 
 
 def _phase_loss(

@@ -1,0 +1,249 @@
+"""Benchmark one HA-GAN training iteration: time, peak memory, FLOPs and efficiency, written to JSON.
+
+One iteration is the loop body of ``hagan_clinic.training.loop.train``, built from its own pieces: a random
+real batch x in [-1, 1] of shape (B, 1, S, S, S), one slab start on the feature grid, ``model.select_image_slab``
+and ``_low_res``, then for each phase D, G, E^H, E^G: ``_requires_grad``, ``zero_grad``, ``_phase_loss`` under
+``_autocast``, the finiteness check and ``float(loss)``, ``GradScaler.scale(loss).backward()`` and the Adam step
+(optimisers and scalers made as ``train`` makes them); then ``_requires_grad(None)`` and, with ``train.ema``,
+``_ema_update``. Data loading, logging and checkpoints are left out.
+
+Each (config, precision, channels-last) runs in its own child process (``--worker``), so ``ru_maxrss`` marks
+never mix: ``peak_mb`` is the ``ru_maxrss`` rise from just after the model, optimisers and batch are built to
+after W warm-up and R timed iterations (optimiser state, made at the first step, counts); on CUDA,
+``torch.cuda.max_memory_allocated``. ``s_per_iter`` is the median of the R timed iterations. Right after each
+iteration the child times a few ``--mm-size``^2 matmuls in the run's dtype, so that ``efficiency`` (the median
+over timed iterations of achieved FLOP/s / matmul FLOP/s) pairs two readings taken under the same host load.
+``FlopCounterMode`` counts one more iteration's FLOPs (forward + backward) after the memory readings. The
+parent never imports torch (see model_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext, suppress
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_bench import _write_json  # noqa: E402  (the same atomic JSON write)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_speed.json"
+MARK = "TRAIN_SPEED_RESULT "
+MB = 1024.0  # ru_maxrss is in KiB on Linux
+G = 1e9
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hagan_clinic.config import load_config
+    from hagan_clinic.models.hagan import HAGAN
+    from hagan_clinic.training import loop
+    from hagan_clinic.training.loop import PHASES, _autocast, _low_res, _phase_loss, _requires_grad
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    dev = torch.device(spec["device"])
+    cuda = dev.type == "cuda"
+    sets = [f"train.{k}={json.dumps(spec[k])}" for k in ("batch_size", "precision", "channels_last")]
+    cfg = load_config(spec["config"], [*spec["overrides"], *sets])
+    tc, mcfg = cfg.train, cfg.model
+    torch.manual_seed(cfg.seed)
+
+    def sync() -> None:
+        torch.cuda.synchronize(dev) if cuda else None
+
+    # ---- as in train(): model, optimisers, scalers, generator; a random real batch ---------------------------
+    model = HAGAN.from_config(cfg).to(dev).train()
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    ema = copy.deepcopy(model.G).eval().requires_grad_(False) if tc.ema else None
+    opts = loop.make_optimizers(model, tc)
+    scalers = {p: torch.amp.GradScaler(dev.type, enabled=tc.precision == "fp16") for p in PHASES}
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
+    slab_positions = mcfg.feature_size - mcfg.feature_slab_depth + 1
+    s = mcfg.size
+    x = torch.rand((tc.batch_size, 1, s, s, s), generator=gen).mul_(2).sub_(1).to(dev)
+    if tc.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def iteration(phase_ctx=lambda phase: nullcontext(), phase_times: dict[str, float] | None = None) -> None:
+        """The loop body for one iteration (single process, no labels)."""
+        k = int(torch.randint(slab_positions, (1,), generator=gen))
+        r = k * mcfg.upsample
+        real_slab = model.select_image_slab(x, r)
+        real_low = _low_res(x, mcfg.upsample, tc.low_res)
+        z_d = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(dev)
+        z_g = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(dev)
+        for phase in PHASES:
+            t0 = time.perf_counter()
+            with phase_ctx(phase):
+                _requires_grad(model, phase)
+                opts[phase].zero_grad(set_to_none=True)
+                with _autocast(dev, tc.precision):
+                    loss, _parts = _phase_loss(phase, model, tc, real_slab, real_low, x, None, z_d, z_g, r)
+                ok = bool(torch.isfinite(loss))
+                float(loss.detach())
+                if ok:
+                    scalers[phase].scale(loss).backward()
+                    scalers[phase].step(opts[phase])
+                    scalers[phase].update()
+            if phase_times is not None:
+                sync()
+                phase_times[phase] = time.perf_counter() - t0
+        _requires_grad(model, None)
+        if ema is not None:
+            loop._ema_update(ema, model.G, tc.ema_decay)
+
+    # ---- attainable matmul FLOP/s, in the run's dtype, timed right after each timed iteration ----------------
+    def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> list[float]:
+        (a, b), rates = mats[dtype], []
+        for _ in range(reps + 1):  # the first is the warm-up
+            sync()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            rates.append(2 * n**3 / (time.perf_counter() - t0) / G)
+        return rates[1:]
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+    n, mm_gen = spec["mm_size"], torch.Generator().manual_seed(1)  # operands made before the memory baseline
+    mats = {t: [torch.randn(n, n, generator=mm_gen).to(dev, t) for _ in "ab"] for t in {dtype, torch.float32}}
+
+    # ---- time and memory -------------------------------------------------------------------------------------
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    res: dict[str, Any] = {k: spec[k] for k in ("config", "overrides", "batch_size", "precision", "channels_last")}
+    maxrss_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB  # noqa: E731
+    res.update(size=s, maxrss_before_mb=maxrss_mb(), cuda_peak_mb=None)
+    times: list[float] = []
+    phases: list[dict[str, float]] = []
+    mm: list[float] = []  # median matmul GFLOP/s right after each iteration: the host's speed at that moment
+    for _ in range(spec["warmup"] + spec["repeats"]):
+        sync()
+        t0, pt = time.perf_counter(), {}
+        iteration(phase_times=pt)
+        sync()
+        times.append(time.perf_counter() - t0)
+        phases.append(pt)
+        mm.append(statistics.median(matmul_gflops(dtype)))
+    res.update(maxrss_after_mb=maxrss_mb())
+    res["peak_mb"] = res["maxrss_after_mb"] - res["maxrss_before_mb"]
+    if cuda:
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    w = spec["warmup"]
+    res.update(warmup_s=times[:w], times_s=times[w:], s_per_iter=statistics.median(times[w:]))
+    res["it_per_s"] = 1.0 / res["s_per_iter"]
+    res["phase_s"] = {p: statistics.median(t[p] for t in phases[w:]) for p in PHASES}
+
+    # ---- FLOPs of one iteration (forward + backward), per phase ----------------------------------------------
+    counters = {p: FlopCounterMode(display=False) for p in PHASES}
+    iteration(phase_ctx=lambda phase: counters[phase])
+    res["gflop_phase"] = {p: c.get_total_flops() / G for p, c in counters.items()}
+    res["gflop_per_iter"] = sum(res["gflop_phase"].values())
+    res["achieved_gflops"] = res["gflop_per_iter"] / res["s_per_iter"]
+
+    res["matmul_dtype"] = str(dtype).removeprefix("torch.")
+    res.update(matmul_gflops_after_each=mm[w:], matmul_gflops=statistics.median(mm[w:]))
+    res["matmul_fp32_gflops"] = statistics.median(matmul_gflops(torch.float32))
+    # per timed iteration, achieved / matmul measured just after it; the median of these paired ratios
+    res["efficiency"] = statistics.median(res["gflop_per_iter"] / t / m for t, m in zip(times[w:], mm[w:]))
+    res.update(threads=torch.get_num_threads(), torch=torch.__version__)
+    return res
+
+
+def _load() -> dict[str, Any]:
+    """Host load now: `uptime` and, where the kernel has PSI, CPU pressure (% of time some task was stalled)."""
+    out: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    with suppress(OSError, IndexError, ValueError):
+        out["cpu_pressure_avg10"] = float(Path("/proc/pressure/cpu").read_text().split()[1].split("=")[1])
+    return out
+
+
+def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter; return its result, or {'error': ...}."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    before = _load()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return {**json.loads(line[len(MARK) :]), "load_before": before, "load_after": _load()}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**spec, "error": f"worker exited {proc.returncode}: {tail}"}
+
+
+def _table(runs: list[dict[str, Any]], cuda: bool) -> str:
+    head = f"{'config':<10} {'B':>2} {'prec':<4} {'CL':<2} {'s/iter':>8} {'it/s':>7} {'peak_MB':>8} {'rss_MB':>7}"
+    head += f" {'GFLOP':>7} {'GFLOP/s':>8} {'mm_GFLOP/s':>10} {'eff':>6} {'D/G/EH/EG s':>22}"
+    rows = [head + f" {'cuda_MB':>8}" * cuda]
+    for r in runs:
+        name = f"{r['config']:<10} {r['batch_size']:>2} {r['precision']:<4} {'y' if r['channels_last'] else 'n':<2}"
+        if "error" in r:
+            rows.append(f"{name} ERROR {r['error']}")
+            continue
+        ph = "/".join(f"{v:.1f}" for v in r["phase_s"].values())
+        row = f"{name} {r['s_per_iter']:>8.2f} {r['it_per_s']:>7.4f} {r['peak_mb']:>8.0f} {r['maxrss_after_mb']:>7.0f}"
+        row += f" {r['gflop_per_iter']:>7.0f} {r['achieved_gflops']:>8.1f} {r['matmul_gflops']:>10.1f}"
+        row += f" {r['efficiency']:>6.3f} {ph:>22}"
+        rows.append(row + (f" {r['cuda_peak_mb']:>8.0f}" if cuda else ""))
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=None, help="config names or files (default paper_128)")
+    ap.add_argument("--batch-size", type=int, default=2, help="volumes per iteration")
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action="store_true", help="channels-last-3d model and batch")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (W)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed iterations (R; median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--mm-size", type=int, default=2048, help="edge of the reference matmuls")
+    ap.add_argument("--quick", action="store_true", help="smoke test: the tiny config, fp32 and bf16")
+    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT.name}, *_quick)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(MARK + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if min(args.batch_size, args.repeats) < 1 or args.warmup < 0:
+        ap.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
+
+    configs = args.configs or (["tiny"] if args.quick else ["paper_128"])
+    precisions = ["fp32", "bf16"] if args.quick and args.precisions == ["fp32"] else args.precisions
+    common = {"threads": args.threads, "device": args.device, "warmup": args.warmup, "repeats": args.repeats}
+    common.update(batch_size=args.batch_size, channels_last=args.channels_last, mm_size=args.mm_size)
+    host = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "GOMP_"))}
+    host.update(device=args.device, env=env, load_start=_load())
+    runs = []
+    for config in configs:
+        for prec in precisions:
+            print(f"{config} B={args.batch_size} {prec} ...", file=sys.stderr, flush=True)
+            runs.append(_spawn({**common, "config": config, "overrides": [], "precision": prec}))
+    host["load_end"] = _load()
+    data = {"benchmark": "train_speed", "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    data.update(argv=sys.argv[1:] if argv is None else argv, warmup=args.warmup, repeats=args.repeats)
+    data.update(quick=args.quick, host=host, runs=runs)
+    out = args.out or DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_quick" * args.quick)
+    _write_json(out, data)
+    print(_table(runs, args.device.startswith("cuda")))
+    print(f"wrote {out}")
+    return 0 if all("error" not in r for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
