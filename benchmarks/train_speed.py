@@ -68,6 +68,12 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = HAGAN.from_config(cfg).to(dev).train()
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
+    if spec.get("literal_upsampling"):  # the reference's maths: nearest upsample, then conv3, side by side
+        from hagan_clinic.models.layers import UpConv3d
+
+        for m in model.modules():
+            if isinstance(m, UpConv3d):
+                m.phase_decomposed = False
     ema = copy.deepcopy(model.G).eval().requires_grad_(False) if tc.ema else None
     opts = loop.make_optimizers(model, tc)
     scalers = {p: torch.amp.GradScaler(dev.type, enabled=tc.precision == "fp16") for p in PHASES}
@@ -126,6 +132,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     res: dict[str, Any] = {k: spec[k] for k in ("config", "overrides", "batch_size", "precision", "channels_last")}
+    res["literal_upsampling"] = bool(spec.get("literal_upsampling"))
     maxrss_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB  # noqa: E731
     res.update(size=s, maxrss_before_mb=maxrss_mb(), cuda_peak_mb=None)
     times: list[float] = []
@@ -207,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=2, help="volumes per iteration")
     ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--channels-last", action="store_true", help="channels-last-3d model and batch")
+    ap.add_argument(
+        "--literal-upsampling", action="store_true", help="the reference's upsample-then-conv maths (baseline)"
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first (W)")
     ap.add_argument("--repeats", type=int, default=3, help="timed iterations (R; median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -226,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ["fp32", "bf16"] if args.quick and args.precisions == ["fp32"] else args.precisions
     common = {"threads": args.threads, "device": args.device, "warmup": args.warmup, "repeats": args.repeats}
     common.update(batch_size=args.batch_size, channels_last=args.channels_last, mm_size=args.mm_size)
+    common["literal_upsampling"] = args.literal_upsampling
     host = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "GOMP_"))}
     host.update(device=args.device, env=env, load_start=_load())

@@ -184,7 +184,7 @@ def train(
     slab_positions = mcfg.feature_size - mcfg.feature_slab_depth + 1
 
     # ---- resume -------------------------------------------------------------------------------------------
-    start, run_id, nonfinite_total, window = 0, None, 0, {}
+    start, run_id, nonfinite_total, nonfinite_run, window = 0, None, 0, 0, {}
     if resume_path:
         state = load_state(resume_path)
         if state["config"]["model"] != cfg.to_dict()["model"]:
@@ -201,6 +201,7 @@ def train(
         gen.set_state(rng["loop"])
         start, run_id = int(state["iteration"]), state.get("mlflow_run_id")
         nonfinite_total, window = int(state.get("nonfinite_total", 0)), dict(state.get("window", {}))
+        nonfinite_run = int(state.get("nonfinite_run", 0))
     else:
         dist.broadcast_state(model)  # identical initial weights on every rank (they are, by seed; cheap insurance)
 
@@ -243,6 +244,7 @@ def train(
                 "rng": rngs,
                 "sampler": samplers,
                 "nonfinite_total": nonfinite_total,
+                "nonfinite_run": nonfinite_run,
                 "window": window_now,
                 "mlflow_run_id": tracker.run_id,
             },
@@ -260,7 +262,6 @@ def train(
             tracker.set_tags({f"data.{k}": v for k, v in cfg.data_contract().items()})
         if main:
             print(f"training {name}: {data.summary()}; {dist.world} process(es) on {device}", file=sys.stderr)
-        nonfinite_run = 0
         t_window = time.perf_counter()
         it = start
         try:
