@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from hagan_clinic.config import load_config
     from hagan_clinic.models.hagan import HAGAN
     from hagan_clinic.training import loop
-    from hagan_clinic.training.loop import PHASES, _autocast, _low_res, _phase_loss, _requires_grad
+    from hagan_clinic.training.loop import PHASES
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -78,39 +78,24 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     opts = loop.make_optimizers(model, tc)
     scalers = {p: torch.amp.GradScaler(dev.type, enabled=tc.precision == "fp16") for p in PHASES}
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
-    slab_positions = mcfg.feature_size - mcfg.feature_slab_depth + 1
     s = mcfg.size
     x = torch.rand((tc.batch_size, 1, s, s, s), generator=gen).mul_(2).sub_(1).to(dev)
     if tc.channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
 
     def iteration(phase_ctx=lambda phase: nullcontext(), phase_times: dict[str, float] | None = None) -> None:
-        """The loop body for one iteration (single process, no labels)."""
-        k = int(torch.randint(slab_positions, (1,), generator=gen))
-        r = k * mcfg.upsample
-        real_slab = model.select_image_slab(x, r)
-        real_low = _low_res(x, mcfg.upsample, tc.low_res)
-        z_d = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(dev)
-        z_g = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(dev)
-        for phase in PHASES:
+        """The loop's own step (single process, no labels), with each phase timed when asked."""
+
+        @contextmanager
+        def per_phase(phase: str):
             t0 = time.perf_counter()
             with phase_ctx(phase):
-                _requires_grad(model, phase)
-                opts[phase].zero_grad(set_to_none=True)
-                with _autocast(dev, tc.precision):
-                    loss, _parts = _phase_loss(phase, model, tc, real_slab, real_low, x, None, z_d, z_g, r)
-                ok = bool(torch.isfinite(loss))
-                float(loss.detach())
-                if ok:
-                    scalers[phase].scale(loss).backward()
-                    scalers[phase].step(opts[phase])
-                    scalers[phase].update()
+                yield
             if phase_times is not None:
                 sync()
                 phase_times[phase] = time.perf_counter() - t0
-        _requires_grad(model, None)
-        if ema is not None:
-            loop._ema_update(ema, model.G, tc.ema_decay)
+
+        loop.train_step(model, opts, scalers, tc, x, None, gen, ema=ema, phase_context=per_phase)
 
     # ---- attainable matmul FLOP/s, in the run's dtype, timed right after each timed iteration ----------------
     def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> list[float]:

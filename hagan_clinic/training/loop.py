@@ -23,7 +23,8 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,6 @@ def train(
     scalers = {p: torch.amp.GradScaler(device.type, enabled=fp16) for p in PHASES}
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank)  # z and slab starts, on the CPU
     mcfg = cfg.model
-    slab_positions = mcfg.feature_size - mcfg.feature_slab_depth + 1
 
     # ---- resume -------------------------------------------------------------------------------------------
     start, run_id, nonfinite_total, nonfinite_run, window = 0, None, 0, 0, {}
@@ -267,32 +267,7 @@ def train(
         try:
             while it < tc.iterations:
                 x, y = batch()
-                k = int(torch.randint(slab_positions, (1,), generator=gen))
-                r = k * mcfg.upsample
-                real_slab = model.select_image_slab(x, r)
-                real_low = _low_res(x, mcfg.upsample, tc.low_res)
-                z_d = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
-                z_g = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
-                values: dict[str, float] = {}
-                finite = True
-                for phase in PHASES:
-                    _requires_grad(model, phase)
-                    opts[phase].zero_grad(set_to_none=True)
-                    with _autocast(device, tc.precision):
-                        loss, parts = _phase_loss(phase, model, tc, real_slab, real_low, x, y, z_d, z_g, r)
-                    ok = dist.all_true(bool(torch.isfinite(loss)), device)
-                    values[f"loss_{phase}"] = float(loss.detach())
-                    values.update(parts)
-                    if not ok:
-                        finite = False
-                        continue
-                    scalers[phase].scale(loss).backward()
-                    dist.average_gradients(getattr(model, phase))
-                    scalers[phase].step(opts[phase])
-                    scalers[phase].update()
-                _requires_grad(model, None)
-                if ema is not None:
-                    _ema_update(ema, model.G, tc.ema_decay)
+                values, finite = train_step(model, opts, scalers, tc, x, y, gen, dist, ema)
                 it += 1
                 bar.step()
                 nonfinite_run = 0 if finite else nonfinite_run + 1
@@ -351,6 +326,56 @@ def train(
             bar.close()
     dist.barrier()
     return TrainResult(out, it, snap_path, last, nonfinite_total, active_run_id or run_id)
+
+
+def train_step(
+    model: HAGAN,
+    opts: dict[str, torch.optim.Optimizer],
+    scalers: dict[str, torch.amp.GradScaler],
+    tc: Any,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gen: torch.Generator,
+    dist: DistContext | None = None,
+    ema: torch.nn.Module | None = None,
+    phase_context: Callable[[str], AbstractContextManager] = lambda phase: nullcontext(),
+) -> tuple[dict[str, float], bool]:
+    """One iteration on the real batch x (N, 1, S, S, S) with labels y: D, G, E^H, E^G updated in turn.
+
+    The slab start r and the two latent batches are drawn from ``gen`` (on the CPU, so runs are reproducible
+    across devices). A phase whose loss is not finite on some rank is skipped on every rank. Returns the losses
+    by name and whether all four were finite. ``phase_context`` wraps each phase (benchmarks time them).
+    """
+    dist = dist or DistContext()
+    mcfg, device = model.config.model, x.device
+    k = int(torch.randint(mcfg.feature_size - mcfg.feature_slab_depth + 1, (1,), generator=gen))
+    r = k * mcfg.upsample
+    real_slab = model.select_image_slab(x, r)
+    real_low = _low_res(x, mcfg.upsample, tc.low_res)
+    z_d = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
+    z_g = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
+    values: dict[str, float] = {}
+    finite = True
+    for phase in PHASES:
+        with phase_context(phase):
+            _requires_grad(model, phase)
+            opts[phase].zero_grad(set_to_none=True)
+            with _autocast(device, tc.precision):
+                loss, parts = _phase_loss(phase, model, tc, real_slab, real_low, x, y, z_d, z_g, r)
+            ok = dist.all_true(bool(torch.isfinite(loss)), device)
+            values[f"loss_{phase}"] = float(loss.detach())
+            values.update(parts)
+            if not ok:
+                finite = False
+                continue
+            scalers[phase].scale(loss).backward()
+            dist.average_gradients(getattr(model, phase))
+            scalers[phase].step(opts[phase])
+            scalers[phase].update()
+    _requires_grad(model, None)
+    if ema is not None:
+        _ema_update(ema, model.G, tc.ema_decay)
+    return values, finite
 
 
 def make_optimizers(model: HAGAN, tc: Any) -> dict[str, torch.optim.Adam]:
