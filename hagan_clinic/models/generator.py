@@ -110,7 +110,7 @@ class HighBranch(nn.Module):
             h = stage(h)
         return h
 
-    def forward_chunked(self, h: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _chunked(self, holder: list[torch.Tensor], chunk: int) -> torch.Tensor:
         """The same function as :meth:`forward` on the whole feature map, ``chunk`` feature slices at a time.
 
         Each chunk is computed with a one-slice halo on both sides (all a x2-upsample + conv3 needs) and cropped,
@@ -118,9 +118,6 @@ class HighBranch(nn.Module):
         the whole intermediate volume, as in one pass, and applied in place chunk by chunk. Peak memory is one
         intermediate volume plus one chunk's work instead of several full-size temporaries.
         """
-        return self._chunked([h], chunk)
-
-    def _chunked(self, holder: list[torch.Tensor], chunk: int) -> torch.Tensor:
         if chunk < 1:
             raise ValueError(f"slab must be >= 1 feature slice, got {chunk}")
         h = holder.pop()
