@@ -139,6 +139,18 @@ class DataConfig(_Section):
     table: str | None = Field(None, description="CSV listing the volumes (a path column) and optional labels")
     path_column: str = Field("path", description="column of `table` with file paths relative to `dir`")
     label_column: str | None = Field(None, description="column of `table` with integer class labels")
+    # reading a cohort
+    min_slices: int = Field(16, ge=2, description="series with fewer slices are skipped")
+    irregular: Literal["refuse", "resample"] = Field(
+        "refuse", description="missing slices, uneven spacing, gantry tilt: refuse, or resample and mark the series"
+    )
+    # preprocessing to the model's grid
+    crop: Literal["body", "none"] = Field("body", description="crop to the body (largest object) before fitting")
+    body_threshold: float = Field(-500.0, description="CT: HU above which a voxel is body (for the crop)")
+    mr_percentiles: tuple[float, float] = Field(
+        (0.5, 99.5), description="MR: body-intensity percentiles mapped to the window's bounds"
+    )
+    cache_dtype: Literal["float16", "int16"] = Field("float16", description="dtype of cached volumes")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -146,6 +158,9 @@ class DataConfig(_Section):
             raise ValueError(f"data.window: lower bound must be below upper, got {list(self.window)}")
         if min(self.spacing_mm) <= 0:
             raise ValueError(f"data.spacing_mm: must be positive, got {list(self.spacing_mm)}")
+        lo, hi = self.mr_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"data.mr_percentiles: need 0 <= low < high <= 100, got {[lo, hi]}")
         return self
 
 

@@ -1,0 +1,121 @@
+"""``hagan-clinic preprocess``: a cohort folder to a cache of volumes on the model's grid, with a manifest.
+
+Layout of the cache folder::
+
+    cache.json      the data contract and preprocessing options the cache was made with
+    manifest.csv    one row per series found (ok, skipped, failed) with the reason
+    volumes/        <id>.npy (S, S, S) float16 in [-1, 1] (or int16 fixed point), one per ok series
+    .state/         one JSON per finished series, so a re-run skips them
+
+The manifest works as ``data.table`` for training (``data.dir`` = the cache folder, ``path`` column).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from hagan_clinic.config import Config
+from hagan_clinic.errors import HaganError
+from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
+
+from .cohort import atomic_write_text, run_series, write_csv
+
+MANIFEST_COLUMNS = [
+    "patient_id", "study_uid", "series_uid", "path", "shape", "spacing", "kernel", "status", "reason",
+    "slice_thickness_mm", "manufacturer", "modality", "n_slices", "source", "notes",
+]  # fmt: skip
+
+
+def cache_settings(cfg: Config) -> dict:
+    d = cfg.data
+    return {
+        "contract": cfg.data_contract(),
+        "crop": d.crop,
+        "body_threshold": d.body_threshold,
+        "mr_percentiles": list(d.mr_percentiles),
+        "irregular": d.irregular,
+        "min_slices": d.min_slices,
+        "cache_dtype": d.cache_dtype,
+    }
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:
+    """Read, preprocess and cache one series (runs in a worker process)."""
+    from hagan_clinic.preprocessing import encode_cache, to_model_grid
+
+    cfg = Config.from_dict(cfg_dict)
+    volume = load_series(record, cfg.data.modality, cfg.data.irregular)
+    grid, info = to_model_grid(volume, cfg)
+    rel = f"volumes/{record.digest}.npy"
+    _save_npy(Path(out) / rel, encode_cache(grid, cfg.data.cache_dtype))
+    meta = volume.meta
+    notes = [n for n in (meta.get("notes", ""), *info.notes) if n]
+    return {
+        "path": rel,
+        "shape": "x".join(str(n) for n in volume.shape),
+        "spacing": "x".join(f"{s:.4g}" for s in volume.spacing),
+        "kernel": meta.get("kernel") or record.kernel,
+        "slice_thickness_mm": meta.get("slice_thickness_mm", record.slice_thickness_mm),
+        "status": "ok",
+        "reason": "",
+        "notes": "; ".join(notes),
+    }
+
+
+@dataclass
+class PreprocessResult:
+    manifest: Path
+    counts: dict[str, int]
+    rows: list[dict]
+
+
+def check_cache(out: Path, settings: dict) -> None:
+    """Refuse to mix volumes preprocessed two different ways in one cache."""
+    path = out / "cache.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise HaganError(f"{out} was preprocessed with other settings ({', '.join(diff)}); use another --out")
+    else:
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progress: bool = True) -> PreprocessResult:
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise HaganError(f"source not found: {src}")
+    d = cfg.data
+    found = discover(src, d.modality, d.min_slices, d.irregular, progress=progress)
+    if not found.records:
+        raise HaganError(f"{src}: no DICOM series or NIfTI files found ({found.ignored_files} other files)")
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    check_cache(out, cache_settings(cfg))
+    fn = partial(process_one, cfg_dict=cfg.to_dict(), out=str(out))
+    done = run_series(found.ok, fn, out / ".state", workers, progress, desc="preprocessing")
+    done_by_key = {r.key: row for r, row in zip(found.ok, done)}
+    rows = [done_by_key.get(r.key, r.row()) for r in found.records]
+    manifest = out / "manifest.csv"
+    write_csv(manifest, rows, MANIFEST_COLUMNS)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return PreprocessResult(manifest, counts, rows)
