@@ -236,12 +236,10 @@ def phantoms(out: str, n: int, seed: int, shape: str, workers: int) -> None:
     """Write a synthetic thorax CT cohort (DICOM) with known lung truth and clinical.csv to OUT."""
     from .phantoms import write_cohort
 
-    try:
-        dims = tuple(int(v) for v in shape.replace("x", ",").split(","))
-    except ValueError:
+    parts = shape.replace("x", ",").split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
         raise click.BadParameter(f"expected three integers like 96,128,128, got '{shape}'", param_hint="--shape")
-    if len(dims) != 3:
-        raise click.BadParameter(f"expected three integers like 96,128,128, got '{shape}'", param_hint="--shape")
+    dims = tuple(int(p) for p in parts)
     table = write_cohort(Path(out), n=n, seed=seed, shape=dims, workers=workers)
     click.echo(f"{len(table)} patients: {Path(out) / 'clinical.csv'}")
 
