@@ -1,8 +1,8 @@
 """Training data: a folder of volumes on the model's grid, an optional table with labels, a seeded sharded sampler.
 
-Volumes are ``.npy`` arrays (D, H, W) already in the model's range [-1, 1] (float16/float32; what the
-preprocessing cache writes), or NIfTI files in scanner units (HU for CT), mapped to [-1, 1] through the data
-contract's window. Every volume must be S x S x S. The folder is checked once, from headers only, before
+Volumes are ``.npy`` arrays (D, H, W) already in the model's range [-1, 1] (float16/float32, or int16 fixed
+point x 32767: what the preprocessing cache writes), or NIfTI files in scanner units (HU for CT), mapped to
+[-1, 1] through the data contract's window. Every volume must be S x S x S. The folder is checked once, from headers only, before
 training starts: a problem is reported with the file that has it.
 
 The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
@@ -20,6 +20,7 @@ import numpy as np
 from .config import Config
 from .errors import HaganError
 from .io.nifti import to_model_range
+from .preprocessing import decode_cache
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -75,7 +76,7 @@ class VolumeFolder:
         """Volume ``index`` as float32 (D, H, W) in [-1, 1]."""
         path = self.files[index]
         if path.name.endswith(".npy"):
-            return np.clip(np.load(path).astype(np.float32), -1.0, 1.0)
+            return decode_cache(np.load(path))
         from .io.nifti import read_volume
 
         return to_model_range(read_volume(path)[0], self.window)
