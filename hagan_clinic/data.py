@@ -2,8 +2,8 @@
 
 Volumes are ``.npy`` arrays (D, H, W) already in the model's range [-1, 1] (float16/float32, or int16 fixed
 point x 32767: what the preprocessing cache writes), or NIfTI files in scanner units (HU for CT), mapped to
-[-1, 1] through the data contract's window. Every volume must be S x S x S. The folder is checked once, from headers only, before
-training starts: a problem is reported with the file that has it.
+[-1, 1] through the data contract's window. Every volume must be S x S x S. The folder is checked once, from
+headers only, before training starts: a problem is reported with the file that has it.
 
 The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
 the position: resuming needs only (epoch, position). Under torchrun each rank reads a disjoint shard

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Config
-from .io.nifti import to_model_range
 from .io.volume import SeriesError, Volume
 
 COARSE_MM = 4.0  # resolution of the body search
@@ -138,9 +137,21 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
         values = values[tuple(slice(a, b) for a, b in box)]
     target = tuple(float(s) for s in data.spacing_mm)
     resampled = resample(values, volume.spacing, target)
-    grid = fit(resampled, cfg.model.size, lo, notes, target)
-    info = GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes)
-    return to_model_range(grid, data.window), info
+    if np.shares_memory(resampled, volume.hu):
+        resampled = resampled.copy()
+    window_inplace(resampled, data.window)
+    grid = fit(resampled, cfg.model.size, -1.0, notes, target)
+    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes)
+
+
+def window_inplace(values: np.ndarray, window) -> np.ndarray:
+    """The same mapping as io.nifti.to_model_range ([lo, hi] -> [-1, 1], clipped), without temporaries."""
+    lo, hi = float(window[0]), float(window[1])
+    np.clip(values, lo, hi, out=values)
+    values -= np.float32(lo)
+    values *= np.float32(2.0 / (hi - lo))
+    values -= np.float32(1.0)
+    return values
 
 
 def encode_cache(grid: np.ndarray, dtype: str) -> np.ndarray:

@@ -151,17 +151,62 @@ def _header_of(ds, path: Path) -> DicomHeader:
 
 @dataclass
 class _Slice:
+    """One decoded slice: stored values and how they become HU (converted late, straight into the volume)."""
+
     position: np.ndarray
     orientation: tuple[float, ...]
     spacing: tuple[float, float]
-    hu: np.ndarray
-    invalid: np.ndarray | None
+    raw: np.ndarray
+    slope: float = 1.0
+    intercept: float = 0.0
+    padding: int | None = None
+    ct: bool = True
+    invalid: np.ndarray | None = None
+
+    def to_hu(self, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(HU float32 with no-measurement voxels set to -1024, the mask of those voxels or None)."""
+        hu = np.empty(self.raw.shape, np.float32) if out is None else out
+        hu[...] = self.raw
+        if self.slope != 1.0:
+            hu *= np.float32(self.slope)
+        if self.intercept != 0.0:
+            hu += np.float32(self.intercept)
+        invalid = self.invalid
+        if self.padding is not None:
+            pad = self.raw == np.asarray(self.padding).astype(self.raw.dtype)
+            invalid = pad if invalid is None else invalid | pad
+        if self.ct and hu.min() < OUTSIDE_FOV_HU:  # one cheap pass; the mask only when needed
+            low = hu < OUTSIDE_FOV_HU
+            invalid = low if invalid is None else invalid | low
+        if invalid is not None:
+            if invalid.any():
+                hu[invalid] = -1024.0
+            else:
+                invalid = None
+        return hu, invalid
+
+    @property
+    def hu(self) -> np.ndarray:
+        return self.to_hu()[0]
 
 
-def _decode(path: Path, modality: str) -> tuple[list[_Slice], DicomHeader]:
+def _plain_geometry(ds, path: Path) -> DicomHeader | None:
+    """The few values a plain single-frame slice needs (converting every header value costs as much as decoding
+    an uncompressed slice); None for files that need the full header."""
+    if "NumberOfFrames" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+        return None
+    position = _floats(ds.get("ImagePositionPatient"), 3)
+    return DicomHeader(
+        path, "", "", "", "", "", "", (), int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1),
+        1, True, _floats(ds.get("ImageOrientationPatient"), 6), [position] if position else [],
+        _floats(ds.get("PixelSpacing"), 2),
+    )  # fmt: skip
+
+
+def _decode(path: Path, modality: str, full: bool) -> tuple[list[_Slice], DicomHeader]:
     try:
         ds = pydicom.dcmread(path, force=not is_dicom_file(path))
-        header = _header_of(ds, path)
+        header = (None if full else _plain_geometry(ds, path)) or _header_of(ds, path)
         pixels = ds.pixel_array
     except Exception as err:  # parsers and decoders raise many types; the report needs the reason, not a traceback
         raise SeriesError(f"{path.name}: pixel data cannot be decoded ({' '.join(str(err).split())[:100]})") from None
@@ -174,19 +219,18 @@ def _decode(path: Path, modality: str) -> tuple[list[_Slice], DicomHeader]:
     slices = []
     for i, raw in enumerate(pixels):
         transform = _functional(ds, i, "PixelValueTransformationSequence") or ds
-        slope = float(transform.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(transform.get("RescaleIntercept", 0.0) or 0.0)
-        hu = raw.astype(np.float32)
-        invalid = None
-        if padding is not None:
-            invalid = raw == np.asarray(padding).astype(raw.dtype)
-        hu = hu * np.float32(slope) + np.float32(intercept)
-        if modality == "CT":
-            low = hu < OUTSIDE_FOV_HU
-            invalid = low if invalid is None else invalid | low
-        if invalid is not None and not invalid.any():
-            invalid = None
-        slices.append(_Slice(np.asarray(header.positions[i]), header.orientation, header.pixel_spacing, hu, invalid))
+        slices.append(
+            _Slice(
+                position=np.asarray(header.positions[i]),
+                orientation=header.orientation,
+                spacing=header.pixel_spacing,
+                raw=raw,
+                slope=float(transform.get("RescaleSlope", 1.0) or 1.0),
+                intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0),
+                padding=None if padding is None else int(padding),
+                ct=modality == "CT",
+            )
+        )
     return slices, header
 
 
@@ -228,11 +272,14 @@ def _untilt(slices: list[_Slice], normal: np.ndarray) -> list[_Slice]:
     for s in slices:
         delta = s.position - slices[0].position
         shift = (float(delta @ col_cos) / dy, float(delta @ row_cos) / dx)
-        hu = ndimage.shift(s.hu, shift, order=1, mode="constant", cval=np.nan)
-        invalid = np.isnan(hu) | (s.invalid if s.invalid is not None else False)
-        hu[np.isnan(hu)] = -1024.0
+        values, was_invalid = s.to_hu()
+        hu = ndimage.shift(values, shift, order=1, mode="constant", cval=np.nan)
+        invalid = np.isnan(hu)
+        if was_invalid is not None:
+            invalid |= ndimage.shift(was_invalid.astype(np.float32), shift, order=1, cval=1.0) > 0
+        hu[invalid] = -1024.0
         position = slices[0].position + float(delta @ normal) * normal
-        out.append(_Slice(position, s.orientation, s.spacing, hu, invalid if invalid.any() else None))
+        out.append(_Slice(position, s.orientation, s.spacing, hu, ct=s.ct, invalid=invalid if invalid.any() else None))
     return out
 
 
@@ -245,10 +292,12 @@ def _resample_z(slices: list[_Slice], normal: np.ndarray, spacing: float) -> lis
         j = int(np.clip(np.searchsorted(dist, t) - 1, 0, len(slices) - 2))
         w = float(np.clip((t - dist[j]) / (dist[j + 1] - dist[j]), 0.0, 1.0))
         a, b = slices[j], slices[j + 1]
-        hu = (1 - w) * a.hu + w * b.hu
-        inv = [m for m in (a.invalid, b.invalid) if m is not None]
+        (ha, ia), (hb, ib) = a.to_hu(), b.to_hu()
+        hu = (1 - w) * ha + w * hb
+        inv = [m for m in (ia, ib) if m is not None]
         invalid = np.logical_or.reduce(inv) if inv else None
-        out.append(_Slice(a.position + (t - dist[j]) * normal, a.orientation, a.spacing, hu, invalid))
+        position = a.position + (t - dist[j]) * normal
+        out.append(_Slice(position, a.orientation, a.spacing, hu.astype(np.float32), ct=a.ct, invalid=invalid))
     return out
 
 
@@ -262,10 +311,11 @@ def read_dicom_series(paths: list[str | Path], modality: str = "CT", irregular: 
     if not paths:
         raise SeriesError("no files")
     slices, header = [], None
-    for p in sorted(Path(p) for p in paths):
-        s, header = _decode(p, modality)
+    for i, p in enumerate(sorted(Path(p) for p in paths)):
+        s, h = _decode(p, modality, full=i == 0)
+        header = header or h  # the first file's full header gives the series' metadata
         slices.extend(s)
-    shapes = {s.hu.shape for s in slices}
+    shapes = {s.raw.shape for s in slices}
     orientations = {orientation_key(s.orientation) for s in slices}
     if len(shapes) > 1 or len(orientations) > 1:
         raise SeriesError(f"slices of different sizes or orientations in one series ({len(orientations)} orientations)")
@@ -277,11 +327,11 @@ def read_dicom_series(paths: list[str | Path], modality: str = "CT", irregular: 
     oblique = obliquity_deg(orientation)
     if oblique > 1.0:
         notes.append(f"oblique by {oblique:.1f} degrees (read as the nearest axial grid)")
-    stack = np.stack([s.hu for s in ordered]).astype(np.float32, copy=False)
+    stack = np.empty((len(ordered), *ordered[0].raw.shape), np.float32)
+    masks = [s.to_hu(out=stack[k])[1] for k, s in enumerate(ordered)]
     invalid = None
-    if any(s.invalid is not None for s in ordered):
-        invalid = np.stack([s.invalid if s.invalid is not None else np.zeros(s.hu.shape, bool) for s in ordered])
-        stack[invalid] = -1024.0
+    if any(m is not None for m in masks):
+        invalid = np.stack([m if m is not None else np.zeros(stack.shape[1:], bool) for m in masks])
     flip, transpose, spacing = canonical_transform(orientation, ordered[0].spacing, step)
     # the LPS position of the voxel that becomes canonical (0, 0, 0)
     first = np.array(
