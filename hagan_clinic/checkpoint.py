@@ -24,6 +24,7 @@ import torch
 
 from .config import Config, ConfigError
 from .errors import HaganError
+from .io.files import publish
 from .models.hagan import HAGAN, PARTS
 
 FORMAT = "hagan-clinic"
@@ -43,7 +44,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.files import publish
+
 
 def mid_slices_png(
     rows: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "", vmin: float = -1, vmax: float = 1
@@ -36,7 +38,7 @@ def mid_slices_png(
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)

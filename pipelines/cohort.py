@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord
+from hagan_clinic.io.files import publish
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -27,7 +28,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -92,7 +93,7 @@ def run_series(
             rows[r.key] = row
         else:
             todo.append(r)
-    bar = tqdm(total=len(records), initial=len(rows), desc=desc, unit="series", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=len(records), initial=len(rows), desc=desc, unit="series", file=sys.stderr, disable=None if progress else True)
     failed = 0
 
     def finish(record: SeriesRecord, row: dict) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
+from hagan_clinic.io.files import publish
 
 from .cohort import atomic_write_text, run_series, write_csv
 
@@ -51,7 +52,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.close(fd)
     try:
         np.save(tmp, array)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

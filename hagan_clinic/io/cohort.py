@@ -151,7 +151,7 @@ def discover(
     groups: dict[tuple, list[DicomHeader]] = defaultdict(list)
     records: list[SeriesRecord] = []
     ignored = 0
-    for path in tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False):
+    for path in tqdm(files, desc="reading headers", unit="file", disable=None if progress else True, leave=False):
         rel = str(path.relative_to(base))
         if path.name.endswith(NIFTI_SUFFIXES):
             records.append(_nifti_record(path, rel, modality))

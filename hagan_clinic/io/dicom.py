@@ -95,8 +95,11 @@ def read_header(path: str | Path) -> DicomHeader | None:
         if not magic:
             return None
         raise SeriesError(f"unreadable DICOM file ({type(err).__name__}: {' '.join(str(err).split())[:80]})") from None
-    if not magic and not ("SOPClassUID" in ds or "Modality" in ds):
-        return None
+    if not any(k in ds for k in ("SOPClassUID", "Modality", "SOPInstanceUID")):
+        if not magic:
+            return None
+        # pydicom reads garbage after the signature as a dataset of meaningless elements instead of failing
+        raise SeriesError("unreadable DICOM file (damaged or truncated header)")
     return _header_of(ds, path)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .files import publish
 from .volume import SeriesError, Volume
 
 OUTSIDE_FOV_HU = -1500.0  # CT values below this are padding (-2048, -3024), not air
@@ -60,7 +61,7 @@ def write_volume(
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
