@@ -44,10 +44,11 @@ class GridInfo:
 
 
 def normalise_intensity(volume: Volume, cfg: Config) -> np.ndarray:
-    """float32 (D, H, W) in the window's units: HU for CT; MR scaled by body percentiles."""
-    hu = volume.hu.astype(np.float32, copy=False)
+    """(D, H, W) in the window's units: HU for CT (as stored: int16 or float32); MR scaled by body percentiles
+    (float32)."""
     if cfg.data.modality == "CT":
-        return hu
+        return volume.hu
+    hu = volume.hu.astype(np.float32, copy=False)
     lo_w, hi_w = cfg.data.window
     values = hu[volume.valid] if volume.valid is not None else hu
     body = values[values > np.percentile(values, 50) * 0.1] if values.size else values
@@ -124,8 +125,6 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
     data = cfg.data
     values = normalise_intensity(volume, cfg)
     lo = float(data.window[0])
-    if volume.valid is not None:
-        values = np.where(volume.valid, values, np.float32(lo))
     notes: list[str] = []
     box = tuple((0, n) for n in values.shape)
     if data.crop == "body":
@@ -134,10 +133,13 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
         if found is None:
             raise SeriesError(f"no body found (nothing above {threshold:g} {'HU' if data.modality == 'CT' else ''})")
         box = found
-        values = values[tuple(slice(a, b) for a, b in box)]
+    crop = tuple(slice(a, b) for a, b in box)
+    values = values[crop]
+    if volume.valid is not None:  # no measurement counts as the window's floor (air), never as tissue
+        values = np.where(volume.valid[crop], values, np.float32(lo)).astype(np.float32, copy=False)
     target = tuple(float(s) for s in data.spacing_mm)
     resampled = resample(values, volume.spacing, target)
-    if np.shares_memory(resampled, volume.hu):
+    if np.shares_memory(resampled, values) or np.shares_memory(resampled, volume.hu):
         resampled = resampled.copy()
     window_inplace(resampled, data.window)
     grid = fit(resampled, cfg.model.size, -1.0, notes, target)

@@ -166,14 +166,24 @@ class _Slice:
     ct: bool = True
     invalid: np.ndarray | None = None
 
+    @property
+    def exact_int16(self) -> bool:
+        """Whether HU = raw + intercept is an exact int16 (slope 1, integer intercept, no overflow)."""
+        if self.slope != 1.0 or self.intercept != round(self.intercept) or self.raw.dtype.kind not in "iu":
+            return False
+        lo, hi = int(self.raw.min()) + self.intercept, int(self.raw.max()) + self.intercept
+        return lo >= -32768 and hi <= 32767
+
     def to_hu(self, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(HU float32 with no-measurement voxels set to -1024, the mask of those voxels or None)."""
+        """(HU with no-measurement voxels set to -1024, the mask of those voxels or None). float32 unless ``out``
+        is int16 (for slices where ``exact_int16`` holds: half the memory traffic of float32)."""
         hu = np.empty(self.raw.shape, np.float32) if out is None else out
-        hu[...] = self.raw
-        if self.slope != 1.0:
-            hu *= np.float32(self.slope)
-        if self.intercept != 0.0:
-            hu += np.float32(self.intercept)
+        if hu.dtype == np.int16:
+            np.add(self.raw, np.int32(self.intercept), out=hu, dtype=np.int32, casting="unsafe")
+        else:
+            np.multiply(self.raw, np.float32(self.slope), out=hu, dtype=np.float32)
+            if self.intercept != 0.0:
+                hu += np.float32(self.intercept)
         invalid = self.invalid
         if self.padding is not None:
             pad = self.raw == np.asarray(self.padding).astype(self.raw.dtype)
@@ -193,22 +203,40 @@ class _Slice:
         return self.to_hu()[0]
 
 
+def _fast_floats(ds, keyword: str, n: int) -> tuple[float, ...] | None:
+    """A decimal-string value parsed from its raw bytes: pydicom's DS conversion dominates the per-slice cost
+    of reading an uncompressed series."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes):
+        try:
+            return _floats(value.split(b"\\"), n)
+        except ValueError:
+            pass
+    return _floats(ds.get(keyword), n)
+
+
 def _plain_geometry(ds, path: Path) -> DicomHeader | None:
     """The few values a plain single-frame slice needs (converting every header value costs as much as decoding
     an uncompressed slice); None for files that need the full header."""
     if "NumberOfFrames" in ds or "PerFrameFunctionalGroupsSequence" in ds:
         return None
-    position = _floats(ds.get("ImagePositionPatient"), 3)
+    position = _fast_floats(ds, "ImagePositionPatient", 3)
     return DicomHeader(
         path, "", "", "", "", "", "", (), int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1),
-        1, True, _floats(ds.get("ImageOrientationPatient"), 6), [position] if position else [],
-        _floats(ds.get("PixelSpacing"), 2),
+        1, True, _fast_floats(ds, "ImageOrientationPatient", 6), [position] if position else [],
+        _fast_floats(ds, "PixelSpacing", 2),
     )  # fmt: skip
 
 
 def _decode(path: Path, modality: str, full: bool) -> tuple[list[_Slice], DicomHeader]:
     try:
-        ds = pydicom.dcmread(path, force=not is_dicom_file(path))
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:  # no preamble: discovery accepted it as DICOM already
+            ds = pydicom.dcmread(path, force=True)
         header = (None if full else _plain_geometry(ds, path)) or _header_of(ds, path)
         pixels = ds.pixel_array
     except Exception as err:  # parsers and decoders raise many types; the report needs the reason, not a traceback
@@ -219,17 +247,18 @@ def _decode(path: Path, modality: str, full: bool) -> tuple[list[_Slice], DicomH
     if len(header.positions) != len(pixels) or header.orientation is None or header.pixel_spacing is None:
         raise SeriesError("no slice geometry (ImagePositionPatient/ImageOrientationPatient/PixelSpacing)")
     padding = ds.get("PixelPaddingValue")
+    multiframe = header.frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
     slices = []
     for i, raw in enumerate(pixels):
-        transform = _functional(ds, i, "PixelValueTransformationSequence") or ds
+        transform = (_functional(ds, i, "PixelValueTransformationSequence") if multiframe else None) or ds
         slices.append(
             _Slice(
                 position=np.asarray(header.positions[i]),
                 orientation=header.orientation,
                 spacing=header.pixel_spacing,
                 raw=raw,
-                slope=float(transform.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0),
+                slope=(_fast_floats(transform, "RescaleSlope", 1) or (1.0,))[0],
+                intercept=(_fast_floats(transform, "RescaleIntercept", 1) or (0.0,))[0],
                 padding=None if padding is None else int(padding),
                 ct=modality == "CT",
             )
@@ -305,7 +334,8 @@ def _resample_z(slices: list[_Slice], normal: np.ndarray, spacing: float) -> lis
 
 
 def read_dicom_series(paths: list[str | Path], modality: str = "CT", irregular: str = "refuse") -> Volume:
-    """Assemble the files of one series into a canonical Volume (HU float32 (D, H, W)).
+    """Assemble the files of one series into a canonical Volume (HU (D, H, W): exact int16 when every slice
+    stores integers with slope 1, which is nearly all CT; float32 otherwise).
 
     ``irregular``: 'refuse' raises SeriesError for missing slices, uneven spacing, gantry tilt and duplicate
     positions with different pixels; 'resample' interpolates them onto an even orthogonal grid and says so in
@@ -330,7 +360,9 @@ def read_dicom_series(paths: list[str | Path], modality: str = "CT", irregular: 
     oblique = obliquity_deg(orientation)
     if oblique > 1.0:
         notes.append(f"oblique by {oblique:.1f} degrees (read as the nearest axial grid)")
-    stack = np.empty((len(ordered), *ordered[0].raw.shape), np.float32)
+    # CT is almost always stored as integers with slope 1: keep HU as exact int16 then, float32 otherwise
+    exact = all(s.exact_int16 for s in ordered)
+    stack = np.empty((len(ordered), *ordered[0].raw.shape), np.int16 if exact else np.float32)
     masks = [s.to_hu(out=stack[k])[1] for k, s in enumerate(ordered)]
     invalid = None
     if any(m is not None for m in masks):

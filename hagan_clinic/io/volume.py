@@ -38,7 +38,8 @@ class SeriesError(HaganError):
 class Volume:
     """A scan in scanner units on the canonical grid.
 
-    hu: float32 (D, H, W), HU for CT (raw intensities for MR).
+    hu: (D, H, W) HU for CT (raw intensities for MR); float32, or int16 where that is exact (DICOM CT stored as
+        integers with slope 1). Use ``hu.astype(np.float32)`` before arithmetic that could overflow.
     spacing: (x, y, z) voxel size in mm, i.e. (W, H, D).
     origin: LPS position in mm of the centre of voxel (0, 0, 0).
     valid: bool (D, H, W) or None; False where the scanner recorded no measurement (outside its circular field of
