@@ -93,7 +93,8 @@ def run_series(
             rows[r.key] = row
         else:
             todo.append(r)
-    bar = tqdm(total=len(records), initial=len(rows), desc=desc, unit="series", file=sys.stderr, disable=None if progress else True)
+    quiet = None if progress else True  # None: a bar on terminals only, none in logs
+    bar = tqdm(total=len(records), initial=len(rows), desc=desc, unit="series", file=sys.stderr, disable=quiet)
     failed = 0
 
     def finish(record: SeriesRecord, row: dict) -> None:

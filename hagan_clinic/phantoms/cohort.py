@@ -1,0 +1,87 @@
+"""Writing a phantom cohort: DICOM series per patient and clinical.csv."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .params import CLINICAL_COLUMNS, DEFAULT_SHAPE, PatientParams, PhantomError, draw_patient, gold_stage
+from .render import _check_shape, render_thorax
+
+
+def clinical_row(params: PatientParams, truth: dict) -> dict:
+    """One clinical.csv row: truth, spirometry, GOLD, the binary label and scanner facts; no names or dates."""
+    gold = gold_stage(params.fev1pp, params.fev1_fvc)
+    row = {"patient_id": params.patient_id, **{k: round(v, 3) for k, v in truth.items()},
+           "severity": round(params.severity, 4), "fev1pp": round(params.fev1pp, 1),
+           "fev1_fvc": round(params.fev1_fvc, 3), "gold": gold, "label": int(gold >= 1), "sex": params.sex,
+           "age": params.age, "kernel": params.profile.kernel, "manufacturer": params.profile.manufacturer,
+           "model": params.profile.model, "slice_thickness_mm": params.profile.slice_thickness_mm}  # fmt: skip
+    return {k: row[k] for k in CLINICAL_COLUMNS}
+
+
+# ---------------------------------------------------------------- writing the cohort
+def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool]) -> dict:
+    from ..io.dicom_write import uid, write_series  # pydicom only when writing
+
+    out, seed, index, shape, extras = args
+    params = draw_patient(seed, index)
+    ph = render_thorax(params, shape)
+    vol, prof = ph.volume, params.profile
+    study = uid("hagan-phantom", seed, index, "study")
+    header = {"patient_name": f"PHANTOM^{params.patient_id}", "birth_date": params.birth_date, "sex": params.sex,
+              "manufacturer": prof.manufacturer, "model": prof.model, "kernel": prof.kernel,
+              "institution": "HAGAN PHANTOM HOSPITAL"}  # fmt: skip
+    folder = out / params.patient_id / "STUDY_1"
+    write_series(folder / "SERIES_2", vol.hu, vol.spacing, patient_id=params.patient_id, study_uid=study,
+                 series_uid=uid(study, "series", 2), origin=vol.origin, slice_thickness=prof.slice_thickness_mm,
+                 storage=prof.storage, intercept=prof.intercept, transfer_syntax=prof.transfer_syntax,
+                 valid=vol.valid, padding_hu=-2000.0, shuffle=True, seed=seed * 100003 + index,
+                 description="CHEST AXIAL", series_number=2, **header)  # fmt: skip
+    if extras and index % 10 == 9:  # a scout (one coronal projection) that discovery must skip
+        scout = vol.hu.mean(axis=1)[::-1][None]
+        write_series(folder / "SERIES_1", scout, (vol.spacing[0], vol.spacing[2], 1.0), patient_id=params.patient_id,
+                     study_uid=study, series_uid=uid(study, "series", 1),
+                     image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), shuffle=False, description="TOPOGRAM",
+                     series_number=1, **header)  # fmt: skip
+    return clinical_row(params, ph.truth)
+
+
+def write_cohort(
+    out: str | Path,
+    n: int,
+    seed: int = 0,
+    shape: tuple[int, int, int] = DEFAULT_SHAPE,
+    workers: int = 1,
+    progress: bool = True,
+    extras: bool = True,
+) -> pd.DataFrame:
+    """Write ``n`` phantom patients as DICOM under ``out/<patient_id>/STUDY_1/SERIES_2/`` and ``out/clinical.csv``.
+
+    shape: (slices, rows, cols), each >= 16; the anatomy is fixed in mm. extras: every 10th patient also gets a
+    one-slice localizer series (SERIES_1). Headers carry a fake PatientName and birth date that must never reach
+    any output; clinical.csv has neither. Returns the clinical table (one row per patient, CLINICAL_COLUMNS).
+    """
+    from tqdm import tqdm
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise PhantomError(f"n must be an integer >= 1, got {n!r}")
+    shape = _check_shape(shape)
+    if workers < 1:
+        raise PhantomError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(out, int(seed), i, shape, extras) for i in range(int(n))]
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(_write_patient, jobs) if pool else map(_write_patient, jobs)
+        rows = list(tqdm(results, total=len(jobs), desc="phantoms", unit="patient", disable=not progress))
+    table = pd.DataFrame(rows, columns=list(CLINICAL_COLUMNS))
+    tmp = out / ".clinical.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / "clinical.csv")
+    return table

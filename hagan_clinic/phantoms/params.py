@@ -1,0 +1,243 @@
+"""Phantom patients as parameters in millimetres: all the randomness of the phantom cohort lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..errors import HaganError
+
+DEFAULT_SHAPE = (96, 128, 128)
+FOV_MM = (400.0, 400.0, 300.0)  # (x, y, z) extent of every phantom, whatever its shape
+Z_ORIGIN_MM = -300.0  # LPS z of the bottom of the scan (a table position, nothing depends on it)
+AIR, FAT, SOFT, BONE, MARROW, HEART, PARENCHYMA, VESSEL, WALL, LUMEN = range(10)
+EMPHYSEMA = 20  # labels 20..40 are emphysema at -990..-970 HU
+LUNG_LABELS = (PARENCHYMA, VESSEL, *range(EMPHYSEMA, EMPHYSEMA + 21))
+CLINICAL_COLUMNS = (
+    "patient_id", "lung_volume_ml", "laa950_pct", "perc15_hu", "pct_emphysema", "severity", "fev1pp", "fev1_fvc",
+    "gold", "label", "sex", "age", "kernel", "manufacturer", "model", "slice_thickness_mm",
+)  # fmt: skip
+
+
+class PhantomError(HaganError):
+    """Bad arguments to the phantom generator."""
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one scanner model and reconstruction writes a chest CT.
+
+    noise_hu: sd of the added noise (HU); noise_corr_mm: in-plane Gaussian correlation of that noise (mm, soft
+    kernels are smoother); padded_fov: voxels outside a circular field of view hold padding (``valid`` False).
+    slice_thickness_mm is header metadata only.
+    """
+
+    name: str
+    manufacturer: str
+    model: str
+    kernel: str
+    sharp: bool
+    noise_hu: float
+    noise_corr_mm: float
+    storage: str
+    intercept: float
+    padded_fov: bool
+    transfer_syntax: str
+    slice_thickness_mm: float
+
+
+PROFILES = tuple(ScannerProfile(*row) for row in (
+    ("siemens_b30f", "SIEMENS", "Sensation 64", "B30f", False, 18, 0.8, "int16", -1024, False, "explicit", 1.0),
+    ("siemens_b70f", "SIEMENS", "SOMATOM Force", "B70f", True, 55, 0.3, "int16", -1024, False, "explicit", 1.0),
+    ("ge_standard", "GE MEDICAL SYSTEMS", "LightSpeed16", "STANDARD", False, 20, 0.8, "int16", -1024, True,
+     "explicit", 1.25),
+    ("ge_lung", "GE MEDICAL SYSTEMS", "Revolution CT", "LUNG", True, 50, 0.3, "int16", -1024, True, "explicit", 1.25),
+    ("philips_b", "Philips", "Brilliance 64", "B", False, 16, 0.9, "uint16", -1024, False, "explicit", 2.0),
+    ("philips_yb", "Philips", "iCT 256", "YB", False, 22, 0.7, "uint16", -1024, False, "rle", 1.0),
+    ("toshiba_fc13", "TOSHIBA", "Aquilion ONE", "FC13", False, 20, 0.8, "int16", 0, False, "explicit", 3.0),
+))  # fmt: skip
+PROFILE_WEIGHTS = (0.22, 0.12, 0.18, 0.10, 0.16, 0.06, 0.16)  # compressed (rle) rare: slow to write
+
+
+@dataclass(frozen=True)
+class Lung:
+    """One lung in mm: a superellipsoid |u|^p + |v|^p + w^2 <= 1 above a diaphragm dome (side -1 right, +1 left)."""
+
+    side: int
+    cx: float
+    cy: float
+    ax: float
+    ay: float
+    z_low: float
+    height: float
+    p: float
+    dome_h: float
+
+
+@dataclass(frozen=True)
+class PatientParams:
+    """Everything random about one patient, in mm and HU; :func:`render_thorax` adds nothing random but noise.
+
+    Segments are (x0, y0, z0, x1, y1, z1, radius) mm; blobs are (x, y, z, radius mm, level 0..20 -> -990..-970 HU).
+    """
+
+    seed: int
+    index: int
+    patient_id: str
+    sex: str
+    age: int
+    birth_date: str
+    severity: float
+    fev1pp: float
+    fev1_fvc: float
+    profile: ScannerProfile
+    lung_scale: float
+    body_a: float
+    body_b: float
+    fat_mm: float
+    spine_y: float
+    spine_r: float
+    heart: tuple[float, float, float, float, float, float]  # centre (x, y, z), semi-axes (x, y, z)
+    lungs: tuple[Lung, Lung]
+    airways: tuple[tuple[float, ...], ...]  # trachea, right and left main bronchus (lumen radius)
+    ribs: tuple[tuple[float, ...], ...]
+    vessels: tuple[tuple[float, ...], ...]
+    blobs: tuple[tuple[float, ...], ...]
+    hu_fat: float
+    hu_bone: float
+    hu_parenchyma: float
+    fov_radius_mm: float
+
+
+# ---------------------------------------------------------------- drawing (all randomness lives here)
+def _cage(body_a: float, body_b: float, fat: float, inset: float) -> tuple[float, float]:
+    return body_a - fat - inset, body_b - fat - inset
+
+
+def _inside_lung(p: PatientParams, lung: Lung, x, y, z, margin: float = 0.0) -> np.ndarray:
+    """Whether points (mm, broadcastable arrays) lie in ``lung``, at least ``margin`` mm inside its surface."""
+    u = np.abs((x - lung.cx) / (lung.ax - margin)) ** lung.p
+    v = np.abs((y - lung.cy) / (lung.ay - margin)) ** lung.p
+    w = (z - lung.z_low) / (lung.height - margin)
+    dome = lung.z_low + margin + lung.dome_h * np.clip(1 - ((x - lung.cx) / lung.ax) ** 2
+                                                       - ((y - lung.cy) / lung.ay) ** 2, 0, None)  # fmt: skip
+    ca, cb = _cage(p.body_a, p.body_b, p.fat_mm, 17.0 + margin)  # ribs sit at inset 9 mm, radius 4 mm
+    hx, hy, hz, hax, hay, haz = p.heart
+    g = 6.0 + margin  # pericardial fat between heart and lung
+    outside_heart = ((x - hx) / (hax + g)) ** 2 + ((y - hy) / (hay + g)) ** 2 + ((z - hz) / (haz + g)) ** 2 > 1
+    return (u + v + w * w <= 1) & (z >= dome) & ((x / ca) ** 2 + (y / cb) ** 2 <= 1) & outside_heart
+
+
+def _in_any_lung(p: PatientParams, x, y, z, margin: float = 0.0) -> np.ndarray:
+    return _inside_lung(p, p.lungs[0], x, y, z, margin) | _inside_lung(p, p.lungs[1], x, y, z, margin)
+
+
+def _vessel_tree(rng: np.random.Generator, root: np.ndarray, side: int) -> list[tuple[float, ...]]:
+    segments = []
+    stack = []
+    for _ in range(6):
+        d = np.array([side * rng.uniform(0.3, 1.0), rng.uniform(-0.7, 0.7), rng.uniform(-1.0, 1.0)])
+        stack.append((root, d / np.linalg.norm(d), rng.uniform(30, 40), rng.uniform(4.0, 5.5), 0))
+    while stack:  # each segment splits into two thinner, shorter children with perturbed directions
+        start, d, length, radius, depth = stack.pop()
+        end = start + d * length
+        segments.append((*start, *end, radius))
+        if depth < 3:
+            for _ in range(2):
+                c = d + rng.normal(0, 0.45, 3)
+                stack.append((end, c / np.linalg.norm(c), length * 0.8, radius * 0.72, depth + 1))
+    return segments
+
+
+def _emphysema_blobs(rng: np.random.Generator, p: PatientParams, fraction: float) -> list[tuple[float, ...]]:
+    # lung volume by Monte Carlo on the analytic shapes, so the blob budget matches the target fraction
+    lo, hi = np.array([-200.0, -200.0, 0.0]), np.array([200.0, 200.0, 300.0])
+    pts = rng.uniform(lo, hi, (40000, 3))
+    lung_ml = _in_any_lung(p, *pts.T).mean() * np.prod(hi - lo) / 1000
+    budget, blobs = fraction * lung_ml * 1000 * 1.25, []  # x1.25: spheres overlap and are clipped to parenchyma
+    while budget > 0 and len(blobs) < 3000:
+        c = rng.uniform(lo, hi, (2000, 3))
+        z_low = np.where(c[:, 0] < 0, p.lungs[0].z_low, p.lungs[1].z_low)
+        w = (c[:, 2] - z_low) / p.lungs[0].height
+        keep = _in_any_lung(p, *c.T, margin=4.0) & (rng.random(len(c)) < 0.35 + 0.65 * w)  # upper lobes first
+        for centre in c[keep]:
+            level = float(rng.integers(0, 21))
+            for _ in range(int(rng.integers(1, 7))):
+                r = 2.0 + 13.0 * rng.beta(1.3, 3.0)
+                blobs.append((*(centre + rng.normal(0, 6.0, 3)), r, level))
+                budget -= 4 / 3 * np.pi * r**3
+            if budget <= 0:
+                break
+    return blobs
+
+
+def draw_patient(seed: int, index: int) -> PatientParams:
+    """Draw patient ``index`` of cohort ``seed``: depends on (seed, index) only, never on the cohort size."""
+    rng = np.random.default_rng([int(seed), int(index), 7])
+    sex = "M" if rng.random() < 0.5 else "F"
+    age = int(rng.integers(45, 81))
+    copd = rng.random() < 0.5
+    severity = float(rng.uniform(0.12, 1.0) if copd else rng.uniform(0.0, 0.12))
+    airway = rng.random()  # airway disease: lowers spirometry without showing in the phantom
+    fev1_fvc = float(np.clip(0.80 - 0.40 * severity - 0.06 * airway + rng.normal(0, 0.035), 0.25, 0.92))
+    fev1pp = float(np.clip(104 - 72 * severity - 12 * airway + rng.normal(0, 10), 12, 140))
+    profile = PROFILES[rng.choice(len(PROFILES), p=PROFILE_WEIGHTS)]
+    s = float(np.clip(rng.normal(1.03 if sex == "M" else 0.97, 0.07), 0.85, 1.15))
+    body_a = 165 * (0.8 + 0.2 * s) * rng.uniform(0.96, 1.04)
+    body_b = 115 * (0.8 + 0.2 * s) * rng.uniform(0.95, 1.05)
+    fat = rng.uniform(6, 18)
+    spine_r = rng.uniform(14, 18)
+    spine_y = body_b - fat - spine_r - 22
+    ca, cb = _cage(body_a, body_b, fat, 17.0)
+    mw = rng.uniform(18, 26)  # half-width of the mediastinum
+    ax = (ca - mw) / 2 * 1.05
+    z_low = rng.uniform(22, 38)
+    height = min(235 * s, 285 - z_low)
+    lungs = tuple(
+        Lung(side, side * (mw + ax), 0.1 * cb, ax, cb * 1.02, z_low + (5 if side < 0 else 0), height,
+             rng.uniform(2.2, 2.8), rng.uniform(25, 35) if side < 0 else rng.uniform(18, 28))
+        for side in (-1, 1)
+    )  # fmt: skip
+    heart = (rng.uniform(20, 32), 0.1 * cb - rng.uniform(30, 40), z_low + rng.uniform(50, 65),
+             rng.uniform(52, 62), rng.uniform(42, 50), rng.uniform(45, 55))  # fmt: skip
+    trachea_y, rt = spine_y - spine_r - 22, rng.uniform(7.5, 10)
+    zc = z_low + 0.6 * height
+    right_end = (-(mw + rng.uniform(30, 40)), trachea_y + rng.uniform(-5, 5), zc - rng.uniform(25, 35))
+    left_end = (mw + rng.uniform(40, 50), trachea_y + rng.uniform(-5, 5), zc - rng.uniform(35, 45))
+    carina = (0.0, trachea_y, zc)
+    airways = ((0.0, trachea_y, 330.0, *carina, rt), (*carina, *right_end, rt * 0.75), (*carina, *left_end, rt * 0.7))
+    ra, rb = _cage(body_a, body_b, fat, 9.0)
+    ribs = []
+    for z_rib in np.arange(z_low + 15, z_low + height - 25, rng.uniform(22, 26)):
+        for side in (-1, 1):  # an arc from beside the spine round to the front, dropping ~25 mm anteriorly
+            t = np.linspace(np.deg2rad(100), np.deg2rad(235), 7)
+            pts = [(side * -ra * np.cos(a), rb * np.sin(a), z_rib - 25 * (a - t[0]) / (t[-1] - t[0])) for a in t]
+            ribs += [(*pts[k], *pts[k + 1], 4.0) for k in range(6)]
+    p = PatientParams(
+        seed=seed, index=index, patient_id=f"PH{index + 1:04d}", sex=sex, age=age,
+        birth_date=f"{2026 - age}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}", severity=severity,
+        fev1pp=fev1pp, fev1_fvc=fev1_fvc, profile=profile, lung_scale=s, body_a=body_a, body_b=body_b, fat_mm=fat,
+        spine_y=spine_y, spine_r=spine_r, heart=heart, lungs=lungs, airways=airways, ribs=tuple(ribs), vessels=(),
+        blobs=(), hu_fat=rng.uniform(-110, -85), hu_bone=rng.uniform(700, 1000),
+        hu_parenchyma=rng.uniform(-875, -845), fov_radius_mm=rng.uniform(0.92, 0.97) * 200,
+    )  # fmt: skip
+    vessels = []
+    for lung in lungs:
+        root = np.array([lung.side * (mw + 14), trachea_y, zc - rng.uniform(45, 55)])
+        vessels += _vessel_tree(rng, root, lung.side)
+    fraction = 0.003 + 0.32 * severity**1.4
+    blobs = _emphysema_blobs(rng, p, fraction)
+    return replace(p, vessels=tuple(vessels), blobs=tuple(blobs))
+
+
+def draw_cohort(n: int, seed: int = 0) -> list[PatientParams]:
+    """Parameters of patients 0..n-1 (cheap: nothing is rendered)."""
+    return [draw_patient(seed, i) for i in range(n)]
+
+
+def gold_stage(fev1pp: float, fev1_fvc: float) -> int:
+    """GOLD spirometric grade: 0 when FEV1/FVC >= 0.70, else 1..4 by FEV1 % predicted (>=80, >=50, >=30, <30)."""
+    if fev1_fvc >= 0.70:
+        return 0
+    return 1 if fev1pp >= 80 else 2 if fev1pp >= 50 else 3 if fev1pp >= 30 else 4

@@ -1,0 +1,150 @@
+"""The phantom cohort: determinism, truth that matches its own labels, the clinical table, and DICOM round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from hagan_clinic.errors import HaganError
+from hagan_clinic.phantoms import (
+    AIR,
+    CLINICAL_COLUMNS,
+    LUMEN,
+    PARENCHYMA,
+    WALL,
+    PhantomError,
+    draw_cohort,
+    draw_patient,
+    gold_stage,
+    render_thorax,
+    write_cohort,
+)
+
+SMALL = (24, 48, 48)
+
+
+def _read_series(folder) -> tuple[np.ndarray, list]:
+    """HU (D, H, W) from a folder of single-slice files, sorted by position, and the datasets."""
+    ds = sorted((pydicom.dcmread(f) for f in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in ds])
+    return hu, ds
+
+
+def test_draw_depends_on_seed_and_index_only():
+    assert draw_patient(5, 3) == draw_patient(5, 3)
+    assert draw_cohort(4, seed=5)[3] == draw_cohort(9, seed=5)[3]
+    assert draw_patient(5, 3) != draw_patient(6, 3)
+    assert draw_patient(5, 3).patient_id == "PH0004"
+
+
+def test_render_is_deterministic():
+    params = draw_patient(1, 0)
+    a, b = render_thorax(params, SMALL), render_thorax(params, SMALL)
+    np.testing.assert_array_equal(a.volume.hu, b.volume.hu)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.truth == b.truth
+
+
+@pytest.mark.parametrize("index", [0, 2])  # seed 0: a sharp unpadded profile, a padded GE profile
+def test_truth_matches_labels_and_final_hu(index):
+    ph = render_thorax(draw_patient(0, index), SMALL)
+    vol = ph.volume
+    assert vol.hu.shape == SMALL and vol.hu.dtype == np.float32
+    assert vol.spacing == pytest.approx((400 / 48, 400 / 48, 300 / 24))
+    np.testing.assert_array_equal(vol.hu, np.rint(vol.hu))  # integers, as a DICOM reader will see them
+    voxel_ml = np.prod(vol.spacing) / 1000
+    assert ph.truth["lung_volume_ml"] == pytest.approx(ph.lung_mask.sum() * voxel_ml)
+    assert ph.truth["laa950_pct"] == pytest.approx(np.mean(vol.hu[ph.lung_mask] < -950) * 100)
+    assert ph.truth["perc15_hu"] == pytest.approx(np.percentile(vol.hu[ph.lung_mask], 15))
+    assert not (ph.lung_mask & np.isin(ph.labels, (LUMEN, WALL, AIR))).any()
+    assert 2000 < ph.truth["lung_volume_ml"] < 8000
+    assert set(vol.meta) >= {"patient_id", "kernel", "manufacturer", "model", "slice_thickness_mm", "modality"}
+    if vol.valid is not None:
+        assert not vol.valid.all() and (vol.hu[~vol.valid] == -1024).all()
+        assert not (ph.lung_mask & ~vol.valid).any()
+
+
+def test_anatomy_is_in_mm_and_canonical():
+    params = draw_patient(0, 4)
+    a, b = render_thorax(params, (24, 48, 48)), render_thorax(params, (32, 64, 40))
+    assert b.volume.spacing == pytest.approx((10.0, 6.25, 9.375))
+    assert a.truth["lung_volume_ml"] == pytest.approx(b.truth["lung_volume_ml"], rel=0.05)
+    top = a.labels[-1]  # the trachea runs out of the top (superior) slice, at the midline
+    cols = np.nonzero((top == LUMEN).any(axis=0))[0]
+    assert cols.size and abs(cols.mean() - 23.5) < 3
+    lungs = a.labels == PARENCHYMA
+    assert lungs[:, :, :24].sum() > 0 and lungs[:, :, 24:].sum() > 0
+
+
+@pytest.mark.parametrize(
+    "fev1pp, ratio, gold",
+    [(95, 0.78, 0), (40, 0.70, 0), (85, 0.65, 1), (80, 0.5, 1), (79.9, 0.6, 2), (50, 0.6, 2), (49, 0.5, 3),
+     (30, 0.4, 3), (29.9, 0.4, 4)],
+)  # fmt: skip
+def test_gold_rule(fev1pp, ratio, gold):
+    assert gold_stage(fev1pp, ratio) == gold
+
+
+def test_label_balance_and_spirometry_follow_severity():
+    params = draw_cohort(40, seed=0)
+    labels = np.array([gold_stage(p.fev1pp, p.fev1_fvc) >= 1 for p in params])
+    assert 0.3 <= labels.mean() <= 0.7
+    severity = np.array([p.severity for p in params])
+    fev1pp = np.array([p.fev1pp for p in params])
+    assert np.corrcoef(severity, fev1pp)[0, 1] < -0.7
+    assert len({p.profile.name for p in params}) >= 4
+
+
+def test_write_cohort_round_trip(tmp_path):
+    table = write_cohort(tmp_path / "cohort", n=3, seed=0, shape=(16, 32, 32), progress=False)
+    assert list(table.columns) == list(CLINICAL_COLUMNS)
+    assert list(table.patient_id) == ["PH0001", "PH0002", "PH0003"]
+    for row in table.itertuples():
+        assert row.label == int(row.gold >= 1) and row.gold == gold_stage(row.fev1pp, row.fev1_fvc)
+    csv = pd.read_csv(tmp_path / "cohort" / "clinical.csv")
+    pd.testing.assert_frame_equal(csv, table, check_dtype=False)
+    text = (tmp_path / "cohort" / "clinical.csv").read_text().upper()
+    assert "PHANTOM^" not in text and not ({"PATIENTNAME", "BIRTH_DATE", "PATIENT_NAME"} & set(csv.columns.str.upper()))
+    for i in range(3):
+        ph = render_thorax(draw_patient(0, i), (16, 32, 32))
+        hu, ds = _read_series(tmp_path / "cohort" / f"PH{i + 1:04d}" / "STUDY_1" / "SERIES_2")
+        valid = ph.volume.valid if ph.volume.valid is not None else np.ones(hu.shape, bool)
+        np.testing.assert_array_equal(hu[valid], ph.volume.hu[valid])
+        assert str(ds[0].PatientName) == f"PHANTOM^PH{i + 1:04d}" and len(ds[0].PatientBirthDate) == 8
+        assert ds[0].ConvolutionKernel == ph.volume.meta["kernel"]
+        assert str(ds[0].PatientBirthDate) not in text
+        assert len({d.StudyInstanceUID for d in ds}) == 1 and len({d.SeriesInstanceUID for d in ds}) == 1
+        if ph.volume.valid is not None:
+            assert "PixelPaddingValue" in ds[0] and (hu[~valid] < -1500).all()
+    again = write_cohort(tmp_path / "again", n=1, seed=0, shape=(16, 32, 32), progress=False, extras=False)
+    _, ds_again = _read_series(tmp_path / "again" / "PH0001" / "STUDY_1" / "SERIES_2")
+    _, ds_first = _read_series(tmp_path / "cohort" / "PH0001" / "STUDY_1" / "SERIES_2")
+    assert ds_again[0].StudyInstanceUID == ds_first[0].StudyInstanceUID
+    pd.testing.assert_frame_equal(again, table.iloc[:1])
+
+
+def test_every_tenth_patient_gets_a_localizer(tmp_path):
+    write_cohort(tmp_path, n=10, seed=2, shape=(16, 16, 16), progress=False)
+    scouts = sorted(tmp_path.glob("*/STUDY_1/SERIES_1"))
+    assert [s.parts[-3] for s in scouts] == ["PH0010"]
+    (only,) = list(scouts[0].glob("*.dcm"))
+    assert "LOCALIZER" in list(pydicom.dcmread(only).ImageType)
+
+
+def test_workers_give_the_same_table(tmp_path):
+    one = write_cohort(tmp_path / "a", n=2, seed=4, shape=(16, 16, 16), progress=False, extras=False)
+    two = write_cohort(tmp_path / "b", n=2, seed=4, shape=(16, 16, 16), workers=2, progress=False, extras=False)
+    pd.testing.assert_frame_equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n": 0}, {"n": 2.5}, {"n": 1, "shape": (8, 64, 64)}, {"n": 1, "shape": (64, 64)}, {"n": 1, "workers": 0}],
+)
+def test_bad_arguments_raise(tmp_path, kwargs):
+    with pytest.raises(PhantomError) as err:
+        write_cohort(tmp_path, progress=False, **kwargs)
+    assert isinstance(err.value, HaganError) and "\n" not in str(err.value)
+    assert not (tmp_path / "clinical.csv").exists()
