@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import NOT_DICOM, discover, load_series
 from hagan_clinic.io.dicom import is_dicom_file
 from hagan_clinic.io.volume import SeriesError
@@ -52,18 +53,20 @@ def _decode_all(root: Path) -> dict:
         try:
             pixels = ds.pixel_array
             counts["decoded"] += 1
-            by_series[str(ds.get("SeriesInstanceUID", ""))].append((rel, str(ds.file_meta.TransferSyntaxUID), pixels))
+            image = (str(ds.get("SeriesInstanceUID", "")), str(ds.get("ImagePositionPatient", "")))
+            by_series[image].append((rel, str(ds.file_meta.TransferSyntaxUID), pixels))
         except Exception as err:  # noqa: BLE001
             counts["pixel data refused"] += 1
             reasons[rel] = f"{type(err).__name__}: {' '.join(str(err).split())}"[:120]
     identical = []
-    for uid, items in by_series.items():
+    for (uid, position), items in by_series.items():
         syntaxes = {ts for _, ts, _ in items}
         shapes = {p.shape for _, _, p in items}
         if len(items) > 1 and len(syntaxes) > 1 and len(shapes) == 1 and items[0][2].ndim == 2:
             same = all(np.array_equal(items[0][2], p) for _, _, p in items[1:])
             identical.append(
-                {"series_uid": uid, "files": len(items), "transfer_syntaxes": len(syntaxes), "identical": same}
+                {"series_uid": uid, "position": position, "files": len(items), "transfer_syntaxes": len(syntaxes),
+                 "identical": same}  # fmt: skip
             )
     return {"counts": dict(counts), "refused": reasons, "transfer_syntax_groups": identical}
 
@@ -96,13 +99,24 @@ def main(argv: list[str] | None = None) -> int:
                         values = measure(volume.hu, volume.spacing, volume.valid, volume.meta.get("kernel"),
                                          volume.meta.get("slice_thickness_mm"))  # fmt: skip
                         report["qct"].append({"source": record.folder, **values})
-                    except SeriesError as err:
+                    except HaganError as err:  # QCTError: no lung in this scan
                         report["qct"].append({"source": record.folder, "error": str(err)})
             except SeriesError as err:
                 entry.update(status="refused", reason=str(err))
             except Exception:  # noqa: BLE001 - must not happen; recorded loudly
                 entry.update(status="UNHANDLED", reason=traceback.format_exc(limit=3))
             report["assembly"].append(entry)
+    # the series refused for their geometry, read again with data.irregular=resample
+    report["resampled"] = []
+    for record in discover(root, modality="CT", min_slices=2, progress=False).records:
+        if record.status == "skipped" and any(k in record.reason for k in ("tilt", "missing", "non-uniform")):
+            entry = {"source": record.folder, "refused_as": record.reason}
+            try:
+                volume = load_series(record, "CT", irregular="resample")
+                entry.update(shape=volume.shape, notes=volume.meta.get("notes", ""))
+            except SeriesError as err:
+                entry.update(still_refused=str(err))
+            report["resampled"].append(entry)
     report["decoding"] = _decode_all(root)
     out = Path(__file__).parent / "results" / "real_data_validation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
