@@ -13,8 +13,6 @@ The manifest works as ``data.table`` for training (``data.dir`` = the cache fold
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import publish
+from hagan_clinic.io.files import atomic_target
 
 from .cohort import atomic_write_text, run_series, write_csv
 
@@ -48,14 +46,8 @@ def cache_settings(cfg: Config) -> dict:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path, ".npy") as tmp:
         np.save(tmp, array)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:

@@ -7,15 +7,13 @@ spacing (x, y, z) in mm of the data contract: a generated volume keeps its physi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .files import publish
+from .files import atomic_target
 from .volume import SeriesError, Volume
 
 OUTSIDE_FOV_HU = -1500.0  # CT values below this are padding (-2048, -3024), not air
@@ -57,14 +55,8 @@ def write_volume(
     if description:
         img.header["descrip"] = description.encode()[:79]
     suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path, suffix) as tmp:
         nib.save(img, tmp)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
