@@ -139,3 +139,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", ema: b
 def _first_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:300]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file: the identity of a checkpoint in reports and MLflow."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

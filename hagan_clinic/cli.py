@@ -220,6 +220,59 @@ def qct(src: str, out: str, config_file: str, overrides: tuple[str, ...], worker
     click.echo(f"{_summary_line(result.counts)}: {result.path}")
 
 
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:  # under torchrun each process takes its own share
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    parts = shard.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise click.BadParameter(f"expected I/N with 0 <= I < N, e.g. 0/4, got '{shard}'", param_hint="--shard")
+    return int(parts[0]), int(parts[1])
+
+
+@cli.command()
+@click.argument("src", type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file (with E^H and E^G).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature table to write.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default=None, help="Default: from --out.")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Reader processes (0: read in the main process).")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Volumes per forward.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--pseudonymize", "salt", default=None, metavar="SALT",
+              help="Replace PatientID, the UIDs and source folders with salted hashes.")  # fmt: skip
+@click.option("--qct", is_flag=True, help="Add lung volume, %LAA-950 and Perc15 columns.")
+@click.option("--shard", default=None, metavar="I/N", help="Encode share I of N (default: torchrun's RANK/WORLD_SIZE).")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def encode(
+    src: str, checkpoint: str, out: str, fmt: str | None, workers: int, batch_size: int, device: str,
+    precision: str, salt: str | None, qct: bool, shard: str | None, no_tracking: bool,
+) -> None:  # fmt: skip
+    """Encode every CT series under SRC (DICOM, NIfTI, or a preprocess cache) into one latent-feature table.
+
+    Beside the table, OUT_STEM.report.csv lists every series found with its status and reason. A run that is
+    stopped resumes where it was when started again with the same arguments.
+    """
+    from pipelines.encode import EncodeOptions, run
+
+    from .tracking import NullTracker, Tracker
+
+    out_path = Path(out)
+    fmt = fmt or ("csv" if out_path.suffix.lower() == ".csv" else "parquet")
+    if salt is not None and not salt.strip():
+        raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
+    opts = EncodeOptions(
+        checkpoint=Path(checkpoint), out=out_path, fmt=fmt, workers=workers, batch_size=batch_size,
+        device=_resolve_device(device), precision=precision, pseudonymize=salt, qct=qct, shard=_parse_shard(shard),
+    )  # fmt: skip
+    tracker = NullTracker() if no_tracking else Tracker()
+    result = run(src, opts, tracker)
+    if result.table is None:
+        click.echo(f"shard {opts.shard[0]}/{opts.shard[1]} done; the table is written by the last shard to finish")
+    else:
+        click.echo(f"{_summary_line(result.counts)}: {result.table} (report: {result.report})")
+
+
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=60, show_default=True, help="Patients.")

@@ -51,6 +51,9 @@ class NullTracker:
     def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
         return None
 
+    def find_model_version(self, sha256: str) -> str | None:
+        return None
+
 
 class Tracker(NullTracker):
     """An MLflow experiment in a given store; ``run`` opens a (possibly nested) run as a context manager.
@@ -133,6 +136,17 @@ class Tracker(NullTracker):
             return True
         except Exception:  # unknown id in this store
             return False
+
+    def find_model_version(self, sha256: str) -> str | None:
+        """'name/version' of the registered model whose file has this SHA-256 (tag set at registration)."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = MlflowClient(self.uri).search_model_versions(f"tags.sha256 = '{sha256}'")
+        except MlflowException:
+            return None
+        return f"{found[0].name}/{found[0].version}" if found else None
 
     def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
         """Register the active run's ``artifact_path`` as a new version of model ``name``; returns the version."""

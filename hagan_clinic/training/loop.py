@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import file_sha256
 from ..config import NUM_SLABS, Config
 from ..data import ShardedSampler, VolumeFolder
 from ..errors import HaganError
@@ -321,7 +322,8 @@ def train(
                 tracker.log_artifact(out / "config.yaml")
                 tracker.log_artifact(out / "metrics.jsonl")
                 if cfg.tracking.register_model:
-                    tracker.register_model(cfg.tracking.register_model, "snapshot", cfg.data_contract())
+                    tags = {**cfg.data_contract(), "sha256": file_sha256(snap_path)}  # lets encode name the version
+                    tracker.register_model(cfg.tracking.register_model, "snapshot", tags)
         finally:
             bar.close()
     dist.barrier()
