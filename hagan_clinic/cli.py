@@ -261,6 +261,8 @@ def encode(
     fmt = fmt or ("csv" if out_path.suffix.lower() == ".csv" else "parquet")
     if salt is not None and not salt.strip():
         raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     opts = EncodeOptions(
         checkpoint=Path(checkpoint), out=out_path, fmt=fmt, workers=workers, batch_size=batch_size,
         device=_resolve_device(device), precision=precision, pseudonymize=salt, qct=qct, shard=_parse_shard(shard),
