@@ -77,11 +77,20 @@ def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord
     """The ok series of a preprocess cache, and the report rows of the others."""
     import pandas as pd
 
+    from .preprocess import cache_settings
+
     settings = json.loads((src / "cache.json").read_text())
     if settings.get("contract") != cfg.data_contract():
         raise HaganError(
             f"{src} was preprocessed for {settings.get('contract')}, but the checkpoint's data contract is "
             f"{cfg.data_contract()}: preprocess again, or give the DICOM/NIfTI folder"
+        )
+    wanted = cache_settings(cfg)
+    differ = sorted(k for k in wanted if k not in ("cache_dtype", "min_slices") and settings.get(k) != wanted[k])
+    if differ:
+        raise HaganError(
+            f"{src} was preprocessed with other settings ({', '.join(differ)}) than the checkpoint's config: "
+            "preprocess again with that config, or give the DICOM/NIfTI folder"
         )
     if qct:
         raise HaganError("--qct needs the scans themselves (a DICOM or NIfTI folder), not a preprocess cache")
@@ -288,7 +297,8 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
     with tracker.run(name, tags={"stage": "encode"}):
         tracker.log_params({
             "checkpoint": opts.checkpoint.name, "checkpoint_sha256": sha,
-            "model_version": tracker.find_model_version(sha) or "unregistered", "source": str(src),
+            "model_version": tracker.find_model_version(sha) or "unregistered",
+            "source": pseudonym(opts.pseudonymize, str(src)) if opts.pseudonymize else str(src),
             "series_found": len(ok) + len(others), "batch_size": opts.batch_size, "precision": opts.precision,
             "device": opts.device, "workers": opts.workers, "qct": opts.qct, "shard": f"{shard}/{n_shards}",
             "pseudonymized": bool(opts.pseudonymize), "encode_mode": cfg.model.encode_mode,
