@@ -234,8 +234,12 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file (with E^H and E^G).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature table to write.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default=None, help="Default: from --out.")
-@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Reader processes (0: read in the main process).")  # fmt: skip
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Reader processes (0: read in the main process). Default: 0 on 1-2 cores, else cores/2 (max 4).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Volumes per forward.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
@@ -245,7 +249,7 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
 @click.option("--shard", default=None, metavar="I/N", help="Encode share I of N (default: torchrun's RANK/WORLD_SIZE).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 def encode(
-    src: str, checkpoint: str, out: str, fmt: str | None, workers: int, batch_size: int, device: str,
+    src: str, checkpoint: str, out: str, fmt: str | None, workers: int | None, batch_size: int, device: str,
     precision: str, salt: str | None, qct: bool, shard: str | None, no_tracking: bool,
 ) -> None:  # fmt: skip
     """Encode every CT series under SRC (DICOM, NIfTI, or a preprocess cache) into one latent-feature table.
@@ -258,6 +262,9 @@ def encode(
     from .tracking import NullTracker, Tracker
 
     out_path = Path(out)
+    if workers is None:  # on two cores a reader process competes with the encoder instead of overlapping it
+        cores = os.cpu_count() or 1
+        workers = 0 if cores <= 2 else min(4, cores // 2)
     fmt = fmt or ("csv" if out_path.suffix.lower() == ".csv" else "parquet")
     if salt is not None and not salt.strip():
         raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
