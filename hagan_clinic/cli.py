@@ -282,6 +282,62 @@ def encode(
         click.echo(f"{_summary_line(result.counts)}: {result.table} (report: {result.report})")
 
 
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+@cli.command()
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature table (parquet or csv).")
+@click.option("--clinical", required=True, type=click.Path(dir_okay=False), help="Clinical table (csv or parquet).")
+@click.option("--id-column", default="patient_id", show_default=True, help="Column joining the two tables.")
+@click.option("--targets", default="fev1pp,fev1_fvc,pct_emphysema", show_default=True, help="Clinical columns.")
+@click.option("--log-targets", default="", help="Targets regressed on the log scale (as the paper did).")
+@click.option("--gold-column", default=None, help="GOLD stage column (0-4). Default: 'gold' when present.")
+@click.option("--feature-regex", default=r"z\d+", show_default=True, help="Names of the feature columns.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Outer folds (by patient).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def regress(
+    features: str, clinical: str, id_column: str, targets: str, log_targets: str, gold_column: str | None,
+    feature_regex: str, folds: int, seed: int, out: str, no_tracking: bool,
+) -> None:  # fmt: skip
+    """Cross-validated regression of clinical measures and GOLD stage from latent features, with baselines."""
+    from pipelines.regress import RegressOptions, run
+
+    from .tracking import NullTracker, Tracker
+
+    wanted, logs = _names(targets), _names(log_targets)
+    unknown = [t for t in logs if t not in wanted]
+    if unknown:
+        raise click.BadParameter(f"'{unknown[0]}' is not one of --targets", param_hint="--log-targets")
+    opts = RegressOptions(
+        targets=wanted, out=Path(out), id_column=id_column, log_targets=logs, gold_column=gold_column or "gold",
+        gold_required=gold_column is not None, folds=folds, seed=seed, feature_regex=feature_regex,
+    )  # fmt: skip
+    metrics = run(features, clinical, opts, NullTracker() if no_tracking else Tracker())
+    for name, s in metrics["targets"].items():
+        base = metrics["baselines"]["mean"][name]["r2"]
+        qct = metrics["baselines"].get("qct", {}).get(name)
+        extra = f", QCT-only {qct['r2']:.3f}" if qct else ""
+        click.echo(f"{name}: R2 {s['r2']:.3f} +- {s['r2_sd']:.3f} (mean baseline {base:.3f}{extra}), n={s['n']}")
+    for kind, s in metrics["gold"].items():
+        click.echo(f"GOLD {kind}: accuracy {s['accuracy']:.3f}, kappa {s['quadratic_kappa']:.3f}")
+    click.echo(f"written to {out}")
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="DIR/model.joblib.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature table.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV of predictions.")
+def predict(model_path: str, features: str, out: str) -> None:
+    """Apply a model fitted by `regress` to a new feature table (only load model files you made)."""
+    from pipelines.regress import predict as run_predict
+
+    table = run_predict(model_path, features, out)
+    click.echo(f"{len(table)} rows: {out}")
+
+
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=60, show_default=True, help="Patients.")
