@@ -319,7 +319,7 @@ def regress(
     for name, s in metrics["targets"].items():
         base = metrics["baselines"]["mean"][name]["r2"]
         qct = metrics["baselines"].get("qct", {}).get(name)
-        extra = f", QCT-only {qct['r2']:.3f}" if qct else ""
+        extra = f", QCT-only {qct['r2']:.3f}" if qct and "r2" in qct else ""
         click.echo(f"{name}: R2 {s['r2']:.3f} +- {s['r2_sd']:.3f} (mean baseline {base:.3f}{extra}), n={s['n']}")
     for kind, s in metrics["gold"].items():
         click.echo(f"GOLD {kind}: accuracy {s['accuracy']:.3f}, kappa {s['quadratic_kappa']:.3f}")

@@ -104,7 +104,8 @@ def join_tables(features: pd.DataFrame, clinical: pd.DataFrame, id_column: str, 
 
 def target_values(data: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(values, mask of usable rows, rows dropped) for a clinical column; non-numeric and NaN rows drop."""
-    column = name if name in data.clinical.columns else f"{name}_clinical"
+    # a clinical column that shares its name with a feature-table column was suffixed by the join
+    column = f"{name}_clinical" if f"{name}_clinical" in data.clinical.columns else name
     if column not in data.clinical.columns:
         raise RegressionError(f"clinical table has no column '{name}'")
     values = pd.to_numeric(data.clinical[column], errors="coerce").to_numpy(float)
@@ -112,13 +113,18 @@ def target_values(data: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, int
     return values, mask, int((~mask).sum())
 
 
+def check_patients(n_groups: int, folds: int, what: str) -> None:
+    """Every outer training fold needs two patients for the inner search, and every fold one test patient."""
+    if n_groups < folds or n_groups - -(-n_groups // folds) < 2:
+        need = max(folds, 3)
+        raise RegressionError(f"{what}: {n_groups} patients; --folds {folds} needs at least {need}")
+
+
 def outer_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold number per row; all rows of a group share a fold."""
     from sklearn.model_selection import GroupKFold
 
-    n_groups = len(np.unique(groups))
-    if n_groups < folds:
-        raise RegressionError(f"only {n_groups} patients have this target; --folds {folds} needs at least {folds}")
+    check_patients(len(np.unique(groups)), folds, "the joined tables")
     fold = np.empty(len(groups), int)
     for k, (_, test) in enumerate(GroupKFold(folds, shuffle=True, random_state=seed).split(groups, groups=groups)):
         fold[test] = k
@@ -177,6 +183,8 @@ def regression_scores(y: np.ndarray, pred: np.ndarray, fold: np.ndarray, groups:
     """R^2 (mean and sd over folds, 95 % patient-bootstrap interval over out-of-fold predictions), MAE, r, n."""
     from sklearn.metrics import r2_score
 
+    if len(y) < 2:
+        raise RegressionError("fewer than two predictions to score")
     per_fold = [r2_score(y[fold == k], pred[fold == k]) for k in np.unique(fold) if (fold == k).sum() > 1]
     rng = np.random.default_rng(seed)
     uniq, inverse = np.unique(groups, return_inverse=True)

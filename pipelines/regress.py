@@ -18,6 +18,7 @@ from hagan_clinic.regression import (
     Dataset,
     MeanModel,
     RegressionError,
+    check_patients,
     fit_classifier,
     fit_regressor,
     gold_from_spirometry,
@@ -116,10 +117,7 @@ def cross_validate(data: Dataset, opts: RegressOptions) -> tuple[dict, pd.DataFr
     for name in opts.targets:
         y, rows, dropped = target_values(data, name)
         metrics["dropped_rows"][name] = dropped
-        if len(np.unique(groups[rows])) < opts.folds:
-            raise RegressionError(
-                f"only {len(np.unique(groups[rows]))} patients have '{name}'; --folds {opts.folds} needs more"
-            )
+        check_patients(len(np.unique(groups[rows])), opts.folds, f"'{name}' is known for")
         log = name in opts.log_targets
         if log and (y[rows] <= 0).any():
             raise RegressionError(f"'{name}' has values <= 0: it cannot be log-transformed")
@@ -129,11 +127,13 @@ def cross_validate(data: Dataset, opts: RegressOptions) -> tuple[dict, pd.DataFr
         metrics["targets"][name] = regression_scores(y[rows], pred[rows], fold[rows], groups[rows], seed)
         base = back(_cv_predict(_fit_mean, x, y_fit, fold, groups, rows, seed))
         metrics["baselines"]["mean"][name] = regression_scores(y[rows], base[rows], fold[rows], groups[rows], seed)
-        if data.qct is not None:
-            qrows = rows & np.isfinite(data.qct).all(axis=1)
+        qrows = rows & np.isfinite(data.qct).all(axis=1) if data.qct is not None else None
+        if qrows is not None and len(np.unique(groups[qrows])) >= max(opts.folds, 3):
             qpred = back(_cv_predict(fit_regressor, data.qct, y_fit, fold, groups, qrows, seed))
             scores = regression_scores(y[qrows], qpred[qrows], fold[qrows], groups[qrows], seed)
             metrics["baselines"]["qct"][name] = {**scores, "columns": data.qct_columns}
+        elif qrows is not None:  # QCT failed for most series (an MR cohort): no baseline rather than a bad one
+            metrics["baselines"]["qct"][name] = {"skipped": "too few series with QCT values", "n": int(qrows.sum())}
         preds[f"{name}_true"], preds[f"{name}_pred"] = np.where(rows, y, np.nan), pred
         models[name] = fit_regressor(x[rows], y_fit[rows], groups[rows], seed)
     _gold(data, opts, fold, preds, metrics, models)
@@ -184,6 +184,10 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
     features = read_table(features_path, "feature", opts.id_column)
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
+    for name in opts.targets:  # every column checked before hours of fitting, not after
+        target_values(data, name)
+    if opts.gold_required:
+        target_values(data, opts.gold_column)
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     with tracker.run("regress", tags={"stage": "regress"}):
@@ -213,7 +217,7 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         for name, s in metrics["targets"].items():
             flat.update({f"{name}.r2": s["r2"], f"{name}.mae": s["mae"], f"{name}.pearson_r": s["pearson_r"]})
         for base, per in metrics["baselines"].items():
-            flat.update({f"{name}.r2_{base}": s["r2"] for name, s in per.items()})
+            flat.update({f"{name}.r2_{base}": s["r2"] for name, s in per.items() if "r2" in s})
         for kind, s in metrics["gold"].items():
             flat.update({f"gold.{kind}.{k}": s[k] for k in ("accuracy", "within_one", "balanced_accuracy",
                                                              "quadratic_kappa")})  # fmt: skip
