@@ -339,6 +339,42 @@ def predict(model_path: str, features: str, out: str) -> None:
 
 
 @cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
+@click.option("--real", required=True, type=click.Path(), help="Real volumes on the grid (a preprocess cache).")
+@click.option("--n", "n", type=click.IntRange(min=2), default=512, show_default=True, help="Volumes to generate.")
+@click.option(
+    "--feature-net",
+    default="encoder",
+    show_default=True,
+    help="Local MedicalNet weights file (resnet_10.pth ... resnet_50.pth), or 'encoder' (the model's own).",
+)
+@click.option("--measure", type=click.Choice(["laa950_pct", "lung_volume_ml", "mean_hu"]), default="laa950_pct",
+              show_default=True, help="What the latent direction should move.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--slab", type=click.IntRange(min=1), default=None, help="Generate in slabs (less memory).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def evaluate(
+    checkpoint: str, real: str, n: int, feature_net: str, measure: str, seed: int, batch_size: int,
+    slab: int | None, device: str, out: str, no_tracking: bool,
+) -> None:  # fmt: skip
+    """FID, MMD, MS-SSIM diversity, memorisation, reconstruction and a latent direction, generated vs real."""
+    from pipelines.evaluate import EvaluateOptions, run
+
+    from .tracking import NullTracker, Tracker
+
+    opts = EvaluateOptions(
+        checkpoint=Path(checkpoint), real=Path(real), out=Path(out), n=n, feature_net=feature_net, seed=seed,
+        device=_resolve_device(device), batch_size=batch_size, measure=measure, slab=slab,
+    )  # fmt: skip
+    m = run(opts, NullTracker() if no_tracking else Tracker())
+    click.echo(f"FID {m['fid']:.3f}, MMD^2 {m['mmd2']:.4f} ({m['feature_net']}); MS-SSIM generated "
+               f"{m['ms_ssim_generated']:.3f}, real {m['ms_ssim_real']:.3f}; written to {out}")  # fmt: skip
+
+
+@cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=60, show_default=True, help="Patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same cohort.")

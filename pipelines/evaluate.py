@@ -1,0 +1,241 @@
+"""``hagan-clinic evaluate``: how close generated volumes are to real ones, how diverse, whether they copy the
+training set, how well real volumes survive encode-then-generate, and what a direction in latent space does.
+
+Real volumes are on the model's grid: a preprocess cache (its manifest's ok rows) or a folder of ``.npy`` (in
+[-1, 1]) or NIfTI (scanner units) files of size S^3. Every distribution metric names its feature network and the
+SHA-256 of its weights (see hagan_clinic.feature_nets).
+
+Outputs in DIR: metrics.json, samples.png (generated and real mid-slices), latent_direction.png (the paper's
+Fig. 5: slices along a latent direction that moves a measure, with the measure per step).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hagan_clinic.errors import HaganError
+
+from .cohort import atomic_write_text
+
+MEASURES = ("laa950_pct", "lung_volume_ml", "mean_hu")
+
+
+@dataclass
+class EvaluateOptions:
+    checkpoint: Path
+    real: Path
+    out: Path
+    n: int = 512
+    feature_net: str = "encoder"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 4
+    n_diversity: int = 6  # volumes per set for pairwise MS-SSIM (15 pairs): the 3D windows cost ~0.1-0.5 s a pair
+    n_recon: int = 8
+    measure: str = "laa950_pct"
+    slab: int | None = None
+
+
+def real_volumes(folder: Path, size: int, window) -> list[Path]:
+    """Files of real volumes on the grid; checked for shape from headers."""
+    import pandas as pd
+
+    if not folder.is_dir():
+        raise HaganError(f"real volumes not found: {folder}")
+    if (folder / "manifest.csv").is_file():
+        manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+        files = [folder / p for p in manifest.loc[manifest["status"] == "ok", "path"]]
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.name.endswith((".npy", ".nii", ".nii.gz")))
+    if len(files) < 2:
+        raise HaganError(f"{folder}: {len(files)} real volume(s); at least 2 are needed")
+    return files
+
+
+def load_real(path: Path, size: int, window) -> np.ndarray:
+    from hagan_clinic.io.nifti import read_volume, to_model_range
+    from hagan_clinic.preprocessing import decode_cache
+
+    vol = decode_cache(np.load(path)) if path.suffix == ".npy" else to_model_range(read_volume(path)[0], window)
+    if vol.shape != (size,) * 3:
+        raise HaganError(f"{path}: shape {vol.shape}, but the model's grid is {size}^3 (preprocess it first)")
+    return vol
+
+
+def measure_volume(vol: np.ndarray, contract: dict, measure: str) -> float:
+    """A measure of one volume in [-1, 1] on the contract's grid: QCT of the lungs, or the mean HU."""
+    from hagan_clinic.io.nifti import from_model_range
+
+    hu = from_model_range(vol, contract["window"])
+    if measure == "mean_hu":
+        return float(hu.mean())
+    from hagan_clinic.qct import measure as qct
+
+    # the grid pads the scan with air slices; a lung reaching the end of the scan would join that air and be
+    # taken for outside air, so the measure looks at the slices with body only, as a scan would have them
+    body = np.flatnonzero((hu > -500).any(axis=(1, 2)))
+    if body.size == 0:
+        return float("nan")
+    try:
+        return float(qct(hu[body[0] : body[-1] + 1], tuple(contract["spacing_mm"]))[measure])
+    except HaganError:  # no lung in this sample
+        return float("nan")
+
+
+def _pairwise_ms_ssim(vols: list[np.ndarray]) -> float | None:
+    from hagan_clinic.metrics import ms_ssim_3d
+
+    scores = [ms_ssim_3d(vols[i], vols[j]) for i in range(len(vols)) for j in range(i + 1, len(vols))]
+    return float(np.mean(scores)) if scores else None
+
+
+def _latent_direction(model, fits: dict, opts: EvaluateOptions, contract, out: Path) -> dict:
+    """Least-squares direction in latent space that increases the measure, and slices along it.
+
+    ``fits``: {'generated': (z, values), 'encoded real': (z, values)}. The measure on generated volumes is
+    preferred; when too few of them have it (a young model's samples may have no lungs), the direction is
+    fitted on the encoded real volumes instead (the paper's alternative), and the report says which.
+    """
+    import torch
+
+    from hagan_clinic.sampling import sample_latent
+
+    counts = {}
+    for source, (z, values) in fits.items():  # noqa: B007 - the loop picks z and values for below
+        keep = np.isfinite(values)
+        counts[source] = int(keep.sum())
+        if keep.sum() >= 10:
+            break
+    else:
+        return {"skipped": f"the measure could be computed on too few volumes ({counts})"}
+    zc, vc = z[keep] - z[keep].mean(0), values[keep] - values[keep].mean()
+    ridge = 1e-3 * np.trace(zc.T @ zc) / zc.shape[1]
+    w = np.linalg.solve(zc.T @ zc + ridge * np.eye(zc.shape[1]), zc.T @ vc)
+    w /= np.linalg.norm(w)
+    steps = np.linspace(-3.0, 3.0, 7)  # in units of the prior's standard deviation along w
+    start = sample_latent(opts.seed + 1, 0, z.shape[1]).numpy()[0]
+    start = start - (start @ w) * w
+    zs = torch.from_numpy(np.stack([start + t * w for t in steps]).astype(np.float32))
+    with torch.no_grad():
+        vols = [v[0].float().cpu().numpy() for v in model.generate(zs, slab=opts.slab)]
+    measured = [measure_volume(v, contract, opts.measure) for v in vols]
+    _montage(out / "latent_direction.png", vols, steps, measured, opts.measure)
+    r = float(np.corrcoef(steps, np.nan_to_num(measured, nan=np.nanmean(measured)))[0, 1])
+    return {"measure": opts.measure, "steps": steps.tolist(), "values": measured, "step_correlation": r,
+            "fitted_on": source, "fit_samples": int(keep.sum())}  # fmt: skip
+
+
+def _montage(path: Path, vols, steps, values, measure: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(vols), figsize=(1.9 * len(vols), 4.0))
+    for k, (vol, t, v) in enumerate(zip(vols, steps, values)):
+        d, h = vol.shape[0] // 2, vol.shape[1] // 2
+        axes[0, k].imshow(vol[d], cmap="gray", vmin=-1, vmax=1)
+        axes[1, k].imshow(vol[:, h, :], cmap="gray", vmin=-1, vmax=1, origin="lower")
+        axes[0, k].set_title(f"t={t:+.1f}\n{measure}={v:.1f}", fontsize=7)
+        for ax in axes[:, k]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(opts: EvaluateOptions, tracker=None) -> dict:
+    import torch
+
+    from hagan_clinic.checkpoint import file_sha256, load_checkpoint
+    from hagan_clinic.feature_nets import hagan_encoder, medicalnet
+    from hagan_clinic.metrics import frechet_distance, mae, mmd2, nearest_neighbour_distances, psnr, ssim_3d
+    from hagan_clinic.plots import mid_slices_png
+    from hagan_clinic.sampling import sample_labels, sample_latent
+    from hagan_clinic.tracking import NullTracker
+
+    tracker = tracker or NullTracker()
+    if not opts.checkpoint.is_file():
+        raise HaganError(f"checkpoint not found: {opts.checkpoint}")
+    gen_model = load_checkpoint(opts.checkpoint, opts.device, ema=True)
+    rec_model = load_checkpoint(opts.checkpoint, opts.device, ema=False)  # the encoders were trained with raw G
+    cfg, sha = gen_model.config, file_sha256(opts.checkpoint)
+    contract, size, latent = cfg.data_contract(), cfg.model.size, cfg.model.latent_dim
+    files = real_volumes(opts.real, size, cfg.data.window)
+    net = hagan_encoder(rec_model, sha) if opts.feature_net == "encoder" else medicalnet(opts.feature_net, opts.device)
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    # real volumes: features, a few kept for diversity and reconstruction
+    real_feats, real_kept, real_z, real_values = [], [], [], []
+    for i in tqdm(range(0, len(files), opts.batch_size), desc="real volumes", unit="batch", disable=None):
+        vols = [load_real(p, size, cfg.data.window) for p in files[i : i + opts.batch_size]]
+        real_kept += vols[: max(0, max(opts.n_diversity, opts.n_recon) - len(real_kept))]
+        x = torch.from_numpy(np.stack(vols))[:, None]
+        with torch.no_grad():
+            real_z.append(rec_model.encode(x).float().cpu().numpy())
+        # with the encoder as the feature network, its features are these latents: no second pass
+        real_feats.append(real_z[-1].astype(np.float64) if opts.feature_net == "encoder" else net.extract(x))
+        real_values += [measure_volume(v, contract, opts.measure) for v in vols]
+    real_feats, real_z = np.concatenate(real_feats), np.concatenate(real_z)
+    # generated volumes: features, the measure, latent vectors, a few kept
+    labels = sample_labels(opts.n, cfg.model.num_classes, None)
+    gen_feats, gen_kept, zs, values = [], [], [], []
+    for i in tqdm(range(0, opts.n, opts.batch_size), desc="generated", unit="batch", disable=None):
+        idx = range(i, min(opts.n, i + opts.batch_size))
+        z = torch.cat([sample_latent(opts.seed, k, latent) for k in idx])
+        y = None if labels[0] is None else torch.tensor([labels[k] for k in idx])
+        with torch.no_grad():
+            x = gen_model.generate(z, y, slab=opts.slab)
+        gen_feats.append(net.extract(x))
+        vols = [v[0].float().cpu().numpy() for v in x]
+        gen_kept += vols[: max(0, opts.n_diversity - len(gen_kept))]
+        zs.append(z.numpy())
+        values += [measure_volume(v, contract, opts.measure) for v in vols]
+    gen_feats, zs, values = np.concatenate(gen_feats), np.concatenate(zs), np.asarray(values)
+    metrics: dict = {"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n, "n_real": len(files)}
+    metrics["fid"] = frechet_distance(gen_feats, real_feats)
+    metrics["mmd2"] = mmd2(gen_feats, real_feats)
+    metrics["ms_ssim_generated"] = _pairwise_ms_ssim(gen_kept)
+    metrics["ms_ssim_real"] = _pairwise_ms_ssim(real_kept[: opts.n_diversity])
+    nn = nearest_neighbour_distances(gen_feats, real_feats)
+    metrics["memorisation"] = {k: float(v) for k, v in nn.items() if np.isscalar(v)}
+    # encode then generate, on real volumes
+    recon = {"mae": [], "mae_hu": [], "psnr": [], "ssim": []}
+    lo, hi = cfg.data.window
+    for vol in real_kept[: opts.n_recon]:
+        with torch.no_grad():
+            x_hat = rec_model.generate(rec_model.encode(torch.from_numpy(vol)[None, None]), slab=opts.slab)
+        x_hat = x_hat[0, 0].float().cpu().numpy()
+        recon["mae"].append(mae(vol, x_hat))
+        recon["mae_hu"].append(mae(vol, x_hat) * (hi - lo) / 2)
+        recon["psnr"].append(psnr(vol, x_hat))
+        recon["ssim"].append(ssim_3d(vol, x_hat))
+    metrics["reconstruction"] = {k: float(np.mean(v)) for k, v in recon.items() if v} | {"n": len(recon["mae"])}
+    fits = {"generated": (zs, values), "encoded real": (real_z, np.asarray(real_values))}
+    metrics["latent_direction"] = _latent_direction(gen_model, fits, opts, contract, out)
+    metrics["latent_direction"]["measure_computable"] = {
+        "generated": int(np.isfinite(values).sum()),
+        "real": int(np.isfinite(real_values).sum()),
+    }
+    rows = [(f"generated {i}", v) for i, v in enumerate(gen_kept[:3])] + [
+        (f"real {i}", v) for i, v in enumerate(real_kept[:3])
+    ]
+    mid_slices_png(rows, out / "samples.png", "generated (top) and real (bottom)")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+    with tracker.run("evaluate", tags={"stage": "evaluate"}):
+        tracker.log_params({"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n,
+                            "n_real": len(files), "seed": opts.seed, "measure": opts.measure})  # fmt: skip
+        flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        flat.update({f"memorisation.{k}": v for k, v in metrics["memorisation"].items()})
+        flat.update({f"reconstruction.{k}": v for k, v in metrics["reconstruction"].items()})
+        tracker.log_metrics({k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)})
+        for path in sorted(out.glob("*")):
+            if path.is_file():
+                tracker.log_artifact(path, "evaluate")
+    return metrics

@@ -1,0 +1,105 @@
+"""Feature networks from local weights, and the evaluate command end to end on the tiny configuration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, write_volumes
+
+from hagan_clinic.cli import main
+from hagan_clinic.feature_nets import FeatureNetError, medicalnet
+from hagan_clinic.models.hagan import HAGAN
+
+
+def _medicalnet_resnet(depth: int):
+    from monai.networks.nets import ResNet
+    from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
+    bias, shortcut = get_medicalnet_pretrained_resnet_args(depth)
+    layers = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2]}[depth]
+    torch.manual_seed(depth)
+    net = ResNet("basic", layers, [64, 128, 256, 512], spatial_dims=3, n_input_channels=1, conv1_t_size=7,
+                 conv1_t_stride=2, shortcut_type=shortcut, feed_forward=False, bias_downsample=bias)  # fmt: skip
+    return net.eval()
+
+
+@pytest.mark.parametrize("depth", [10, 18])
+def test_medicalnet_weights_load_from_a_local_file(tmp_path, depth):
+    net = _medicalnet_resnet(depth)
+    # as published: a 'state_dict' saved from DataParallel (keys prefixed 'module.'), with a classifier head
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    state["module.fc.weight"] = torch.zeros(2, 512)
+    torch.save({"state_dict": state}, tmp_path / f"resnet_{depth}.pth")
+    feature_net = medicalnet(tmp_path / f"resnet_{depth}.pth")
+    assert feature_net.name == f"medicalnet-resnet{depth}" and len(feature_net.sha256) == 64
+    x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
+    got = feature_net.extract(x)
+    z = (x - x.mean(dim=(1, 2, 3, 4), keepdim=True)) / x.std(dim=(1, 2, 3, 4), keepdim=True)
+    with torch.no_grad():
+        want = net(z).double().numpy()
+    assert got.shape == (2, 512)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unusable_feature_weights_are_refused(tmp_path):
+    with pytest.raises(FeatureNetError, match="not found"):
+        medicalnet(tmp_path / "missing.pth")
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "odd.pth")
+    with pytest.raises(FeatureNetError, match="not a MedicalNet"):
+        medicalnet(tmp_path / "odd.pth")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    HAGAN.from_config(tiny_config()).save(root / "tiny.pt")
+    write_volumes(root / "real", n=6, size=32)
+    return root
+
+
+def test_evaluate_writes_metrics_figures_and_an_mlflow_run(setup, tmp_path):
+    import mlflow
+
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--checkpoint", str(setup / "tiny.pt"), "--real", str(setup / "real"), "--n", "12",
+                 "--measure", "mean_hu", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["feature_net"] == "hagan-encoder" and len(m["feature_net_sha256"]) == 64
+    assert m["n_generated"] == 12 and m["n_real"] == 6
+    assert m["fid"] >= 0 and np.isfinite(m["mmd2"])
+    assert 0 < m["ms_ssim_generated"] <= 1 and 0 < m["ms_ssim_real"] <= 1
+    assert {"median_ratio", "fraction_closer_than_real_p5"} <= set(m["memorisation"])
+    assert m["reconstruction"]["n"] == 6 and m["reconstruction"]["mae"] > 0
+    assert len(m["latent_direction"]["values"]) == 7
+    assert (out / "samples.png").stat().st_size > 0 and (out / "latent_direction.png").stat().st_size > 0
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'evaluate'")
+    assert len(runs) == 1 and runs.iloc[0]["params.feature_net"] == "hagan-encoder"
+    assert "metrics.fid" in runs.columns
+
+
+def test_evaluate_with_a_medicalnet_file(setup, tmp_path):
+    net = _medicalnet_resnet(10)
+    torch.save(net.state_dict(), tmp_path / "resnet_10.pth")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--checkpoint", str(setup / "tiny.pt"), "--real", str(setup / "real"), "--n", "6",
+                 "--feature-net", str(tmp_path / "resnet_10.pth"), "--measure", "mean_hu", "--out", str(out),
+                 "--no-tracking"])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "metrics.json").read_text())["feature_net"] == "medicalnet-resnet10"
+
+
+def test_evaluate_bad_input_is_one_line(setup, tmp_path, capsys):
+    wrong = tmp_path / "wrong"
+    write_volumes(wrong, n=3, size=16)
+    for args, message in (
+        (["--checkpoint", "missing.pt", "--real", str(setup / "real")], "checkpoint not found"),
+        (["--checkpoint", str(setup / "tiny.pt"), "--real", str(wrong)], "preprocess it first"),
+        (["--checkpoint", str(setup / "tiny.pt"), "--real", str(tmp_path / "none")], "not found"),
+    ):
+        assert main(["evaluate", *args, "--n", "4", "--out", str(tmp_path / "o"), "--no-tracking"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err
