@@ -17,7 +17,16 @@ readings does a slab or reference child compute the default one-pass output (max
 time R adjacent (mode, one-pass) pairs in the same process: ``paired_time_ratio``, the median pair ratio, is
 robust to load that drifts between children on a shared host. The parent never imports torch: Linux carries
 a parent's ``ru_maxrss`` into its exec'd children, so a heavy parent would raise every child's baseline.
-Parameter counts per block come from ``parameter_table`` for paper_128 and paper_256.
+Parameter counts per block come from ``parameter_table`` for paper_128 and paper_256, and per size from the
+model each child builds (``parameters``). Sizes without a ``paper_S`` config (64, 512) use ``base`` with
+``model.size=S``: the published widths (a third G^H stage at 512).
+
+Options for large sizes: ``--modes`` picks which of one_pass / slab / reference / encode run (default all);
+``--max-mb`` kills a child whose resident memory (VmRSS of the child, polled by the parent) passes that many MB
+and records it as skipped; when one_pass was skipped or failed, slab children do not compare against it (no
+``max_abs_diff_vs_one_pass`` or paired ratios); ``--timeout`` bounds each child's wall time. ``--merge`` combines
+the ``results`` of earlier JSON files into one (later files win per size and mode); ``--md`` writes a
+markdown table (size, mode, G parameters, peak MB, time, max abs diff).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model_bench.json"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARK = "MODEL_BENCH_RESULT "
 MB = 1024.0  # ru_maxrss and /proc figures are in KiB on Linux
+MODES = ("one_pass", "slab", "reference", "encode")
 
 
 def _maxrss_mb() -> float:
@@ -57,6 +67,14 @@ def _proc_mb(key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: times on a shared host are only as good as the load allows."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +131,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     res: dict[str, Any] = {"config": spec["config"], "overrides": spec["overrides"], "mode": mode, "slab": slab}
+    res["parameters"] = parameter_table(model)
+    res["loadavg_before"] = _loadavg()
+    res["high_stages"] = len(model.G.high.stages)
     res.update(maxrss_before_mb=_maxrss_mb(), rss_before_mb=_proc_mb("VmRSS"), cuda_before_mb=None)
     if cuda:
         res["cuda_before_mb"] = torch.cuda.memory_allocated(dev) / 2**20
@@ -127,7 +148,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20 - res["cuda_before_mb"]
         res.update(output_shape=list(out.shape), peak_mb=res["maxrss_after_mb"] - res["maxrss_before_mb"])
-        if mode in ("reference", "slab"):  # after the memory readings: sanity check, then A/B timing pairs
+        # after the memory readings: sanity check, then A/B timing pairs (unless one pass is known not to fit)
+        if mode in ("reference", "slab") and spec.get("compare", True):
             literal(False)
             res["max_abs_diff_vs_one_pass"] = (out - model.generate(z)).abs().max().item()
             out, pairs = None, []
@@ -138,21 +160,57 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 pairs.append(t_mode / timed(partial(model.generate, z))[0])
             res["paired_time_ratio"] = statistics.median(pairs)
             res["paired_time_ratios"] = pairs
-    res.update(warmup_s=times[0], times_s=times[1:], time_s=statistics.median(times[1:]))
+    res.update(warmup_s=times[0], times_s=times[1:], time_s=statistics.median(times[1:]), loadavg_after=_loadavg())
     if res["hwm_after_mb"] is not None and res["rss_before_mb"] is not None:
         res["peak_over_rss_mb"] = res["hwm_after_mb"] - res["rss_before_mb"]
     return res
 
 
-def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter; return its result, or {'error': ...}."""
+def _child_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / MB
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _spawn(spec: dict[str, Any], max_mb: float | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter; return its result, or {'error': ...} ({'skipped': ...} too if
+    the parent killed it for passing ``max_mb`` of resident memory or ``timeout`` seconds)."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
+    if max_mb is None and timeout is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        stdout, stderr, rc, killed = proc.stdout, proc.stderr, proc.returncode, None
+    else:  # poll the child's VmRSS; outputs go to files so that a full pipe never blocks the child
+        with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+            child = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+            t0, polled, killed = time.monotonic(), 0.0, None
+            while child.poll() is None:
+                rss = _child_rss_mb(child.pid) or 0.0
+                polled = max(polled, rss)
+                if max_mb is not None and rss > max_mb:
+                    killed = f"resident memory passed --max-mb {max_mb:.0f} MB ({rss:.0f} MB)"
+                elif timeout is not None and time.monotonic() - t0 > timeout:
+                    killed = f"ran past --timeout {timeout:.0f} s"
+                if killed:
+                    child.kill()
+                    child.wait()
+                    break
+                time.sleep(0.02)
+            rc = child.returncode
+            fo.seek(0)
+            fe.seek(0)
+            stdout, stderr = fo.read(), fe.read()
+        if killed:
+            msg = f"killed after {time.monotonic() - t0:.1f} s: {killed}; max polled VmRSS {polled:.0f} MB"
+            return {"error": msg, "skipped": msg}
+    for line in reversed(stdout.splitlines()):
         if line.startswith(MARK):
             return json.loads(line[len(MARK) :])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"worker exited {proc.returncode}: {tail}"}
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"worker exited {rc}: {tail}"}
 
 
 def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
@@ -161,9 +219,9 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
 
 
 def _ratios(modes: dict[str, dict[str, Any]], slabs: list[int]) -> dict[str, float | None]:
-    ours, out = modes["one_pass"], {}
+    ours, out = modes.get("one_pass", {}), {}
     keys = [("time_s", "time"), ("peak_mb", "peak"), ("cuda_peak_mb", "cuda_peak")]
-    for name in [f"slab_{k}" for k in slabs] + ["reference"]:
+    for name in [n for n in [f"slab_{k}" for k in slabs] + ["reference"] if n in modes]:
         for key, short in keys:
             if ours.get(key) is not None:
                 out[f"{name}_{short} / one_pass_{short}"] = _ratio(modes[name], ours, key)
@@ -180,7 +238,7 @@ def _table(results: dict[str, Any], cuda: bool) -> str:
     head += f" {'cuda_MB':>8}" * cuda + f" {'max|diff|':>10}"
     rows = [head]
     for size, r in results.items():
-        ours = r["modes"]["one_pass"]
+        ours = r["modes"].get("one_pass", {})
         for name, m in r["modes"].items():
             if "error" in m:
                 rows.append(f"{size:>5} {name:<10} ERROR {m['error']}")
@@ -192,6 +250,66 @@ def _table(results: dict[str, Any], cuda: bool) -> str:
             row += f"{_fmt(p, '.2f'):>9}" + (f" {_fmt(m.get('cuda_peak_mb'), '.0f'):>8}" if cuda else "")
             rows.append(row + f" {_fmt(m.get('max_abs_diff_vs_one_pass'), '.2e'):>10}")
     return "\n".join(rows)
+
+
+def _g_parameters(r: dict[str, Any]) -> int | None:
+    return next((m["parameters"]["G"] for m in r["modes"].values() if "parameters" in m), None)
+
+
+def _mode_order(item: tuple[str, dict[str, Any]]) -> tuple[int, int]:
+    name, m = item
+    rank = {"one_pass": 0, "reference": 2, "encode": 3}.get(name, 1)
+    return rank, (m.get("slab") or int(name.rpartition("_")[2])) if rank == 1 else 0
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    """Markdown table: size, mode, G parameters, peak memory above the loaded model, time, max abs diff."""
+    rows = [
+        "| size | mode | G parameters | peak memory above loaded model (MB) | time per volume (s) "
+        "| max abs diff vs one pass |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for size, r in sorted(results.items(), key=lambda kv: int(kv[0])):
+        g = _g_parameters(r)
+        g_txt = "-" if g is None else f"{g:,} ({g / 1e6:.2f}M)"
+        for name, m in sorted(r["modes"].items(), key=_mode_order):
+            label = "one pass" if name == "one_pass" else name.replace("_", " ")
+            if m.get("slab") is not None and m.get("high_stages") is not None:
+                label += f" ({m['slab'] * 2 ** m['high_stages']} output slices)"
+            cube = f"{size}^3"
+            if "error" in m:
+                why = m.get("skipped") or m["error"]
+                rows.append(f"| {cube} | {label} | {g_txt} | not run: {why} | - | - |")
+                continue
+            t = m["time_s"]
+            n = len(m["times_s"])
+            t_txt = f"{t:.2f}" + (f" (median of {n})" if n > 1 else "")
+            d = m.get("max_abs_diff_vs_one_pass")
+            rows.append(f"| {cube} | {label} | {g_txt} | {m['peak_mb']:.0f} | {t_txt} | {_fmt(d, '.1e')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _merge(paths: list[Path]) -> dict[str, Any]:
+    """One result document from several: ``results`` merged per size and mode, later files winning."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    data = {k: v for k, v in docs[0].items() if k not in ("results", "argv", "created", "repeats", "slabs")}
+    data.update(benchmark="model_bench", created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    data["sources"] = [
+        {"file": str(p), **{k: d.get(k) for k in ("created", "argv", "repeats", "slabs", "max_mb", "modes")}}
+        for p, d in zip(paths, docs)
+    ]
+    results: dict[str, Any] = {}
+    for d in docs:
+        for size, r in d["results"].items():
+            into = results.setdefault(size, {"config": r["config"], "overrides": r["overrides"], "modes": {}})
+            into["modes"].update(r["modes"])
+    for r in results.values():
+        slabs = sorted(m["slab"] for m in r["modes"].values() if m.get("slab") is not None)
+        r["modes"] = dict(sorted(r["modes"].items(), key=_mode_order))
+        r["g_parameters"] = _g_parameters(r)
+        r["ratios"] = _ratios(r["modes"], slabs)
+    data["results"] = dict(sorted(results.items(), key=lambda kv: int(kv[0])))
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -214,10 +332,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--quick", action="store_true", help="smoke test: sizes 64 128, tiny widths")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT.name}, *_quick)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes run (default all)")
+    ap.add_argument("--max-mb", type=float, default=None, help="kill a child whose VmRSS (model in) passes this MB")
+    ap.add_argument("--timeout", type=float, default=None, help="kill a child past this many seconds")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="merge these result JSONs (no runs)")
+    ap.add_argument("--md", type=Path, default=None, help="also write a markdown table of the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(MARK + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.merge:
+        if args.out is None:
+            ap.error("--merge needs --out")
+        data = _merge(args.merge)
+        _write_json(args.out, data)
+        print(_table(data["results"], False))
+        print(f"wrote {args.out}")
+        if args.md:
+            args.md.write_text(_markdown(data["results"]))
+            print(f"wrote {args.md}")
         return 0
 
     sizes = args.sizes or ([64, 128] if args.quick else [128, 256])
@@ -235,9 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         modes.append(("encode", None))
         runs: dict[str, dict[str, Any]] = {}
         for name, k in modes:
+            if ("slab" if k is not None else name) not in args.modes:
+                continue
             print(f"size {s}: {name} ...", file=sys.stderr, flush=True)
+            # compare with one pass unless one pass ran here and failed or was skipped (it would not fit)
             spec = {"task": "run", "config": config, "overrides": overrides, "slab": k}
-            runs[name] = _spawn({**common, **spec, "mode": "slab" if k is not None else name})
+            spec["compare"] = "error" not in runs.get("one_pass", {})
+            spec["mode"] = "slab" if k is not None else name
+            runs[name] = _spawn({**common, **spec}, args.max_mb, args.timeout)
         ratios = _ratios(runs, args.slabs)
         results[str(s)] = {"config": config, "overrides": overrides, "modes": runs, "ratios": ratios}
     data = {
@@ -247,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "slabs": args.slabs,
         "quick": args.quick,
+        "modes": args.modes,
+        "max_mb": args.max_mb,
+        "timeout": args.timeout,
         **info,
         "results": results,
     }
@@ -254,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     _write_json(out, data)
     print(_table(results, args.device.startswith("cuda")))
     print(f"wrote {out}")
+    if args.md:
+        args.md.write_text(_markdown(results))
+        print(f"wrote {args.md}")
     return 0
 
 
