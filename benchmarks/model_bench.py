@@ -95,6 +95,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "device": spec["device"],
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_"))},
         }
         if spec["device"].startswith("cuda"):
             host["cuda_device"] = torch.cuda.get_device_name(torch.device(spec["device"]))

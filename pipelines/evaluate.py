@@ -124,7 +124,8 @@ def _latent_direction(model, fits: dict, opts: EvaluateOptions, contract, out: P
         vols = [v[0].float().cpu().numpy() for v in model.generate(zs, slab=opts.slab)]
     measured = [measure_volume(v, contract, opts.measure) for v in vols]
     _montage(out / "latent_direction.png", vols, steps, measured, opts.measure)
-    r = float(np.corrcoef(steps, np.nan_to_num(measured, nan=np.nanmean(measured)))[0, 1])
+    finite = np.isfinite(measured)
+    r = float(np.corrcoef(steps[finite], np.asarray(measured)[finite])[0, 1]) if finite.sum() > 2 else None
     return {"measure": opts.measure, "steps": steps.tolist(), "values": measured, "step_correlation": r,
             "fitted_on": source, "fit_samples": int(keep.sum())}  # fmt: skip
 

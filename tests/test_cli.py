@@ -164,10 +164,15 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     assert code == 0, err
     assert (tmp_path / "demo" / "generated.png").stat().st_size > 0
     assert (tmp_path / "demo" / "run" / "model.pt").is_file()
-    assert "toy ellipsoids, not anatomy" in out
+    assert "Nothing was tuned to look good" in out
+    for stage in ("data", "train", "generate", "encode", "regress", "evaluate"):
+        assert any(line.startswith(stage) for line in out.splitlines()), stage  # the summary table
+    demo = tmp_path / "demo"
+    assert (demo / "features.parquet").is_file() and (demo / "regress" / "metrics.json").is_file()
+    assert (demo / "evaluate" / "metrics.json").is_file()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     names = sorted(r.info.run_name for r in runs)
-    assert names == ["data", "demo", "encode", "generate", "train"]
+    assert names == ["data", "demo", "encode", "evaluate", "generate", "regress", "train"]
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = next(r for r in runs if r.info.run_name == "demo")
     children = [r for r in runs if r.info.run_name != "demo"]
