@@ -375,6 +375,29 @@ def evaluate(
 
 
 @cli.command()
+@click.option("--config", "config_file", required=True, help="Config with an augment section.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def augment(config_file: str, overrides: tuple[str, ...], out: str, no_tracking: bool) -> None:
+    """Train a downstream 3D classifier on real volumes with and without synthetic and classical augmentation."""
+    from pipelines.augment import METRICS, run
+
+    from .config import load_config
+    from .tracking import NullTracker, Tracker
+
+    cfg = load_config(config_file, overrides)
+    table = run(cfg, Path(out), NullTracker() if no_tracking else Tracker())
+    for row in table:
+        text = ", ".join(f"{m} {row[m + '_mean']:.3f} +- {row[m + '_sd']:.3f}" for m in METRICS)
+        if "auc_diff" in row:
+            lo, hi = row["balanced_accuracy_diff_ci"]
+            text += f"; balanced accuracy vs real {row['balanced_accuracy_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        click.echo(f"{row['arm']}: {text}")
+    click.echo(f"written to {out}")
+
+
+@cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=60, show_default=True, help="Patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same cohort.")

@@ -204,6 +204,38 @@ class TrackingConfig(_Section):
     register_model: str | None = Field("hagan-clinic", description="registered model name (null: do not register)")
 
 
+ARMS = ("real", "real+synthetic", "real+classical", "real+synthetic+classical")
+
+
+class AugmentConfig(_Section):
+    """A downstream classifier trained on real volumes, with and without synthetic and classical augmentation."""
+
+    cache: str | None = Field(None, description="preprocess cache of the real volumes (manifest.csv inside)")
+    clinical: str | None = Field(None, description="table with the ID column and the label column")
+    id_column: str = "patient_id"
+    label_column: str = "label"
+    checkpoint: str | None = Field(None, description="conditional HA-GAN checkpoint for the synthetic volumes")
+    arms: tuple[str, ...] = Field(("real", "real+synthetic", "real+classical"), description=f"any of {ARMS}")
+    synthetic_ratio: float = Field(1.0, gt=0, description="synthetic volumes per real training volume, per class")
+    seeds: tuple[int, ...] = Field((0, 1, 2), description="classifier seeds per arm (the split is fixed)")
+    split_seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    classifier: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"augment.arms: unknown arm '{unknown[0]}' (choose from {', '.join(ARMS)})")
+        if "real" not in self.arms:
+            raise ValueError("augment.arms: the 'real' arm is the reference of every comparison; keep it")
+        return self
+
+
 class Config(_Section):
     seed: int = 0
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
@@ -211,6 +243,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
