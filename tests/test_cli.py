@@ -164,19 +164,24 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     assert code == 0, err
     assert (tmp_path / "demo" / "generated.png").stat().st_size > 0
     assert (tmp_path / "demo" / "run" / "model.pt").is_file()
-    assert "Nothing was tuned to look good" in out
-    for stage in ("data", "train", "generate", "encode", "regress", "evaluate"):
+    assert "Nothing was tuned" in out
+    for stage in ("data", "train", "generate", "encode", "regress", "augment", "evaluate"):
         assert any(line.startswith(stage) for line in out.splitlines()), stage  # the summary table
     demo = tmp_path / "demo"
     assert (demo / "features.parquet").is_file() and (demo / "regress" / "metrics.json").is_file()
     assert (demo / "evaluate" / "metrics.json").is_file()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    names = sorted(r.info.run_name for r in runs)
-    assert names == ["data", "demo", "encode", "evaluate", "generate", "regress", "train"]
+    stages = ["augment", "data", "encode", "evaluate", "generate", "regress", "train"]
+    arms = sorted(f"{arm} seed {seed}" for arm in ("real", "real+synthetic", "real+classical") for seed in (0, 1))
+    assert sorted(r.info.run_name for r in runs) == sorted(["demo", *stages, *arms])
     assert all(r.info.status == "FINISHED" for r in runs)
     parent = next(r for r in runs if r.info.run_name == "demo")
-    children = [r for r in runs if r.info.run_name != "demo"]
-    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    augment = next(r for r in runs if r.info.run_name == "augment")
+    for r in runs:  # every stage is a child of the demo run, every arm a child of the augment run
+        if r.info.run_name in stages:
+            assert r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        elif r.info.run_name in arms:
+            assert r.data.tags.get("mlflow.parentRunId") == augment.info.run_id
     train_run = next(r for r in runs if r.info.run_name == "train")
     assert train_run.data.params["model.size"] == "32"
     assert train_run.data.params["train.iterations"] == "60"
