@@ -7,16 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.files import publish
+from .io.files import atomic_target
 
 
 def mid_slices_png(
     rows: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "", vmin: float = -1, vmax: float = 1
 ) -> Path:
     """One row per (label, volume (D, H, W)): axial, coronal and sagittal mid-slices. Written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,11 +31,9 @@ def mid_slices_png(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        publish(tmp, path)
+        with atomic_target(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)

@@ -11,27 +11,19 @@ import csv
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord
-from hagan_clinic.io.files import publish
+from hagan_clinic.io.files import atomic_target
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        Path(tmp).write_text(text, newline="")
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
