@@ -38,6 +38,14 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def status_counts(rows: list[dict]) -> dict[str, int]:
+    """Rows per status (ok, skipped, failed always present)."""
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
 def _init_worker(threads: int) -> None:
     try:
         import torch

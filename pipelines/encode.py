@@ -31,7 +31,7 @@ from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
 from hagan_clinic.io.files import atomic_target
 
-from .cohort import atomic_write_text, write_csv
+from .cohort import atomic_write_text, status_counts, write_csv
 
 ID_COLUMNS = ["patient_id", "study_uid", "series_uid", "kernel", "slice_thickness_mm"]
 QCT_COLUMNS = ["lung_volume_ml", "laa950_pct", "perc15_hu", "qct_warning"]
@@ -265,9 +265,7 @@ def _write_outputs(opts: EncodeOptions, state: Path, n_batches: int, others: lis
             table.to_csv(tmp, index=False, float_format="%.9g")
     report_path = out.with_name(f"{out.stem}.report.csv")
     write_csv(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []))
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    for row in report:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = status_counts(report)
     return report_path, counts
 
 

@@ -24,7 +24,7 @@ from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
 from hagan_clinic.io.files import atomic_target
 
-from .cohort import atomic_write_text, run_series, write_csv
+from .cohort import atomic_write_text, run_series, status_counts, write_csv
 
 MANIFEST_COLUMNS = [
     "patient_id", "study_uid", "series_uid", "path", "shape", "spacing", "kernel", "status", "reason",
@@ -108,7 +108,5 @@ def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progres
     rows = [done_by_key.get(r.key, r.row()) for r in found.records]
     manifest = out / "manifest.csv"
     write_csv(manifest, rows, MANIFEST_COLUMNS)
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = status_counts(rows)
     return PreprocessResult(manifest, counts, rows)

@@ -16,7 +16,7 @@ from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
 
-from .cohort import run_series, write_csv
+from .cohort import run_series, status_counts, write_csv
 
 COLUMNS = [
     "patient_id", "study_uid", "series_uid", "status", "reason", "lung_volume_ml", "laa950_pct", "perc15_hu",
@@ -62,7 +62,5 @@ def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progres
     rows = [by_key.get(r.key, r.row()) for r in found.records]
     write_csv(out, rows, COLUMNS)
     shutil.rmtree(state, ignore_errors=True)
-    counts = {"ok": 0, "skipped": 0, "failed": 0}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = status_counts(rows)
     return QCTResult(out, counts, rows)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,6 @@ class SeriesRecord:
 class Discovery:
     records: list[SeriesRecord]
     ignored_files: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> list[SeriesRecord]:
@@ -229,7 +227,3 @@ def load_series(record: SeriesRecord, modality: str = "CT", irregular: str = "re
         volume.meta["patient_id"] = record.patient_id
         return volume
     return read_dicom_series(list(record.paths), modality=modality, irregular=irregular)
-
-
-def iter_ok(discovery: Discovery) -> Iterable[SeriesRecord]:
-    return (r for r in discovery.records if r.status == "ok")
