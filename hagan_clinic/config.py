@@ -132,8 +132,14 @@ class DataConfig(_Section):
     window: tuple[float, float] = Field(
         (-1024.0, 600.0), description="intensity range mapped to [-1, 1] (HU for CT, normalised units for MR)"
     )
-    spacing_mm: tuple[float, float, float] = Field(
-        (1.5, 1.5, 1.5), description="voxel spacing (x, y, z) in mm of the model's grid"
+    spacing_mm: tuple[float, float, float] | None = Field(
+        (1.5, 1.5, 1.5),
+        description="voxel spacing (x, y, z) in mm of the model's grid; null: unknown (resize: reference only)",
+    )
+    resize: Literal["spacing", "reference"] = Field(
+        "spacing",
+        description="spacing: body crop and resample to spacing_mm; reference: the reference implementation's "
+        "preprocessing (drop blank axial slices, resize the whole scan to S^3), for imported weights",
     )
     dir: str | None = Field(None, description="training data folder (.npy in [-1, 1], or NIfTI in scanner units)")
     table: str | None = Field(None, description="CSV listing the volumes (a path column) and optional labels")
@@ -156,8 +162,13 @@ class DataConfig(_Section):
     def _check(self) -> DataConfig:
         if not self.window[0] < self.window[1]:
             raise ValueError(f"data.window: lower bound must be below upper, got {list(self.window)}")
-        if min(self.spacing_mm) <= 0:
-            raise ValueError(f"data.spacing_mm: must be positive, got {list(self.spacing_mm)}")
+        if self.spacing_mm is None:
+            if self.resize != "reference":
+                raise ValueError("data.spacing_mm: null (unknown) is allowed only with data.resize: reference")
+        elif not all(math.isfinite(s) and 0 < s <= 100 for s in self.spacing_mm):
+            raise ValueError(f"data.spacing_mm: must be finite, positive mm (at most 100), got {list(self.spacing_mm)}")
+        if not all(math.isfinite(w) for w in self.window):
+            raise ValueError(f"data.window: must be finite, got {list(self.window)}")
         lo, hi = self.mr_percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"data.mr_percentiles: need 0 <= low < high <= 100, got {[lo, hi]}")
@@ -257,8 +268,9 @@ class Config(_Section):
         return {
             "modality": self.data.modality,
             "window": list(self.data.window),
-            "spacing_mm": list(self.data.spacing_mm),
+            "spacing_mm": None if self.data.spacing_mm is None else list(self.data.spacing_mm),
             "size": self.model.size,
+            "resize": self.data.resize,
         }
 
     @classmethod

@@ -1,9 +1,12 @@
 """Training data: a folder of volumes on the model's grid, an optional table with labels, a seeded sharded sampler.
 
-Volumes are ``.npy`` arrays (D, H, W) already in the model's range [-1, 1] (float16/float32, or int16 fixed
-point x 32767: what the preprocessing cache writes), or NIfTI files in scanner units (HU for CT), mapped to
-[-1, 1] through the data contract's window. Every volume must be S x S x S. The folder is checked once, from
-headers only, before training starts: a problem is reported with the file that has it.
+Volumes are ``.npy`` arrays (D, H, W) already on the model's grid in [-1, 1] (float16/float32, or int16 fixed
+point x 32767: what the preprocessing cache writes; they must be S x S x S), or NIfTI scans in scanner units (HU
+for CT) of any size, which are read and preprocessed exactly as ``encode`` reads them (the one NIfTI reader, then
+the data contract's preprocessing, rounded to float16 like the cache): a scan reaches the model the same way in
+training and in encoding. Preprocessing a NIfTI folder once with ``hagan-clinic preprocess`` gives the same
+volumes and saves that work at every epoch. The folder is checked once, from headers only, before training
+starts: a problem is reported with the file that has it.
 
 The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
 the position: resuming needs only (epoch, position). Under torchrun each rank reads a disjoint shard
@@ -19,8 +22,9 @@ import numpy as np
 
 from .config import Config
 from .errors import HaganError
-from .io.nifti import to_model_range
-from .preprocessing import decode_cache
+from .io.nifti import read_scan, read_shape
+from .io.volume import SeriesError
+from .preprocessing import decode_cache, model_input
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -33,12 +37,8 @@ def _is_volume(path: Path) -> bool:
     return path.is_file() and path.name.endswith(SUFFIXES) and not path.name.startswith(".")
 
 
-def _shape(path: Path) -> tuple[int, ...]:
-    if path.name.endswith(".npy"):
-        return tuple(np.load(path, mmap_mode="r").shape)
-    import nibabel as nib
-
-    return tuple(nib.load(str(path)).shape)
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class VolumeFolder:
     root: Path
     files: tuple[Path, ...]
     labels: tuple[int, ...] | None
-    window: tuple[float, float]
+    config: Config
 
     @classmethod
     def from_config(cls, cfg: Config, data_dir: str | Path | None = None) -> VolumeFolder:
@@ -61,13 +61,19 @@ class VolumeFolder:
             raise DataError(f"{root}: no volumes (.npy, .nii, .nii.gz) found")
         size = cfg.model.size
         for f in files:
+            if _is_nifti(f):  # a scan of any size: preprocessed when loaded, as encode does
+                try:
+                    read_shape(f)
+                except SeriesError as err:
+                    raise DataError(f"{f}: {err}") from None
+                continue
             try:
-                shape = _shape(f)
+                shape = tuple(np.load(f, mmap_mode="r").shape)
             except Exception as err:  # unreadable header: name the file
                 raise DataError(f"{f}: not a readable volume ({' '.join(str(err).split())[:120]})") from None
             if shape != (size, size, size):
                 raise DataError(f"{f}: shape {shape}, but the model needs {size}^3 volumes (preprocess them first)")
-        return cls(root, tuple(files), labels, tuple(cfg.data.window))
+        return cls(root, tuple(files), labels, cfg)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,11 +81,12 @@ class VolumeFolder:
     def load(self, index: int) -> np.ndarray:
         """Volume ``index`` as float32 (D, H, W) in [-1, 1]."""
         path = self.files[index]
-        if path.name.endswith(".npy"):
+        if not _is_nifti(path):
             return decode_cache(np.load(path))
-        from .io.nifti import read_volume
-
-        return to_model_range(read_volume(path)[0], self.window)
+        try:
+            return model_input(read_scan(path, self.config.data.modality), self.config)
+        except SeriesError as err:
+            raise DataError(f"{path}: {err}") from None
 
     def summary(self) -> str:
         text = f"{len(self)} volumes in {self.root}"

@@ -17,6 +17,13 @@ maps back to HU and millimetres through the same contract. The steps, in order:
 
 Voxels outside the scanner's field of view (``Volume.valid`` False) are air for this purpose: the model has no
 "unknown" value, and the window maps both to -1.
+
+``data.resize: reference`` replaces steps 2-4 with the reference implementation's preprocessing, which the
+published COPDGene and GSP weights were trained on: the window maps to [-1, 1], every axial slice with nothing
+above the window's floor is dropped (anywhere in the volume, not only at the ends), and the rest is resized
+anisotropically to S^3 (a Gaussian anti-aliasing filter of sd (factor - 1) / 2 voxels on each shrunk axis, then
+linear interpolation with the half-voxel convention and the floor outside the volume). The grid then has no
+defined voxel spacing: each scan's field of view is stretched to the cube.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class GridInfo:
     box: tuple[tuple[int, int], ...]  # (start, stop) per axis (D, H, W) of the source kept before resampling
     resampled_shape: tuple[int, int, int]
     notes: list[str] = field(default_factory=list)
+    origin: tuple[float, float, float] | None = None  # LPS mm of grid voxel (0, 0, 0); None: no physical grid
 
 
 def normalise_intensity(volume: Volume, cfg: Config) -> np.ndarray:
@@ -120,9 +128,53 @@ def fit(values: np.ndarray, size: int, fill: float, notes: list[str], spacing) -
     return out
 
 
+def _grid_origin(volume: Volume, box, resampled_shape, size: int) -> tuple[float, float, float]:
+    """LPS position of the centre of grid voxel (0, 0, 0): the crop's start, the resampling's half-voxel
+    convention (align_corners=False) and the centring offset of ``fit``, traced back to the source's voxels."""
+    origin = []
+    for axis in (2, 1, 0):  # x (W), y (H), z (D)
+        n, m = box[axis][1] - box[axis][0], resampled_shape[axis]
+        offset = (size - m) // 2 if m <= size else -((m - size) // 2)  # grid index = resampled index + offset
+        source_index = box[axis][0] + (0 - offset + 0.5) * n / m - 0.5
+        origin.append(volume.origin[2 - axis] + source_index * volume.spacing[2 - axis])
+    return tuple(origin)
+
+
+def reference_resize(values: np.ndarray, size: int) -> np.ndarray:
+    """The reference's anisotropic resize of float32 (D, H, W) in [-1, 1] to (size,) * 3, floor (-1) outside."""
+    from scipy import ndimage
+
+    factors = [n / size for n in values.shape]
+    sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors]
+    if any(f > 1 for f in factors):  # shrinking along some axis: anti-alias first
+        values = ndimage.gaussian_filter(values, sigma, mode="constant", cval=-1.0)
+    zoom = [size / n for n in values.shape]
+    out = ndimage.zoom(values, zoom, order=1, mode="grid-constant", cval=-1.0, grid_mode=True)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _reference_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
+    values = normalise_intensity(volume, cfg).astype(np.float32)
+    lo = float(cfg.data.window[0])
+    values[~np.isfinite(values)] = lo
+    if volume.valid is not None:
+        values[~volume.valid] = lo
+    window_inplace(values, cfg.data.window)
+    keep = np.flatnonzero(values.mean(axis=(1, 2)) != -1.0)  # blank axial slices: nothing above the floor
+    if keep.size == 0:
+        raise SeriesError(f"every slice is blank (nothing above the window's floor, {lo:g})")
+    dropped = len(values) - keep.size
+    notes = [f"reference resize: {dropped} blank slice(s) dropped"] if dropped else []
+    grid = reference_resize(values[keep], cfg.model.size)
+    box = ((int(keep[0]), int(keep[-1]) + 1), (0, values.shape[1]), (0, values.shape[2]))
+    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(grid.shape), notes)
+
+
 def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
     """The model's input for one scan: float32 (S, S, S) in [-1, 1], and what was done to get it."""
     data = cfg.data
+    if data.resize == "reference":
+        return _reference_grid(volume, cfg)
     values = normalise_intensity(volume, cfg)
     lo = float(data.window[0])
     notes: list[str] = []
@@ -143,7 +195,15 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
         resampled = resampled.copy()
     window_inplace(resampled, data.window)
     grid = fit(resampled, cfg.model.size, -1.0, notes, target)
-    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes)
+    origin = _grid_origin(volume, box, resampled.shape, cfg.model.size)
+    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes, origin)
+
+
+def model_input(volume: Volume, cfg: Config) -> np.ndarray:
+    """What the networks see of one scan, in training and in encoding alike: the model grid rounded as the
+    cache stores it (float16), as float32 (S, S, S) in [-1, 1]."""
+    grid, _ = to_model_grid(volume, cfg)
+    return decode_cache(encode_cache(grid, "float16"))
 
 
 def window_inplace(values: np.ndarray, window) -> np.ndarray:

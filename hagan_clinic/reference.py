@@ -131,7 +131,10 @@ def infer_config(sds: Mapping[str, Mapping[str, torch.Tensor]], size: int, overr
     if "D" in sds:
         model["d_high_width"] = shape("D", "conv6.weight")[0]
         model["d_low_width"] = shape("D", "sub_D.conv5.weight")[1]
-    data = apply_overrides({"model": model}, overrides)
+    # the published weights were trained on the reference's preprocessing, whose grid has no defined spacing;
+    # the user's --set overrides come after these defaults
+    defaults = ("data.resize=reference", "data.spacing_mm=null")
+    data = apply_overrides({"model": model}, (*defaults, *overrides))
     try:
         return Config.from_dict(data, source="reference geometry")
     except ConfigError as err:

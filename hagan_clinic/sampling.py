@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io.nifti import from_model_range, write_volume
+from .io.nifti import from_model_range, write_array
 from .models.hagan import HAGAN
 
 
@@ -44,7 +44,10 @@ def generate_to_nifti(
 ) -> list[Path]:
     """Generate ``n`` volumes and write them as NIfTI in scanner units (HU for CT) with the contract's spacing.
 
-    Also writes ``samples.csv`` (file, index, seed, label) listing what was written.
+    The files follow the project's one array convention (io.nifti): the model's (D, H, W) array is LPS, the affine
+    says so, and the grid is centred on the origin ('aligned': a generated volume has no scanner position). A
+    model whose grid has no defined spacing (``data.resize: reference``) gets nominal 1 mm voxels, and the file's
+    description says that the spacing is unknown. Also writes ``samples.csv`` (file, index, seed, label).
     """
     cfg = model.config
     if cfg.model.num_classes == 0 and label is not None:
@@ -54,6 +57,9 @@ def generate_to_nifti(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     window, spacing = cfg.data.window, cfg.data.spacing_mm
+    spacing_note = ""
+    if spacing is None:
+        spacing, spacing_note = (1.0, 1.0, 1.0), " spacing unknown (reference resize), 1 mm nominal"
     dtype = np.int16 if cfg.data.modality == "CT" else np.float32
     labels = sample_labels(n, cfg.model.num_classes, label)
     rows, paths = [], []
@@ -63,7 +69,8 @@ def generate_to_nifti(
         volume = model.generate(z, lab, slab=slab)[0, 0].float().cpu().numpy()
         name = f"sample_{i:04d}" + ("" if labels[i] is None else f"_label{labels[i]}") + ".nii.gz"
         desc = f"hagan-clinic seed={seed} index={i}" + ("" if labels[i] is None else f" label={labels[i]}")
-        paths.append(write_volume(out_dir / name, from_model_range(volume, window), spacing, dtype, desc))
+        hu = from_model_range(volume, window)
+        paths.append(write_array(out_dir / name, hu, spacing, None, dtype, desc + spacing_note))
         rows.append({"file": name, "index": i, "seed": seed, "label": "" if labels[i] is None else labels[i]})
     tmp = out_dir / ".samples.csv.tmp"
     with tmp.open("w", newline="") as f:

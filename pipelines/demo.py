@@ -31,7 +31,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
 
     from hagan_clinic.checkpoint import load_checkpoint
     from hagan_clinic.config import CONFIG_DIR, load_config
-    from hagan_clinic.io.nifti import read_volume, to_model_range
+    from hagan_clinic.io.nifti import read_scan, to_model_range
     from hagan_clinic.phantoms import write_cohort
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti
@@ -102,7 +102,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
             z = torch.randn(1, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
             y = torch.tensor([1])  # the COPD class
             slab_diff = (model.generate(z, y) - model.generate(z, y, slab=1)).abs().max().item()
-            vols = [to_model_range(read_volume(p)[0], cfg.data.window) for p in paths]
+            vols = [to_model_range(read_scan(p).hu, cfg.data.window) for p in paths]
             title = f"HA-GAN after {result.iteration} iterations on {N_PATIENTS} phantoms, {cfg.model.size}^3"
             png = mid_slices_png([(f"sample {i}", v) for i, v in enumerate(vols)], out / "generated.png", title)
             tracker.log_metrics({"seconds_per_volume": seconds, "slab_vs_one_pass_max_abs_diff": slab_diff})

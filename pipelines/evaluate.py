@@ -56,11 +56,20 @@ def real_volumes(folder: Path, size: int, window) -> list[Path]:
     return files
 
 
-def load_real(path: Path, size: int, window) -> np.ndarray:
-    from hagan_clinic.io.nifti import read_volume, to_model_range
-    from hagan_clinic.preprocessing import decode_cache
+def load_real(path: Path, cfg) -> np.ndarray:
+    """One real volume on the model's grid: a cache array as stored, a NIfTI scan preprocessed as encode does."""
+    from hagan_clinic.io.nifti import read_scan
+    from hagan_clinic.io.volume import SeriesError
+    from hagan_clinic.preprocessing import decode_cache, model_input
 
-    vol = decode_cache(np.load(path)) if path.suffix == ".npy" else to_model_range(read_volume(path)[0], window)
+    size = cfg.model.size
+    try:
+        if path.suffix == ".npy":
+            vol = decode_cache(np.load(path))
+        else:
+            vol = model_input(read_scan(path, cfg.data.modality), cfg)
+    except SeriesError as err:
+        raise HaganError(f"{path}: {err}") from None
     if vol.shape != (size,) * 3:
         raise HaganError(f"{path}: shape {vol.shape}, but the model's grid is {size}^3 (preprocess it first)")
     return vol
@@ -74,6 +83,12 @@ def measure_volume(vol: np.ndarray, contract: dict, measure: str) -> float:
     if measure == "mean_hu":
         return float(hu.mean())
     from hagan_clinic.qct import measure as qct
+
+    if contract.get("spacing_mm") is None:
+        raise HaganError(
+            f"--measure {measure} needs millimetres, but this model's grid has no defined spacing "
+            "(reference resize): use --measure mean_hu"
+        )
 
     # the grid pads the scan with air slices; a lung reaching the end of the scan would join that air and be
     # taken for outside air, so the measure looks at the slices with body only, as a scan would have them
@@ -167,6 +182,8 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     rec_model = load_checkpoint(opts.checkpoint, opts.device, ema=False)  # the encoders were trained with raw G
     cfg, sha = gen_model.config, file_sha256(opts.checkpoint)
     contract, size, latent = cfg.data_contract(), cfg.model.size, cfg.model.latent_dim
+    if contract["spacing_mm"] is None and opts.measure != "mean_hu":
+        measure_volume(np.zeros((1, 1, 1), np.float32), contract, opts.measure)  # the one-line refusal, up front
     files = real_volumes(opts.real, size, cfg.data.window)
     net = hagan_encoder(rec_model, sha) if opts.feature_net == "encoder" else medicalnet(opts.feature_net, opts.device)
     out = opts.out
@@ -176,7 +193,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     # real volumes: features, a few kept for diversity and reconstruction
     real_feats, real_kept, real_z, real_values = [], [], [], []
     for i in tqdm(range(0, len(files), opts.batch_size), desc="real volumes", unit="batch", disable=None):
-        vols = [load_real(p, size, cfg.data.window) for p in files[i : i + opts.batch_size]]
+        vols = [load_real(p, cfg) for p in files[i : i + opts.batch_size]]
         real_kept += vols[: max(0, max(opts.n_diversity, opts.n_recon) - len(real_kept))]
         x = torch.from_numpy(np.stack(vols))[:, None]
         with torch.no_grad():

@@ -5,6 +5,7 @@ Layout of the cache folder::
     cache.json      the data contract and preprocessing options the cache was made with
     manifest.csv    one row per series found (ok, skipped, failed) with the reason
     volumes/        <id>.npy (S, S, S) float16 in [-1, 1] (or int16 fixed point), one per ok series
+    nifti/          with ``--nifti``: <id>.nii.gz, the same grid in HU (CT) with its affine, to open in a viewer
     .state/         one JSON per finished series, so a re-run skips them
 
 The manifest works as ``data.table`` for training (``data.dir`` = the cache folder, ``path`` column).
@@ -28,7 +29,7 @@ from .cohort import atomic_write_text, run_series, status_counts, write_csv
 
 MANIFEST_COLUMNS = [
     "patient_id", "study_uid", "series_uid", "path", "shape", "spacing", "kernel", "status", "reason",
-    "slice_thickness_mm", "manufacturer", "modality", "n_slices", "source", "notes",
+    "slice_thickness_mm", "manufacturer", "modality", "n_slices", "source", "notes", "grid_origin",
 ]  # fmt: skip
 
 
@@ -70,7 +71,33 @@ def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:
         "status": "ok",
         "reason": "",
         "notes": "; ".join(notes),
+        "grid_origin": "" if info.origin is None else " ".join(f"{o:.3f}" for o in info.origin),
     }
+
+
+def write_nifti_views(out: Path, rows: list[dict], cfg: Config) -> int:
+    """``nifti/<id>.nii.gz`` for every ok row that has none yet: the cached grid in scanner units (HU for CT)
+    with its affine (the grid's spacing, and its position in the source scan's coordinates where it has one)."""
+    from hagan_clinic.io.nifti import from_model_range, write_array
+    from hagan_clinic.preprocessing import decode_cache
+
+    spacing = cfg.data.spacing_mm
+    written = 0
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("path"):
+            continue
+        target = out / "nifti" / (Path(row["path"]).stem + ".nii.gz")
+        if target.is_file():
+            continue
+        values = from_model_range(decode_cache(np.load(out / row["path"])), cfg.data.window)
+        origin = tuple(float(v) for v in str(row.get("grid_origin") or "").split()) or None
+        desc, grid_spacing = "hagan-clinic model grid", spacing
+        if spacing is None:  # reference resize: each scan stretched to the cube, no position either
+            desc, grid_spacing, origin = desc + "; spacing unknown (reference resize), 1 mm nominal", (1.0,) * 3, None
+        dtype = np.int16 if cfg.data.modality == "CT" else np.float32
+        write_array(target, values, grid_spacing, origin, dtype, desc)
+        written += 1
+    return written
 
 
 @dataclass
@@ -92,7 +119,9 @@ def check_cache(out: Path, settings: dict) -> None:
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
-def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progress: bool = True) -> PreprocessResult:
+def run(
+    src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progress: bool = True, nifti: bool = False
+) -> PreprocessResult:
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaganError(f"source not found: {src}")
@@ -108,5 +137,7 @@ def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progres
     rows = [done_by_key.get(r.key, r.row()) for r in found.records]
     manifest = out / "manifest.csv"
     write_csv(manifest, rows, MANIFEST_COLUMNS)
+    if nifti:
+        write_nifti_views(out, rows, cfg)
     counts = status_counts(rows)
     return PreprocessResult(manifest, counts, rows)

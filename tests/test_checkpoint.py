@@ -37,6 +37,7 @@ def test_checkpoint_is_plain_data_with_the_data_contract(tmp_path):
         "window": [-1024.0, 600.0],
         "spacing_mm": [12.0, 12.0, 12.0],
         "size": 32,
+        "resize": "spacing",
     }
     assert payload["config"]["model"]["size"] == 32
     assert sorted(payload["state_dicts"]) == ["D", "EG", "EH", "G"]

@@ -84,7 +84,8 @@ def test_generate_writes_nifti_in_hu_with_spacing(capsys, checkpoint, tmp_path):
     assert [f.name for f in files] == ["sample_0000.nii.gz", "sample_0001.nii.gz"]
     img = nib.load(str(files[0]))
     assert img.shape == (32, 32, 32)
-    np.testing.assert_allclose(np.diag(img.affine)[:3], [12.0, 12.0, 12.0])
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [-12.0, -12.0, 12.0])  # (D, H, W) is LPS: x and y reversed
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     assert img.get_data_dtype() == np.int16
     data = np.asarray(img.dataobj)
     assert data.min() >= -1024 and data.max() <= 600

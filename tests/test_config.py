@@ -101,4 +101,5 @@ def test_config_is_frozen_and_round_trips():
         "window": [-1024.0, 600.0],
         "spacing_mm": [12.0, 12.0, 12.0],
         "size": 32,
+        "resize": "spacing",
     }

@@ -7,7 +7,6 @@ import pytest
 
 from hagan_clinic.config import load_config
 from hagan_clinic.data import DataError, ShardedSampler, VolumeFolder
-from hagan_clinic.io.nifti import write_volume
 
 
 def tiny(*overrides: str):
@@ -45,16 +44,6 @@ def test_data_dir_argument_overrides_the_config(volume_dir, tmp_path):
     cfg = tiny(f"data.dir={tmp_path / 'elsewhere'}")
     assert len(VolumeFolder.from_config(cfg, volume_dir)) == 4
     assert len(VolumeFolder.from_config(tiny(f"data.dir={volume_dir}"))) == 4
-
-
-def test_nifti_volumes_are_mapped_through_the_window(tmp_path):
-    folder = tmp_path / "nii"
-    hu = np.linspace(-2000, 2000, 32**3, dtype=np.float32).reshape(32, 32, 32)
-    write_volume(folder / "ct.nii.gz", hu, (12.0, 12.0, 12.0))
-    data = VolumeFolder.from_config(tiny("data.window=[-1000,1000]"), folder)
-    vol = data.load(0)
-    expected = np.clip(hu, -1000, 1000) / 1000.0
-    np.testing.assert_allclose(vol, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import numpy as np
 
 from .dicom import SECONDARY_CAPTURE_PREFIX, DicomHeader, read_dicom_series, read_header
 from .geometry import is_axial, orientation_key, stack_geometry
-from .nifti import read_scan
+from .nifti import header_shape, read_scan, read_shape
 from .volume import SeriesError, Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -204,19 +204,17 @@ def _dicom_record(key, headers, base: Path, modality: str, min_slices: int, irre
 
 
 def _nifti_record(path: Path, rel: str, modality: str) -> SeriesRecord:
-    import nibabel as nib
-
     record = SeriesRecord(f"nifti:{rel}", "nifti", (path,), rel, "ok", modality=modality)
     record.patient_id = path.name.removesuffix(".gz").removesuffix(".nii")
     try:
-        shape = nib.load(str(path)).shape
-    except Exception as err:  # nibabel raises many types for damaged headers
-        record.status, record.reason = "failed", f"unreadable NIfTI file ({' '.join(str(err).split())[:80]})"
+        shape = header_shape(path)
+    except SeriesError as err:
+        record.status, record.reason = "failed", str(err)
         return record
-    dims = [s for s in shape if s > 1]
-    record.n_slices = int(shape[2]) if len(shape) >= 3 else 0
-    if len(dims) != 3:
+    if len([s for s in shape if s > 1]) != 3:
         record.status, record.reason = "skipped", f"not a 3D volume (shape {tuple(shape)})"
+        return record
+    record.n_slices = read_shape(path)[0]
     return record
 
 

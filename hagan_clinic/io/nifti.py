@@ -1,8 +1,12 @@
-"""NIfTI reading and writing for model-space volumes.
+"""The project's one NIfTI reader and one NIfTI writer.
 
-Array convention: the model's tensors are (D, H, W) with D the axial (slice) axis, i.e. (z, y, x). NIfTI stores
-(i, j, k) = (x, y, z), so volumes are transposed on the way out and back in, and the affine carries the voxel
-spacing (x, y, z) in mm of the data contract: a generated volume keeps its physical size.
+Array convention (the same for every volume in the project, see :mod:`hagan_clinic.io.volume`): a volume is a
+(D, H, W) = (z, y, x) array in DICOM patient coordinates (LPS): W runs from the patient's right to left, H from
+anterior to posterior, D from inferior to superior. NIfTI stores (i, j, k) in RAS world coordinates, so the writer
+transposes (D, H, W) -> (i, j, k) = (W, H, D) and stores the affine that says so: its columns point to L, P and S
+(``nibabel.aff2axcodes`` gives ``('L', 'P', 'S')``), scaled by the voxel spacing, with the origin of voxel
+(0, 0, 0); sform and qform are both set. The reader brings any stored orientation back to that convention, so a
+file written here reads back as the same array, and a file from any other tool reads as its anatomy dictates.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from .files import atomic_target
 from .volume import SeriesError, Volume
 
 OUTSIDE_FOV_HU = -1500.0  # CT values below this are padding (-2048, -3024), not air
+XFORM_CODES = {"scanner": 1, "aligned": 2}  # NIfTI xform codes: scanner-based, or aligned to another scan
+LPS_AXCODES = ("L", "P", "S")
 
 
 def to_model_range(values: np.ndarray, window: Sequence[float]) -> np.ndarray:
@@ -32,65 +38,115 @@ def from_model_range(values: np.ndarray, window: Sequence[float]) -> np.ndarray:
     return ((np.clip(values.astype(np.float32), -1.0, 1.0) + 1.0) / 2.0) * (hi - lo) + lo
 
 
-def spacing_affine(spacing_xyz: Sequence[float]) -> np.ndarray:
-    return np.diag([float(spacing_xyz[0]), float(spacing_xyz[1]), float(spacing_xyz[2]), 1.0])
+def centred_origin(shape_dhw: Sequence[int], spacing_xyz: Sequence[float]) -> tuple[float, float, float]:
+    """LPS origin (mm) of voxel (0, 0, 0) that puts the centre of a (D, H, W) grid at (0, 0, 0): for volumes
+    without a scanner position (generated ones)."""
+    d, h, w = shape_dhw
+    return tuple(-(n - 1) / 2.0 * float(s) for n, s in zip((w, h, d), spacing_xyz))
 
 
-def write_volume(
+def write_scan(
     path: str | Path,
-    volume_dhw: np.ndarray,
-    spacing_xyz: Sequence[float],
-    dtype: np.dtype | type = np.float32,
+    volume: Volume,
+    dtype: np.dtype | type | None = None,
     description: str = "",
+    xform: str = "scanner",
 ) -> Path:
-    """Write a (D, H, W) volume as NIfTI with the spacing in its affine, atomically (temp file + rename)."""
+    """Write a canonical Volume as NIfTI (gzip when the name ends in .gz), atomically (temp file + rename).
+
+    ``dtype``: stored type (default: the array's); integer types are rounded and clipped to their range.
+    ``xform``: 'scanner' when the origin comes from a scan's own coordinates, 'aligned' otherwise (generated
+    volumes, centred on the origin). ``description`` goes into the header (at most 79 bytes, ASCII).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.ascontiguousarray(np.transpose(volume_dhw, (2, 1, 0)))
-    if np.issubdtype(np.dtype(dtype), np.integer):
+    dtype = np.dtype(dtype or volume.hu.dtype)
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+    data = np.ascontiguousarray(np.transpose(volume.hu, (2, 1, 0)))
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer):
         info = np.iinfo(dtype)
         data = np.clip(np.rint(data), info.min, info.max)
-    img = nib.Nifti1Image(data.astype(dtype), spacing_affine(spacing_xyz))
+    affine = volume.affine_ras()
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    code = XFORM_CODES[xform]
+    img.set_sform(affine, code=code)
+    img.set_qform(affine, code=code)
     img.header.set_xyzt_units("mm")
     if description:
-        img.header["descrip"] = description.encode()[:79]
-    suffix = "".join(path.suffixes) or ".nii.gz"
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     with atomic_target(path, suffix) as tmp:
         nib.save(img, tmp)
     return path
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(volume (D, H, W) float32, affine 4x4) of a NIfTI file written in the convention above."""
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return np.ascontiguousarray(np.transpose(data, (2, 1, 0))), img.affine
+def write_array(
+    path: str | Path,
+    array_dhw: np.ndarray,
+    spacing_xyz: Sequence[float],
+    origin_lps: Sequence[float] | None = None,
+    dtype: np.dtype | type | None = None,
+    description: str = "",
+) -> Path:
+    """Write a (D, H, W) array in the convention above; without ``origin_lps`` the grid is centred on (0, 0, 0)
+    and the file says 'aligned' rather than 'scanner'."""
+    origin = centred_origin(array_dhw.shape, spacing_xyz) if origin_lps is None else origin_lps
+    volume = Volume(hu=array_dhw, spacing=tuple(spacing_xyz), origin=tuple(origin))
+    return write_scan(path, volume, dtype, description, "aligned" if origin_lps is None else "scanner")
 
 
-def read_scan(path: str | Path, modality: str = "CT") -> Volume:
-    """A NIfTI scan in scanner units (HU for CT) as a canonical Volume, whatever its stored orientation.
+def _canonical(img) -> tuple[np.ndarray, np.ndarray]:
+    """(ornt transform to LPS, affine of the reoriented array) for a 3D image."""
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(LPS_AXCODES)
+    )
+    return ornt, img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
 
-    The affine's rotation is rounded to the nearest patient axes (nibabel's io_orientation); an oblique affine is
-    read on that nearest grid and noted.
-    """
-    path = Path(path)
+
+def header_shape(path: str | Path) -> tuple[int, ...]:
+    """The stored shape of a NIfTI file, from its header alone (SeriesError when it cannot be read)."""
     try:
-        img = nib.load(str(path))
-        img = nib.squeeze_image(img)
+        return tuple(int(n) for n in nib.load(str(path)).shape)
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+
+
+def read_shape(path: str | Path) -> tuple[int, int, int]:
+    """(D, H, W) of a NIfTI file in the canonical orientation, from its header alone."""
+    try:
+        img = nib.squeeze_image(nib.load(str(path)))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
-        # canonical (x, y, z) = LPS; nibabel's axis codes name the direction each axis increases towards
-        ornt = nib.orientations.ornt_transform(
-            nib.orientations.io_orientation(img.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
-        )
-        data = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt)
-        affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+        ornt, _ = _canonical(img)
+        x, y, z = (img.shape[int(a)] for a in np.argsort(ornt[:, 0]))
     except SeriesError:
         raise
     except Exception as err:  # nibabel raises many types for damaged files
-        raise SeriesError(f"unreadable NIfTI file ({' '.join(str(err).split())[:100]})") from None
+        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+    return (z, y, x)
+
+
+def _reason(err: Exception) -> str:
+    return " ".join(str(err).split())[:100] or type(err).__name__
+
+
+def read_scan(path: str | Path, modality: str = "CT") -> Volume:
+    """A NIfTI file in scanner units (HU for CT) as a canonical Volume, whatever its stored orientation.
+
+    The affine's rotation is rounded to the nearest patient axes (nibabel's io_orientation); an oblique affine is
+    read on that nearest grid and noted. CT values below -1500 HU are marked invalid (no measurement).
+    """
+    path = Path(path)
+    try:
+        img = nib.squeeze_image(nib.load(str(path)))
+        if len(img.shape) != 3:
+            raise SeriesError(f"not a 3D volume (shape {img.shape})")
+        ornt, affine = _canonical(img)
+        data = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt)
+    except SeriesError:
+        raise
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # RAS -> LPS
     spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0))
     notes = ""

@@ -1,0 +1,197 @@
+"""One NIfTI convention everywhere: an asymmetric scan (a marker in one corner) through write, read, nibabel,
+independent DICOM-to-NIfTI converters, preprocessing, training data, generation and encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from conftest import tiny_config
+
+from hagan_clinic.data import VolumeFolder
+from hagan_clinic.io.cohort import discover, load_series
+from hagan_clinic.io.dicom_write import write_series
+from hagan_clinic.io.nifti import from_model_range, read_scan, write_array, write_scan
+from hagan_clinic.io.volume import Volume
+from hagan_clinic.models.hagan import HAGAN
+from hagan_clinic.preprocessing import model_input, to_model_grid
+from hagan_clinic.qct import measure
+from hagan_clinic.sampling import generate_to_nifti, sample_latent
+
+SPACING = (5.0, 4.0, 6.0)  # x, y, z: all different, so a swapped axis shows
+ORIGIN = (-150.0, -120.0, -310.0)  # LPS of voxel (0, 0, 0)
+MARKER = (3, 20, 15)  # (D, H, W): inferior, anterior, patient's right: a corner of the body, inside it
+
+
+def marked_thorax(shape=(40, 72, 80)) -> np.ndarray:
+    """A body ellipse with two air 'lungs' of different sizes and a 1000 HU marker near one corner (D, H, W)."""
+    d, h, w = shape
+    z, y, x = np.mgrid[:d, :h, :w].astype(np.float32)
+    hu = np.full(shape, -1000.0, np.float32)
+    body = ((y - h / 2) / (h * 0.45)) ** 2 + ((x - w / 2) / (w * 0.47)) ** 2 <= 1
+    hu[body] = 40.0
+    right = ((y - h / 2) / (h * 0.25)) ** 2 + ((x - w * 0.3) / (w * 0.13)) ** 2 <= 1
+    left = ((y - h / 2) / (h * 0.2)) ** 2 + ((x - w * 0.7) / (w * 0.1)) ** 2 <= 1
+    lungs = (right | left) & (z > 4) & (z < d - 4)
+    hu[lungs] = -860.0
+    hu[lungs & (z > d * 0.6)] = -970.0  # emphysema in the upper slices only: %LAA-950 is not symmetric in z
+    hu[tuple(slice(m, m + 3) for m in MARKER)] = 1000.0
+    return hu
+
+
+def lps_of(index_dhw, spacing=SPACING, origin=ORIGIN) -> np.ndarray:
+    d, h, w = index_dhw
+    return np.asarray(origin) + np.asarray([w, h, d]) * np.asarray(spacing)
+
+
+def brightest_world_ras(img) -> np.ndarray:
+    """RAS mm of the centre of the brightest 3x3x3 block of a nibabel image, through its own affine."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    ijk = np.argwhere(data >= data.max() - 1e-3).mean(axis=0)
+    return nib.affines.apply_affine(img.affine, ijk)
+
+
+def test_written_file_reads_back_identically_with_the_documented_axes(tmp_path):
+    hu = marked_thorax()
+    path = write_scan(tmp_path / "scan.nii.gz", Volume(hu=hu, spacing=SPACING, origin=ORIGIN), np.int16)
+    img = nib.load(str(path))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    np.testing.assert_allclose(img.get_qform(), img.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(img.header.get_zooms(), SPACING)
+    back = read_scan(path)
+    np.testing.assert_array_equal(back.hu, hu)
+    assert back.spacing == SPACING and np.allclose(back.origin, ORIGIN)
+    # nibabel, independently, puts the marker where the scan has it: LPS (x, y, z) -> RAS (-x, -y, z)
+    marker_lps = lps_of(np.asarray(MARKER) + 1)
+    np.testing.assert_allclose(brightest_world_ras(img), marker_lps * [-1, -1, 1], atol=1e-3)
+    # brought to RAS, the array is the canonical one with x and y reversed
+    ras = np.asarray(nib.as_closest_canonical(img).dataobj)
+    np.testing.assert_array_equal(ras, np.transpose(hu, (2, 1, 0))[::-1, ::-1, :])
+
+
+def test_aligned_array_is_centred_on_the_origin(tmp_path):
+    hu = marked_thorax((8, 10, 12))
+    img = nib.load(str(write_array(tmp_path / "g.nii", hu, (2.0, 3.0, 4.0))))
+    assert int(img.header["sform_code"]) == 2 and int(img.header["qform_code"]) == 2
+    centre = nib.affines.apply_affine(img.affine, (np.asarray(img.shape) - 1) / 2)
+    np.testing.assert_allclose(centre, 0.0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dicom_scan(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dicom") / "series"
+    hu = marked_thorax()
+    write_series(folder, hu, SPACING, origin=ORIGIN, patient_id="MARK01", kernel="B30f", shuffle=False)
+    return folder, hu
+
+
+def _independent_nifti(tool: str, folder: Path, out: Path) -> Path:
+    if tool == "highdicom":
+        import highdicom as hd
+
+        datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+        nib.save(hd.get_volume_from_series(datasets).to_nibabel(), str(out))
+    else:
+        import dicom2nifti
+        dicom2nifti.dicom_series_to_nifti(str(folder), str(out), reorient_nifti=True)
+    return out
+
+
+@pytest.mark.parametrize("tool", ["highdicom", "dicom2nifti"])
+def test_dicom_and_independent_nifti_give_the_same_grid_qct_and_features(tmp_path, dicom_scan, tool):
+    folder, hu = dicom_scan
+    cfg = tiny_config()
+    (record,) = discover(folder, "CT", 16, "refuse", progress=False).ok
+    from_dicom = load_series(record)
+    np.testing.assert_array_equal(from_dicom.hu, hu)  # the DICOM reader itself keeps the marker in place
+    nifti = read_scan(_independent_nifti(tool, folder, tmp_path / f"{tool}.nii.gz"))
+    np.testing.assert_allclose(nifti.hu, hu, atol=0.5)
+    np.testing.assert_allclose(nifti.spacing, SPACING, atol=1e-4)
+    np.testing.assert_allclose(nifti.origin, ORIGIN, atol=1e-3)
+
+    grid_dicom, info_dicom = to_model_grid(from_dicom, cfg)
+    grid_nifti, info_nifti = to_model_grid(nifti, cfg)
+    assert info_dicom.box == info_nifti.box
+    np.testing.assert_allclose(grid_nifti, grid_dicom, atol=1e-5)
+    # the marker survives preprocessing in its corner: right (low W), anterior (low H), inferior (low D)
+    peak = np.unravel_index(np.argmax(grid_dicom), grid_dicom.shape)
+    assert all(p < s / 2 for p, s in zip(peak, grid_dicom.shape)), peak
+
+    qct_dicom = measure(from_dicom.hu.astype(np.float32), from_dicom.spacing, from_dicom.valid)
+    qct_nifti = measure(nifti.hu, nifti.spacing, nifti.valid)
+    for key in ("lung_volume_ml", "laa950_pct", "perc15_hu"):
+        assert qct_nifti[key] == pytest.approx(qct_dicom[key], abs=1e-3), key
+
+    model = HAGAN.from_config(cfg).eval()
+    with torch.no_grad():
+        grids = np.stack([model_input(from_dicom, cfg), model_input(nifti, cfg)])
+        z = model.encode(torch.from_numpy(grids)[:, None])
+        flipped = model.encode(torch.from_numpy(grids[:1, :, :, ::-1].copy())[:, None])
+    torch.testing.assert_close(z[0], z[1], atol=1e-5, rtol=0)
+    assert (flipped[0] - z[0]).abs().max() > 1e-3  # the features do see a left-right flip
+
+
+def test_training_reads_nifti_exactly_as_encode(tmp_path, dicom_scan):
+    """A NIfTI file stored in another orientation (RAS) reaches the training loop as encode prepares it."""
+    from pipelines.encode import prepare_one
+
+    folder, hu = dicom_scan
+    nii = tmp_path / "train" / "scan.nii.gz"
+    nii.parent.mkdir()
+    _independent_nifti("highdicom", folder, nii)
+    cfg = tiny_config()
+    data = VolumeFolder.from_config(cfg, nii.parent)
+    (record,) = discover(nii.parent, "CT", 16, "refuse", progress=False).ok
+    encoded = prepare_one(record, cfg.to_dict(), qct=False)["grid"].astype(np.float32)
+    np.testing.assert_array_equal(data.load(0), encoded)
+
+
+def test_generated_nifti_equals_model_generate_in_ras(tmp_path):
+    cfg = tiny_config()
+    model = HAGAN.from_config(cfg).eval()
+    (path,) = generate_to_nifti(model, 1, tmp_path, seed=7)
+    with torch.no_grad():
+        volume = model.generate(sample_latent(7, 0, cfg.model.latent_dim))[0, 0].numpy()
+    expected_hu = from_model_range(volume, cfg.data.window)  # (D, H, W) in LPS
+    img = nib.load(str(path))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    assert int(img.header["sform_code"]) == 2 and int(img.header["qform_code"]) == 2
+    np.testing.assert_allclose(img.header.get_zooms(), cfg.data.spacing_mm)
+    ras = nib.as_closest_canonical(img).get_fdata()
+    np.testing.assert_allclose(ras, np.transpose(expected_hu, (2, 1, 0))[::-1, ::-1, :], atol=0.51)
+    np.testing.assert_allclose(read_scan(path).hu, expected_hu, atol=0.51)
+
+
+def test_preprocess_nifti_views_sit_where_the_scan_is(tmp_path, dicom_scan):
+    from pipelines.preprocess import run
+
+    folder, hu = dicom_scan
+    cfg = tiny_config("data.spacing_mm=[8, 8, 8]")
+    result = run(folder, tmp_path / "cache", cfg, progress=False, nifti=True)
+    (row,) = [r for r in result.rows if r["status"] == "ok"]
+    view = tmp_path / "cache" / "nifti" / (Path(row["path"]).stem + ".nii.gz")
+    img = nib.load(str(view))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and int(img.header["sform_code"]) == 1
+    grid = np.load(tmp_path / "cache" / row["path"]).astype(np.float32)
+    np.testing.assert_allclose(read_scan(view).hu, from_model_range(grid, cfg.data.window), atol=0.51)
+    # the marker's position in the world, seen through the view's affine, is where the scan has it (within a
+    # grid voxel: the grid is 8 mm, the source 4-6 mm)
+    marker_ras = lps_of(np.asarray(MARKER) + 1) * [-1, -1, 1]
+    assert np.abs(brightest_world_ras(img) - marker_ras).max() <= 8.0
+
+
+def test_one_nifti_reader_and_writer():
+    """Only hagan_clinic.io.nifti touches nibabel: every command reads and writes NIfTI the same way."""
+    root = Path(__file__).resolve().parents[1]
+    users = sorted(
+        str(p.relative_to(root))
+        for folder in ("hagan_clinic", "pipelines")
+        for p in (root / folder).rglob("*.py")
+        if "nibabel" in p.read_text() or "nib." in p.read_text()
+    )
+    assert users == ["hagan_clinic/io/nifti.py"]
