@@ -1,6 +1,7 @@
 """Run discovery, assembly and QCT on folders of real scanners' files and report what happened to each.
 
-    python benchmarks/validate_real_data.py [DATA_ROOT]     # default: $HAGAN_CLINIC_REAL_DATA or ../shared/data
+    python benchmarks/validate_real_data.py [DATA_ROOT] [--masks DIR]
+                                            # default root: $HAGAN_CLINIC_REAL_DATA or ../shared/data
 
 What it does, with no unhandled exception allowed anywhere:
 1. discovery of the whole root for CT and for MR: counts by status and every reason;
@@ -8,14 +9,17 @@ What it does, with no unhandled exception allowed anywhere:
 3. every DICOM file decoded on its own (pixel data), counted: decoded, no pixel data, refused with the reason;
 4. files that hold the same image in several transfer syntaxes (a folder of single slices sharing one
    SeriesInstanceUID) must decode to identical pixels;
-5. QCT on every CT series kept: lung volume, %LAA-950, Perc15, kernel and warnings.
+5. QCT on every CT series kept: lung volume, %LAA-950, Perc15, kernel and warnings; with ``--masks DIR`` each
+   lung mask is also written to DIR as NIfTI (named after the source) to check in a viewer over the scan.
 The report goes to benchmarks/results/real_data_validation.json. The data is never copied.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from collections import Counter, defaultdict
@@ -65,20 +69,30 @@ def _decode_all(root: Path) -> dict:
         if len(items) > 1 and len(syntaxes) > 1 and len(shapes) == 1 and items[0][2].ndim == 2:
             same = all(np.array_equal(items[0][2], p) for _, _, p in items[1:])
             identical.append(
-                {"series_uid": uid, "position": position, "files": len(items), "transfer_syntaxes": len(syntaxes),
-                 "identical": same}  # fmt: skip
+                {
+                    "series_uid": uid,
+                    "position": position,
+                    "files": len(items),
+                    "transfer_syntaxes": len(syntaxes),
+                    "identical": same,
+                }
             )
     return {"counts": dict(counts), "refused": reasons, "transfer_syntax_groups": identical}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = os.environ.get("HAGAN_CLINIC_REAL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    root = Path(argv[0] if argv else default)
+    parser.add_argument("root", nargs="?", default=default, help="folder of real scanners' files")
+    parser.add_argument("--masks", type=Path, help="also write each QCT lung mask here as NIfTI")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    root = Path(args.root)
     if not root.is_dir():
         print(f"no real data at {root}; nothing to validate")
         return 0
-    from hagan_clinic.qct import measure
+    from hagan_clinic.io.nifti import write_scan
+    from hagan_clinic.io.volume import Volume
+    from hagan_clinic.qct import measure_with_mask
 
     report: dict = {"root": str(root), "discovery": {}, "assembly": [], "qct": []}
     for modality in ("CT", "MR"):
@@ -96,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                              notes=volume.meta.get("notes", ""), kernel=volume.meta.get("kernel", ""))  # fmt: skip
                 if modality == "CT" and volume.shape[0] >= 16:
                     try:
-                        values = measure(volume.hu, volume.spacing, volume.valid, volume.meta.get("kernel"),
-                                         volume.meta.get("slice_thickness_mm"))  # fmt: skip
+                        kernel, thickness = volume.meta.get("kernel"), volume.meta.get("slice_thickness_mm")
+                        values, mask = measure_with_mask(volume.hu, volume.spacing, volume.valid, kernel, thickness)
                         report["qct"].append({"source": record.folder, **values})
+                        if args.masks is not None:
+                            name = re.sub(r"[^A-Za-z0-9._-]+", "_", re.sub(r"\.nii(\.gz)?$", "", record.folder))
+                            lung = Volume(mask.astype(np.uint8), volume.spacing, volume.origin)
+                            write_scan(args.masks / f"{name}.nii.gz", lung, np.uint8, "hagan-clinic lung mask")
                     except HaganError as err:  # QCTError: no lung in this scan
                         report["qct"].append({"source": record.folder, "error": str(err)})
             except SeriesError as err:

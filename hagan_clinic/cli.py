@@ -126,6 +126,9 @@ def import_reference_cmd(
     )
     total = sum(v for k, v in parameter_table(model).items() if k in model.parts)
     click.echo(f"wrote {out}: parts {', '.join(model.parts)}, {total / 1e6:.2f}M parameters, size {size}^3")
+    data = model.config.data
+    spacing = "unknown" if data.spacing_mm is None else f"{list(data.spacing_mm)} mm"
+    click.echo(f"preprocessing of scans for this model: data.resize={data.resize}, spacing {spacing}")
 
 
 @cli.command()
@@ -192,14 +195,15 @@ def _summary_line(counts: dict[str, int]) -> str:
 @click.option("--config", "config_file", default="base", show_default=True, help="Config with the data contract.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
-def preprocess(src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int) -> None:
+@click.option("--nifti", is_flag=True, help="Also write each grid as NIfTI (HU, with its affine) under OUT/nifti/.")
+def preprocess(src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int, nifti: bool) -> None:
     """Read every series under SRC (DICOM at any depth, NIfTI) onto the model's grid, with a manifest.csv."""
     from pipelines.preprocess import run
 
     from .config import load_config
 
     cfg = load_config(config_file, overrides)
-    result = run(src, out, cfg, workers=workers)
+    result = run(src, out, cfg, workers=workers, nifti=nifti)
     click.echo(f"{_summary_line(result.counts)}: {result.manifest}")
 
 
@@ -209,14 +213,34 @@ def preprocess(src: str, out: str, config_file: str, overrides: tuple[str, ...],
 @click.option("--config", "config_file", default="base", show_default=True, help="Config (data.* reading options).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
-def qct(src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int) -> None:
-    """Quantitative CT per series under SRC: lung volume, %LAA-950, Perc15, with kernel and slice warnings."""
+@click.option(
+    "--masks",
+    "masks",
+    type=click.Path(file_okay=False),
+    help="Write each lung mask here as NIfTI (<series_uid>.nii.gz) to check in a viewer.",
+)
+@click.option(
+    "--mask",
+    "external_masks",
+    type=click.Path(file_okay=False),
+    help="Measure your own lung masks from this folder (<series_uid>.nii.gz, same grid as the scan) instead of ours.",
+)
+def qct(
+    src: str,
+    out: str,
+    config_file: str,
+    overrides: tuple[str, ...],
+    workers: int,
+    masks: str | None,
+    external_masks: str | None,
+) -> None:
+    """Quantitative CT per series under SRC: lung volume, %LAA-950, Perc15, with kernel, slice and mask warnings."""
     from pipelines.qct import run
 
     from .config import load_config
 
     cfg = load_config(config_file, overrides)
-    result = run(src, out, cfg, workers=workers)
+    result = run(src, out, cfg, workers=workers, masks=masks, external_masks=external_masks)
     click.echo(f"{_summary_line(result.counts)}: {result.path}")
 
 
@@ -409,15 +433,33 @@ def augment(config_file: str, overrides: tuple[str, ...], out: str, no_tracking:
     help="Voxels per series (the anatomy is fixed in mm).",
 )
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
-def phantoms(out: str, n: int, seed: int, shape: str, workers: int) -> None:
-    """Write a synthetic thorax CT cohort (DICOM) with known lung truth and clinical.csv to OUT."""
+@click.option(
+    "--couch",
+    "couch_mm",
+    type=click.FloatRange(0, 60),
+    default=0.0,
+    show_default=True,
+    metavar="MM",
+    help="A scanner couch under the back with a foam core this thick (0: none).",
+)
+@click.option("--cushions", is_flag=True, help="A foam blanket over the chest and foam wedges beside the back.")
+@click.option("--stomach", is_flag=True, help="A gas bubble in the stomach, under the left hemidiaphragm.")
+def phantoms(
+    out: str, n: int, seed: int, shape: str, workers: int, couch_mm: float, cushions: bool, stomach: bool
+) -> None:
+    """Write a synthetic thorax CT cohort (DICOM) with known lung truth and clinical.csv to OUT.
+
+    The couch, cushions and stomach leave the lungs, and so the truth, as they are.
+    """
     from .phantoms import write_cohort
 
     parts = shape.replace("x", ",").split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
         raise click.BadParameter(f"expected three integers like 96,128,128, got '{shape}'", param_hint="--shape")
     dims = tuple(int(p) for p in parts)
-    table = write_cohort(Path(out), n=n, seed=seed, shape=dims, workers=workers)
+    table = write_cohort(
+        Path(out), n=n, seed=seed, shape=dims, workers=workers, couch_mm=couch_mm, cushions=cushions, stomach=stomach
+    )
     click.echo(f"{len(table)} patients: {Path(out) / 'clinical.csv'}")
 
 

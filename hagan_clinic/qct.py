@@ -4,13 +4,20 @@ Input arrays follow the canonical orientation of :mod:`hagan_clinic.io.volume`: 
 in HU, ``spacing`` (x, y, z) in mm, ``valid`` bool (D, H, W) or None (False outside the scanner's field of view).
 Every size is given in mm and converted with the spacing, so the same code serves 3 mm phantoms and 0.6 mm scans.
 
-The mask pipeline: air below -400 HU inside the valid region; air connected to the in-plane borders (or to the
-invalid region outside the field of view) is outside the body; the trachea is found as a round air blob near the
-midline in the top slices and grown down the main bronchi at an adaptive strict threshold with a leak check, then
-removed with its wall; vessels and nodules (per-slice holes up to 15 cm^2) are filled; the lungs are the largest
-one or two components; the airway and its wall are removed again at the end, since filling closes over them.
+The mask pipeline: the body is the largest object above -500 HU once an in-plane opening has cut off thin shells
+that touch the skin (a couch, a cushion's cover); its outer contour is its convex hull, slice by slice, which also
+closes the contour where the field of view cuts the patient. Air below -400 HU is outside the body when most of
+its 3D region lies outside that contour: the air around the patient and the foam core of a couch or a cushion,
+whatever encloses it. The trachea is found as a round air blob near the midline in the top slices and grown down
+the main bronchi at an adaptive strict threshold with a leak check, then removed with its wall; vessels and
+nodules (per-slice holes up to 15 cm^2) are filled; the lungs are the largest one or two air regions that hold
+parenchyma (not gas) and reach above the lowest point of the airway tree (above the diaphragm: not the stomach);
+the airway and its wall are removed again at the end, since filling closes over them. Every mask, ours or a
+user's, is then checked for what a pair of lungs cannot be (one lung, cut by the field of view, outside the
+body's contour, outside 1-10 L) and each finding is a warning.
 
-Public API: ``lung_mask``, ``measure``, ``measure_volume``, ``is_sharp_kernel``, ``QCTError``.
+Public API: ``lung_mask``, ``measure``, ``measure_with_mask``, ``measure_volume``, ``is_sharp_kernel``,
+``QCTError``.
 """
 
 from __future__ import annotations
@@ -19,11 +26,17 @@ import re
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from .errors import HaganError
 from .io.volume import Volume
 
 LUNG_THRESHOLD_HU = -400.0
+BODY_THRESHOLD_HU = -500.0
+BODY_OPENING_MM = 3.0  # in-plane opening radius: detaches shells up to ~6 mm thick (couch, covers) from the skin
+GAS_MEDIAN_HU = -975.0  # an air region whose median is below this is gas (stomach, bowel), not lung parenchyma
+MIN_LUNG_ML = 50.0
+OUTSIDE_BODY_FRACTION = 0.01  # more of a mask than this outside the body's outer contour is reported
 LAA_THRESHOLD_HU = -950.0
 AIRWAY_THRESHOLDS_HU = (-990.0, -975.0, -960.0, -945.0, -930.0, -915.0, -900.0, -880.0, -860.0, -840.0)
 AIRWAY_MAX_ML = 250.0  # trachea + main bronchi are ~20-80 ml; a grown airway beyond this has leaked into the lungs
@@ -41,26 +54,29 @@ class QCTError(HaganError):
     """The lungs could not be measured in this scan; the message says why."""
 
 
-# Sharp (lung/bone/edge-enhancing) reconstruction kernels, which raise image noise and so %LAA-950:
-# Siemens B/Br/Bl/Bv/Bf/I/Ir/Q/Qr with a number >= 50 (B60f, B70f, Br64, Bl57, I70f); GE LUNG, BONE, BONEPLUS,
-# EDGE, CHEST, DETAIL; Philips C, D, E, L, LA, YC, YD, YE; Toshiba/Canon FC30-FC39 (bone), FC50-FC59 and FC80-FC89
-# (lung). Also any name containing SHARP, LUNG or BONE. Smooth examples: B30f, B40f, Br40, STANDARD, SOFT, B, YB, FC13.
+# Sharp (lung/bone/edge-enhancing) reconstruction kernels raise image noise and so %LAA-950. Flagged (the table is
+# in docs/data.md): Siemens B/Br/Bl/Bv/Bf/I/Ir/Q/Qr with a number >= 45 (B45f is COPDGene's sharp reconstruction;
+# B46f, B50f, Br64, Bl57, I70f); GE BONE, BONEPLUS, LUNG, EDGE, CHEST, DETAIL, ULTRA; Philips C, D, E, L, LA and
+# YC, YD, YE, YF (C and YC are Philips' "sharp" step above the standard B and YB); Canon/Toshiba FC30-FC39 (bone)
+# and FC50-FC99 (lung, high resolution); any name containing SHARP, LUNG, BONE or EDGE. Smooth: Siemens below 45
+# (B30f, B40f, Br40), GE SOFT and STANDARD, Philips A, B, YA, YB, Canon FC01-FC29 and FC40-FC49.
 _SIEMENS = re.compile(r"^(?:B|BR|BL|BV|BF|I|IR|Q|QR)(\d{2})[A-Z]?$")
-_TOSHIBA = re.compile(r"^FC(\d{2})$")
-_NAMED_SHARP = {"LUNG", "BONE", "BONEPLUS", "EDGE", "CHEST", "DETAIL", "C", "D", "E", "L", "LA", "YC", "YD", "YE"}
+_CANON = re.compile(r"^FC(\d{2})$")
+_NAMED_SHARP = {"BONEPLUS", "CHEST", "DETAIL", "ULTRA", "C", "D", "E", "L", "LA", "YC", "YD", "YE", "YF"}
 
 
 def is_sharp_kernel(kernel: str | None) -> bool:
     """Whether a ConvolutionKernel value names a sharp kernel (the list is in this module's comments)."""
     if not kernel:
         return False
-    name = str(kernel).split("\\")[0].strip().upper()  # multi-valued (Siemens "Br64\\2"): the first value names it
-    if m := _SIEMENS.match(name):
-        return int(m.group(1)) >= 50
-    if m := _TOSHIBA.match(name):
+    name = str(kernel).strip().upper()
+    first = re.split(r"[\\/\s]", name)[0]  # "Br64\\2", "Br38f/3": the first value names the kernel
+    if m := _SIEMENS.match(first):
+        return int(m.group(1)) >= 45
+    if m := _CANON.match(first):
         n = int(m.group(1))
-        return 30 <= n <= 39 or 50 <= n <= 59 or 80 <= n <= 89
-    return name in _NAMED_SHARP or any(w in name for w in ("SHARP", "LUNG", "BONE"))
+        return 30 <= n <= 39 or n >= 50
+    return first in _NAMED_SHARP or any(w in name for w in ("SHARP", "LUNG", "BONE", "EDGE"))
 
 
 def _voxels(mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -82,31 +98,84 @@ def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
     return tuple(slice(max(0, a[0] - pad), min(n, a[-1] + pad + 1)) for a, n in zip(idx, mask.shape))
 
 
-def _touching_sides(mask: np.ndarray) -> np.ndarray:
-    """The 3D components of ``mask`` that touch the in-plane faces (H and W) of the volume, bool (D, H, W)."""
-    labels, n = ndimage.label(mask)
-    faces = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(),
-                            labels[:, :, -1].ravel()])  # fmt: skip
-    keep = np.zeros(n + 1, bool)
-    keep[np.unique(faces)] = True
-    keep[0] = False
-    return keep[labels]
+def _body(hu: np.ndarray, valid: np.ndarray | None, spacing) -> np.ndarray:
+    """The patient, bool (D, H, W): the largest 3D object above -500 HU after an in-plane opening.
+
+    The opening (a square BODY_OPENING_MM in radius, separable so cheap at any size) cuts thin dense shells off the
+    skin: a couch's carbon shell or a cushion's cover that the patient lies on is a separate object afterwards.
+    """
+    dense = hu > BODY_THRESHOLD_HU
+    if valid is not None:
+        dense &= valid
+    size = [1] + [max(3, 2 * int(round(BODY_OPENING_MM / s)) + 1) for s in (spacing[1], spacing[0])]
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(dense.view(np.uint8), size=size), size=size) > 0
+    labels, n = ndimage.label(opened)
+    if n == 0:
+        return opened
+    body = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    # give back the thin parts of the patient the opening took (chest wall cut by the field of view), and no more
+    # than that of a shell touching the skin: a few voxels, never the far side of a couch
+    square = np.zeros((3, 3, 3), bool)
+    square[1] = True
+    return ndimage.binary_dilation(body, square, iterations=max(size) // 2 + 1, mask=dense)
 
 
-def _body_air(hu: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Air inside the body and the body itself (everything valid that is not outside air), both bool (D, H, W).
+def _hull_rows(ys: np.ndarray, x0: np.ndarray, x1: np.ndarray, width: int) -> np.ndarray:
+    """The convex hull of one slice's body given each row's first and last body column, bool (rows, width)."""
+    corners = [(ys + dy, xs + dx) for dy in (-0.5, 0.5) for xs, dx in ((x0, -0.5), (x1, 0.5))]
+    pts = np.concatenate([np.stack(c, axis=1) for c in corners])
+    rows = np.arange(ys[0], ys[-1] + 1, dtype=float)
+    try:
+        eq = ConvexHull(pts).equations  # a*y + b*x + c <= 0 inside, one row per facet
+    except (QhullError, ValueError):  # all on one line: the bounding box is the hull
+        return np.broadcast_to(
+            (np.arange(width) >= x0.min()) & (np.arange(width) <= x1.max()), (rows.size, width)
+        ).copy()
+    a, b, c = eq.T
+    rhs = -(a[None] * rows[:, None] + c[None]) + 1e-6
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = rhs / b
+    lo = np.where(b < -1e-9, bound, -np.inf).max(axis=1)
+    hi = np.where(b > 1e-9, bound, np.inf).min(axis=1)
+    flat_ok = np.where(np.abs(b) <= 1e-9, rhs >= 0, True).all(axis=1)
+    cols = np.arange(width)
+    return (cols >= lo[:, None]) & (cols <= hi[:, None]) & flat_ok[:, None]
 
-    Outside air is the air connected to the in-plane faces (H and W), directly or through the invalid region
-    outside the field of view; the z faces do not count, since lungs and trachea run through the top and bottom
-    of a scan. Invalid voxels enclosed by the body (not reaching a face) separate rather than connect.
+
+def _outer_contour(body: np.ndarray) -> np.ndarray:
+    """Per axial slice, the convex hull of ``body``, bool (D, H, W): its outer contour with every concavity closed,
+    and closed along the cut where the field of view cuts the body. The couch or cushions it rests on lie outside.
+    """
+    out = np.zeros(body.shape, bool)
+    rows_any = body.any(axis=2)
+    width = body.shape[2]
+    for k in np.nonzero(rows_any.any(axis=1))[0]:
+        ys = np.nonzero(rows_any[k])[0]
+        sl = body[k, ys]
+        x0 = np.argmax(sl, axis=1)
+        x1 = width - 1 - np.argmax(sl[:, ::-1], axis=1)
+        out[k, ys[0] : ys[-1] + 1] = _hull_rows(ys, x0, x1, width)
+    return out
+
+
+def _body_air(hu: np.ndarray, valid: np.ndarray | None, spacing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Air inside the body, the body, and its outer contour, all bool (D, H, W).
+
+    Air is below -400 HU where the scanner measured. A 3D air region is outside the body when most of it lies
+    outside the body's convex hull (the air around the patient, the gap to the couch, the foam of a couch or a
+    cushion); a lung cut by the field of view stays inside, since only the sliver between the hull's chord and
+    the edge lies beyond it. The outer contour is then the hull of the body and the air inside it, slice by slice.
     """
     air = hu < LUNG_THRESHOLD_HU
-    if valid is None:
-        outside = _touching_sides(air)
-        return air & ~outside, ~outside
-    air &= valid
-    outside = _touching_sides(air | _touching_sides(~valid))
-    return air & ~outside, valid & ~outside
+    if valid is not None:
+        air &= valid
+    body = _body(hu, valid, spacing)
+    labels, n = ndimage.label(air)
+    beyond = np.bincount(labels[air & ~_outer_contour(body)], minlength=n + 1)
+    outside = 2 * beyond > np.bincount(labels.ravel(), minlength=n + 1)
+    outside[0] = True
+    inside = ~outside[labels]
+    return inside, body, _outer_contour(body | inside)
 
 
 def _midline(body: np.ndarray) -> np.ndarray:
@@ -172,35 +241,45 @@ def _grow_airway(hu: np.ndarray, cand: np.ndarray, seed: tuple[int, int, int], s
     return out
 
 
-def _select_lungs(cand: np.ndarray, mid_x: float, spacing) -> tuple[np.ndarray, int]:
-    """The lungs, bool (D, H, W), and how many: the largest air component and, when it holds one lung only, the
-    largest one at least a tenth its size on the other side of the body's midline."""
+def _select_lungs(cand: np.ndarray, hu: np.ndarray, mid_x: float, spacing, airway_bottom: int | None) -> np.ndarray:
+    """The lungs among the air regions inside the body, bool (D, H, W).
+
+    A region is lung when it holds parenchyma (its median is above GAS_MEDIAN_HU; a gas bubble's is about -1000)
+    and, where the airway tree was found, reaches above its lowest point (lungs rise above the diaphragm, gas under
+    it does not). The lungs are the largest such region and, when it holds one lung only, the largest one on the
+    other side of the body's midline that is at least a tenth its size and reaches the upper half of the first.
+    """
     labels, n = ndimage.label(cand)
     if n == 0:
         raise QCTError("no lung found: no air inside the body below -400 HU")
     sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing)) / 1000
-    order = np.argsort(sizes)[::-1][:6] + 1
-    if sizes[order[0] - 1] < 50:
+    order = np.argsort(sizes)[::-1][:8] + 1
+    if sizes[order[0] - 1] < MIN_LUNG_ML:
         raise QCTError(f"no lung found: the largest air region inside the body is {sizes[order[0] - 1]:.0f} ml")
     objects = ndimage.find_objects(labels)
-
-    def left_fraction(i: int) -> float:
+    regions = []  # (label, ml, fraction on the patient's left, lowest slice, highest slice)
+    for i in order[sizes[order - 1] >= MIN_LUNG_ML]:
         sl = objects[i - 1]
-        xs = np.nonzero(labels[sl] == i)[2] + sl[2].start
-        return float(np.mean(xs > mid_x))
-
-    first = left_fraction(order[0])
-    keep = [order[0]]
-    if 0.2 < first < 0.8:  # both lungs in one component (joined in front of the heart)
-        return labels == order[0], 2
-    for i in order[1:]:
-        if sizes[i - 1] >= 0.1 * sizes[order[0] - 1] and (left_fraction(i) > 0.5) != (first > 0.5):
-            keep.append(i)
-            break
-    lungs = labels == keep[0]
-    if len(keep) > 1:
-        lungs |= labels == keep[1]
-    return lungs, len(keep)
+        inside = labels[sl] == i
+        if np.median(hu[sl][inside]) < GAS_MEDIAN_HU:
+            continue
+        zs = np.nonzero(inside.any(axis=(1, 2)))[0] + sl[0].start
+        if airway_bottom is not None and zs[-1] < airway_bottom:
+            continue
+        cols = inside.sum(axis=(0, 1))
+        left = cols[np.arange(sl[2].start, sl[2].stop) > mid_x].sum() / cols.sum()
+        regions.append((i, sizes[i - 1], left, zs[0], zs[-1]))
+    if not regions:
+        raise QCTError("no lung found: the air inside the body is gas (stomach, bowel) or lies below the airways")
+    first, *others = regions
+    lungs = labels == first[0]
+    if 0.2 < first[2] < 0.8:  # both lungs in one region (joined in front of the heart)
+        return lungs
+    half = (first[3] + first[4]) / 2
+    for i, ml, left, _, top in others:
+        if ml >= 0.1 * first[1] and (left > 0.5) != (first[2] > 0.5) and top >= half:
+            return lungs | (labels == i)
+    return lungs
 
 
 def _fill_vessels(air: np.ndarray, spacing) -> np.ndarray:
@@ -227,14 +306,20 @@ def lung_mask(hu: np.ndarray, spacing, valid: np.ndarray | None = None) -> np.nd
     return _lung_mask(hu, spacing, valid)[0]
 
 
-def _lung_mask(hu: np.ndarray, spacing, valid: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
-    """The lung mask and notes on what went wrong on the way (no trachea, one lung)."""
+def _check_input(hu: np.ndarray, valid: np.ndarray | None) -> None:
     if hu.ndim != 3:
         raise QCTError(f"expected a 3D (D, H, W) volume, got shape {hu.shape}")
-    spacing = tuple(float(s) for s in spacing)
     if valid is not None and valid.shape != hu.shape:
         raise QCTError(f"valid mask shape {valid.shape} != volume shape {hu.shape}")
-    cand, body = _body_air(hu, valid)
+
+
+def _lung_mask(
+    hu: np.ndarray, spacing, valid: np.ndarray | None
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """The lung mask, notes on what went wrong on the way (no trachea), the body and its outer contour."""
+    _check_input(hu, valid)
+    spacing = tuple(float(s) for s in spacing)
+    cand, body, contour = _body_air(hu, valid, spacing)
     if not cand.any():
         raise QCTError("no lung found: no air inside the body below -400 HU")
     crop = _bbox(cand, pad=1)  # everything after this happens inside the body's air, a fraction of the volume
@@ -246,36 +331,72 @@ def _lung_mask(hu: np.ndarray, spacing, valid: np.ndarray | None) -> tuple[np.nd
     if not airway.any():
         notes.append("no trachea found: airways are left in the lung mask")
     wall = np.zeros(cand.shape, bool)
+    bottom = None
     if airway.any():
         sl = _bbox(airway, pad=int(np.ceil(_voxels(AIRWAY_WALL_MM, spacing).max())) + 1)
         wall[sl] = ndimage.binary_dilation(airway[sl], _ball(_voxels(AIRWAY_WALL_MM, spacing)))
-    # vessels are filled before the components are counted: a vessel can cut a piece of lung off in 3D
-    lungs, n_lungs = _select_lungs(_fill_vessels(cand & ~wall, spacing), float(np.nanmean(midline)), spacing)
-    if n_lungs == 1:
-        notes.append("one lung found")
+        bottom = int(np.argmax(airway.any(axis=(1, 2))))
+    # vessels are filled before the regions are counted: a vessel can cut a piece of lung off in 3D
+    lungs = _select_lungs(_fill_vessels(cand & ~wall, spacing), hu_c, float(np.nanmean(midline)), spacing, bottom)
     lungs &= ~wall
     out = np.zeros(hu.shape, bool)
     out[crop] = lungs
     if valid is not None:
         out &= valid
-    return out, notes
+    return out, notes, body, contour
 
 
-def measure(
+def _findings(mask: np.ndarray, body: np.ndarray, contour: np.ndarray, valid: np.ndarray | None) -> list[str]:
+    """What a lung mask cannot be, as warnings: all on one side of the body, cut by the edge of the field of view
+    (the in-plane image border or the unmeasured region), or outside the body's outer contour."""
+    found = []
+    w = mask.shape[2]
+    mid = _midline(body)
+    mid = np.where(np.isnan(mid), (w - 1) / 2, mid)
+    per_column = mask.sum(axis=1)  # (D, W)
+    left = (per_column * (np.arange(w)[None] > mid[:, None])).sum() / max(per_column.sum(), 1)
+    if min(left, 1 - left) < 0.1:
+        found.append("one lung found: the mask lies on one side of the body")
+    edge = mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any()
+    if valid is not None and not edge:
+        bad = ~valid
+        edge = bool((mask & bad).any() or (mask[:, 1:] & bad[:, :-1]).any() or (mask[:, :-1] & bad[:, 1:]).any()
+                    or (mask[:, :, 1:] & bad[:, :, :-1]).any() or (mask[:, :, :-1] & bad[:, :, 1:]).any())  # fmt: skip
+    if edge:
+        found.append("lung touches the edge of the field of view: volume and %LAA-950 are partial")
+    outside = (mask & ~contour).sum() / max(mask.sum(), 1)
+    if outside > OUTSIDE_BODY_FRACTION:
+        found.append(f"{outside * 100:.0f} % of the mask lies outside the body's outer contour")
+    return found
+
+
+def measure_with_mask(
     hu: np.ndarray,
     spacing,
     valid: np.ndarray | None = None,
     kernel: str | None = None,
     slice_thickness_mm: float | None = None,
-) -> dict:
-    """Lung volume (ml), %LAA-950 (percent of lung voxels below -950 HU) and the 15th HU percentile of the lungs.
+    mask: np.ndarray | None = None,
+) -> tuple[dict, np.ndarray]:
+    """:func:`measure` and the lung mask it measured, bool (D, H, W).
 
-    Also ``warning``: empty when fine, else the reasons the numbers are biased or doubtful ("; "-joined): a sharp
-    kernel, slices thicker than 2.5 mm (``slice_thickness_mm``, else the z spacing), a lung volume outside
-    1-10 L, a missing trachea. Raises QCTError when no lung is found.
+    mask: a lung mask of the volume's shape to measure instead of our own (non-zero is lung; unmeasured voxels are
+    left out); it goes through the same checks as ours.
     """
     spacing = tuple(float(s) for s in spacing)
-    mask, notes = _lung_mask(hu, spacing, valid)
+    if mask is None:
+        mask, notes, body, contour = _lung_mask(hu, spacing, valid)
+    else:
+        _check_input(hu, valid)
+        if mask.shape != hu.shape:
+            raise QCTError(f"lung mask shape {mask.shape} != volume shape {hu.shape}")
+        mask, notes, body = mask != 0, [], _body(hu, valid, spacing)
+        contour = _outer_contour(body)
+    findings = _findings(mask, body, contour, valid)
+    if valid is not None:
+        mask = mask & valid
+    if not mask.any():
+        raise QCTError("the lung mask is empty" + (" where the scanner measured" if valid is not None else ""))
     values = hu[mask]
     volume_ml = values.size * float(np.prod(spacing)) / 1000
     warnings = []
@@ -286,16 +407,36 @@ def measure(
         warnings.append(f"{thickness:g} mm slices bias %LAA-950 (partial volume)")
     if not PLAUSIBLE_LUNG_ML[0] <= volume_ml <= PLAUSIBLE_LUNG_ML[1]:
         warnings.append(f"implausible lung volume {volume_ml:.0f} ml: check the mask")
-    warnings += notes
-    return {
+    warnings += findings + notes
+    values_dict = {
         "lung_volume_ml": float(volume_ml),
         "laa950_pct": float(np.mean(values < LAA_THRESHOLD_HU) * 100),
         "perc15_hu": float(np.percentile(values, 15)),
         "warning": "; ".join(warnings),
     }
+    return values_dict, mask
 
 
-def measure_volume(volume: Volume) -> dict:
+def measure(
+    hu: np.ndarray,
+    spacing,
+    valid: np.ndarray | None = None,
+    kernel: str | None = None,
+    slice_thickness_mm: float | None = None,
+    mask: np.ndarray | None = None,
+) -> dict:
+    """Lung volume (ml), %LAA-950 (percent of lung voxels below -950 HU) and the 15th HU percentile of the lungs.
+
+    Also ``warning``: empty when fine, else the reasons the numbers are biased or doubtful ("; "-joined): a sharp
+    kernel, slices thicker than 2.5 mm (``slice_thickness_mm``, else the z spacing), a lung volume outside 1-10 L,
+    a mask on one side of the body only, cut by the edge of the field of view or outside the body's outer contour,
+    a missing trachea. ``mask``: measure this lung mask (bool (D, H, W)) instead of our own. Raises QCTError when
+    no lung is found.
+    """
+    return measure_with_mask(hu, spacing, valid, kernel, slice_thickness_mm, mask)[0]
+
+
+def measure_volume(volume: Volume, mask: np.ndarray | None = None) -> dict:
     """:func:`measure` on a :class:`~hagan_clinic.io.volume.Volume`, with its kernel and slice thickness from meta."""
     meta = volume.meta
-    return measure(volume.hu, volume.spacing, volume.valid, meta.get("kernel"), meta.get("slice_thickness_mm"))
+    return measure(volume.hu, volume.spacing, volume.valid, meta.get("kernel"), meta.get("slice_thickness_mm"), mask)

@@ -1,41 +1,111 @@
 """``hagan-clinic qct``: quantitative CT measures for every series of a cohort, one CSV row per series.
 
 Each CT series is read at its own resolution (no resampling: the measures are defined on the scanner's voxels) and
-measured by :func:`hagan_clinic.qct.measure`. Skipped and failed series keep their row with the reason. A run that
-is interrupted resumes from a hidden state folder beside the CSV, which is removed once the CSV is complete.
+measured by :func:`hagan_clinic.qct.measure_with_mask`. Skipped and failed series keep their row with the reason. A
+run that is interrupted resumes from a hidden state folder beside the CSV, which is removed once the CSV is
+complete (resume with the same options: finished series are not measured again).
+
+Lung masks, both ways, are NIfTI files named by :func:`mask_name` (the series UID, or the source when a series has
+none): ``masks`` receives each lung mask measured (uint8, 1 = lung, on the scan's own grid and affine), and
+``external_masks`` holds the user's own masks, measured instead of ours. An external mask must share the scan's
+shape, spacing and origin, else that series fails with the reason; a series with no file there is measured with
+our own mask and says so in ``warning``.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
+from hagan_clinic.io.volume import Volume
 
-from .cohort import run_series, status_counts, write_csv
+from .cohort import atomic_write_text, run_series, status_counts, write_csv
 
 COLUMNS = [
     "patient_id", "study_uid", "series_uid", "status", "reason", "lung_volume_ml", "laa950_pct", "perc15_hu",
-    "kernel", "slice_thickness_mm", "warning", "manufacturer", "source",
+    "kernel", "slice_thickness_mm", "warning", "manufacturer", "source", "mask",
 ]  # fmt: skip
 MEASURES = ("lung_volume_ml", "laa950_pct", "perc15_hu")
 
 
-def measure_one(record: SeriesRecord, irregular: str) -> dict:
-    """Read one series and measure it (runs in a worker process)."""
-    from hagan_clinic.qct import measure
+def mask_name(record: SeriesRecord) -> str:
+    """The file stem of a series' lung mask: its series UID, else its source (the row's ``source``: a folder or
+    a NIfTI file relative to the root) without a .nii/.nii.gz suffix, every run of characters other than letters,
+    digits, '.', '_' and '-' replaced by '_' (``chest/CT 1.nii.gz`` -> ``chest_CT_1``)."""
+    if record.series_uid:
+        return record.series_uid
+    stem = re.sub(r"\.nii(\.gz)?$", "", record.folder, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "series"
+
+
+def _external_mask(folder: Path, name: str, volume: Volume) -> np.ndarray | None:
+    """The user's mask for this series as bool (D, H, W), None when there is no file for it."""
+    from hagan_clinic.io.nifti import read_scan
+    from hagan_clinic.qct import QCTError
+
+    path = next((p for p in (folder / f"{name}.nii.gz", folder / f"{name}.nii") if p.is_file()), None)
+    if path is None:
+        return None
+    mask = read_scan(path, "CT")
+    if mask.shape != volume.shape:
+        raise QCTError(f"external mask {path.name}: shape {mask.shape} != scan shape {volume.shape} (D, H, W)")
+    tol = 0.01 * min(volume.spacing)
+    if not np.allclose(mask.spacing, volume.spacing, rtol=1e-3, atol=1e-4) or not np.allclose(
+        mask.origin, volume.origin, atol=tol
+    ):
+        raise QCTError(
+            f"external mask {path.name}: grid (spacing {_mm(mask.spacing)}, origin {_mm(mask.origin)}) is not the "
+            f"scan's (spacing {_mm(volume.spacing)}, origin {_mm(volume.origin)})"
+        )
+    return mask.hu > 0.5
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ") mm"
+
+
+def measure_one(
+    record: SeriesRecord, irregular: str, masks: Path | None = None, external_masks: Path | None = None
+) -> dict:
+    """Read one series and measure it (runs in a worker process); write its mask when ``masks`` is given."""
+    from hagan_clinic.io.nifti import write_scan
+    from hagan_clinic.qct import measure_with_mask
 
     volume = load_series(record, "CT", irregular)
     kernel = volume.meta.get("kernel") or record.kernel
     thickness = volume.meta.get("slice_thickness_mm", record.slice_thickness_mm)
-    values = measure(volume.hu, volume.spacing, volume.valid, kernel=kernel, slice_thickness_mm=thickness)
+    name = mask_name(record)
+    external = _external_mask(external_masks, name, volume) if external_masks is not None else None
+    values, mask = measure_with_mask(volume.hu, volume.spacing, volume.valid, kernel, thickness, mask=external)
+    if masks is not None:
+        lung = Volume(hu=mask.astype(np.uint8), spacing=volume.spacing, origin=volume.origin)
+        write_scan(masks / f"{name}.nii.gz", lung, dtype=np.uint8, description="hagan-clinic lung mask")
     row = {k: round(float(values[k]), 3) for k in MEASURES}
     notes = [n for n in (values.get("warning", ""), volume.meta.get("notes", "")) if n]
-    return {**row, "kernel": kernel, "slice_thickness_mm": thickness, "warning": "; ".join(notes), "status": "ok"}
+    if external_masks is not None and external is None:
+        notes.append(f"no external mask {name}.nii.gz: measured with our own mask")
+    return {**row, "kernel": kernel, "slice_thickness_mm": thickness, "warning": "; ".join(notes), "status": "ok",
+            "mask": "own" if external is None else "external"}  # fmt: skip
+
+
+def _check_state(state: Path, settings: dict) -> None:
+    """A resumed run re-uses finished series only when they were measured with the same options (a run that
+    adds --masks must write the masks of every series, not only of those left)."""
+    import json
+
+    path = state / "run_options"  # not *.json: those are the finished series
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        shutil.rmtree(state)
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(settings, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -45,18 +115,37 @@ class QCTResult:
     rows: list[dict]
 
 
-def run(src: str | Path, out: str | Path, cfg: Config, workers: int = 1, progress: bool = True) -> QCTResult:
+def run(
+    src: str | Path,
+    out: str | Path,
+    cfg: Config,
+    workers: int = 1,
+    progress: bool = True,
+    masks: str | Path | None = None,
+    external_masks: str | Path | None = None,
+) -> QCTResult:
+    """Measure every CT series under ``src`` into the CSV ``out``; ``masks``: a folder to write each lung mask
+    to; ``external_masks``: a folder of the user's lung masks to measure instead of ours (see the module)."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaganError(f"source not found: {src}")
     if out.suffix.lower() != ".csv":
         raise HaganError(f"--out must be a .csv file, got '{out}'")
+    options = {}
+    if external_masks is not None:
+        if not Path(external_masks).is_dir():
+            raise HaganError(f"--mask: no folder of lung masks at {external_masks}")
+        options["external_masks"] = Path(external_masks)
+    if masks is not None:
+        options["masks"] = Path(masks)
+        options["masks"].mkdir(parents=True, exist_ok=True)
     d = cfg.data
     found = discover(src, "CT", d.min_slices, d.irregular, progress=progress)
     if not found.records:
         raise HaganError(f"{src}: no DICOM series or NIfTI files found ({found.ignored_files} other files)")
     state = out.parent / f".{out.name}.state"
-    fn = partial(measure_one, irregular=d.irregular)
+    _check_state(state, {"irregular": d.irregular, **{k: str(Path(v).resolve()) for k, v in options.items()}})
+    fn = partial(measure_one, irregular=d.irregular, **options)
     done = run_series(found.ok, fn, state, workers, progress, desc="qct")
     by_key = {r.key: row for r, row in zip(found.ok, done)}
     rows = [by_key.get(r.key, r.row()) for r in found.records]

@@ -87,3 +87,106 @@ def test_bad_arguments_are_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_phantoms_with_a_couch_keep_the_truth_and_qct_holds_it(cohort, tmp_path):
+    out = tmp_path / "couch"
+    args = ["phantoms", str(out), "--n", "3", "--seed", "3", "--shape", SHAPE, "--couch", "40", "--cushions"]
+    assert main([*args, "--stomach"]) == 0
+    truth = pd.read_csv(out / "clinical.csv")
+    pd.testing.assert_frame_equal(truth, pd.read_csv(cohort / "clinical.csv").iloc[:3])  # same patients, same truth
+    assert main(["qct", str(out), "--out", str(tmp_path / "qct.csv")]) == 0
+    table = pd.read_csv(tmp_path / "qct.csv", dtype={"warning": str}).fillna({"warning": ""})
+    ok = table[table["status"] == "ok"].merge(truth, on="patient_id", suffixes=("", "_t"))
+    assert len(ok) == 3
+    assert ((ok["lung_volume_ml"] / ok["lung_volume_ml_t"] - 1).abs() < 0.03).all()
+    assert ((ok["laa950_pct"] - ok["laa950_pct_t"]).abs() < 1.0).all()
+    assert not ok["warning"].str.contains("implausible|one lung|outside the body|edge of the field").any()
+
+
+def _series(cohort) -> dict:
+    """patient_id -> (series UID, volume) of each CT series in the cohort."""
+    from hagan_clinic.io.cohort import discover, load_series
+
+    found = discover(cohort, "CT", 16, progress=False)
+    return {r.patient_id: (r.series_uid, load_series(r)) for r in found.ok}
+
+
+def test_qct_writes_each_lung_mask_as_nifti(cohort, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from hagan_clinic.io.nifti import read_scan
+
+    out, masks = tmp_path / "qct.csv", tmp_path / "masks"
+    assert main(["qct", str(cohort), "--out", str(out), "--masks", str(masks)]) == 0
+    table = pd.read_csv(out)
+    ok = table[table["status"] == "ok"]
+    assert sorted(p.name for p in masks.iterdir()) == sorted(f"{uid}.nii.gz" for uid in ok["series_uid"])
+    assert (ok["mask"] == "own").all()
+    series = _series(cohort)
+    for row in ok.itertuples():
+        uid, volume = series[row.patient_id]
+        img = nib.load(masks / f"{uid}.nii.gz")
+        assert img.get_data_dtype() == np.uint8 and nib.aff2axcodes(img.affine) == ("L", "P", "S")
+        np.testing.assert_allclose(img.affine, volume.affine_ras(), atol=1e-3)
+        mask = read_scan(masks / f"{uid}.nii.gz")
+        assert mask.shape == volume.shape and set(np.unique(mask.hu)) <= {0.0, 1.0}
+        assert mask.hu.sum() * np.prod(volume.spacing) / 1000 == pytest.approx(row.lung_volume_ml, abs=0.01)
+
+
+def test_qct_resumed_with_masks_writes_every_mask(cohort, tmp_path, monkeypatch):
+    """A run killed after measuring (its state left behind) and resumed with --masks measures again rather than
+    leaving the finished series without a mask."""
+    import pipelines.qct as qct_pipeline
+
+    out, masks = tmp_path / "qct.csv", tmp_path / "masks"
+    with monkeypatch.context() as m:  # the kill: the state folder is never cleaned up
+        m.setattr(qct_pipeline.shutil, "rmtree", lambda *a, **k: None)
+        assert main(["qct", str(cohort), "--out", str(out)]) == 0
+    assert (tmp_path / ".qct.csv.state").is_dir()
+    assert main(["qct", str(cohort), "--out", str(out), "--masks", str(masks)]) == 0
+    ok = pd.read_csv(out).query("status == 'ok'")
+    assert sorted(p.name for p in masks.iterdir()) == sorted(f"{uid}.nii.gz" for uid in ok["series_uid"])
+
+
+def test_qct_measures_external_masks(cohort, tmp_path):
+    import numpy as np
+
+    from hagan_clinic.io.nifti import write_scan
+    from hagan_clinic.io.volume import Volume
+    from hagan_clinic.phantoms import draw_patient, render_thorax
+
+    series = _series(cohort)
+    folder = tmp_path / "masks"
+    uid, volume = series["PH0001"]
+    truth = render_thorax(draw_patient(3, 0), tuple(int(s) for s in SHAPE.split(","))).lung_mask
+    write_scan(folder / f"{uid}.nii.gz", Volume(truth.astype(np.uint8), volume.spacing, volume.origin), np.uint8)
+    uid2, volume2 = series["PH0002"]
+    small = Volume(np.ones((4, 8, 8), np.uint8), volume2.spacing, volume2.origin)
+    write_scan(folder / f"{uid2}.nii.gz", small, np.uint8)  # not the scan's grid
+    out = tmp_path / "qct.csv"
+    assert main(["qct", str(cohort), "--out", str(out), "--mask", str(folder)]) == 0
+    table = pd.read_csv(out, dtype={"reason": str, "warning": str}).set_index("patient_id")
+    clinical = pd.read_csv(cohort / "clinical.csv").set_index("patient_id")
+    first = table.loc["PH0001"]
+    assert first["status"] == "ok" and first["mask"] == "external"
+    assert first["lung_volume_ml"] == pytest.approx(clinical.loc["PH0001", "lung_volume_ml"], abs=0.01)
+    assert first["laa950_pct"] == pytest.approx(clinical.loc["PH0001", "laa950_pct"], abs=0.01)
+    second = table.loc["PH0002"]
+    assert second["status"] == "failed" and "shape" in second["reason"] and f"{uid2}.nii.gz" in second["reason"]
+    third = table.loc["PH0003"]
+    assert third["status"] == "ok" and third["mask"] == "own" and "no external mask" in third["warning"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["qct", ".", "--out", "q.csv", "--mask", "no_such_folder"], "--mask: no folder of lung masks"),
+        (["phantoms", "x", "--couch", "70"], "'--couch': 70.0 is not in the range"),
+    ],
+)
+def test_bad_mask_and_couch_arguments_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err

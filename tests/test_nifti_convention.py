@@ -98,6 +98,7 @@ def _independent_nifti(tool: str, folder: Path, out: Path) -> Path:
         nib.save(hd.get_volume_from_series(datasets).to_nibabel(), str(out))
     else:
         import dicom2nifti
+
         dicom2nifti.dicom_series_to_nifti(str(folder), str(out), reorient_nifti=True)
     return out
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from scipy import ndimage
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.phantoms import (
     AIR,
     CLINICAL_COLUMNS,
+    COUCH_CORE,
+    COUCH_SHELL,
+    CUSHION_FOAM,
+    GAS,
     LUMEN,
+    LUNG_LABELS,
     PARENCHYMA,
     WALL,
     PhantomError,
@@ -21,6 +29,7 @@ from hagan_clinic.phantoms import (
     render_thorax,
     write_cohort,
 )
+from hagan_clinic.phantoms.params import FAT
 
 SMALL = (24, 48, 48)
 
@@ -147,4 +156,42 @@ def test_bad_arguments_raise(tmp_path, kwargs):
     with pytest.raises(PhantomError) as err:
         write_cohort(tmp_path, progress=False, **kwargs)
     assert isinstance(err.value, HaganError) and "\n" not in str(err.value)
+    assert not (tmp_path / "clinical.csv").exists()
+
+
+@pytest.mark.parametrize("index", [0, 2, 3])  # a sharp, a padded GE and a 3 mm Toshiba profile
+def test_objects_outside_the_lungs_leave_patient_and_truth_unchanged(index):
+    base = draw_patient(0, index)
+    params = draw_patient(0, index, couch_mm=40, cushions=True, stomach=True)
+    assert replace(params, couch=None, cushions=None, stomach=None) == base
+    assert draw_patient(0, index, couch_mm=40).couch == params.couch  # each object has its own random stream
+    a, b = render_thorax(base, SMALL), render_thorax(params, SMALL)
+    assert a.truth == b.truth
+    np.testing.assert_array_equal(a.lung_mask, b.lung_mask)
+    np.testing.assert_array_equal(a.volume.hu[a.lung_mask], b.volume.hu[b.lung_mask])
+    assert {COUCH_SHELL, COUCH_CORE, CUSHION_FOAM, GAS} <= set(np.unique(b.labels))
+    assert not (np.isin(b.labels, LUNG_LABELS) & ~np.isin(a.labels, LUNG_LABELS)).any()
+
+
+@pytest.mark.parametrize("shape", [SMALL, (48, 96, 96)])
+@pytest.mark.parametrize("couch_mm", [10, 60])
+def test_couch_is_a_closed_shell_under_the_back_inside_the_image(shape, couch_mm):
+    ph = render_thorax(draw_patient(0, 0, couch_mm=couch_mm), shape)  # patient 0: a square field of view
+    couch = np.isin(ph.labels, (COUCH_SHELL, COUCH_CORE))
+    assert not (couch[:, 0].any() or couch[:, -1].any() or couch[:, :, 0].any() or couch[:, :, -1].any())
+    air, _ = ndimage.label(ph.volume.hu < -400)
+    core = ph.labels == COUCH_CORE
+    faces = np.concatenate([air[:, 0].ravel(), air[:, -1].ravel(), air[:, :, 0].ravel(), air[:, :, -1].ravel()])
+    assert core.any() and not np.isin(air[core], faces[faces > 0]).any()  # enclosed: outside air never reaches it
+    shell = ph.labels == COUCH_SHELL
+    touching = ndimage.binary_dilation(shell, np.ones((1, 3, 3), bool)) & (ph.labels == FAT)
+    assert touching.any()  # the patient lies on the couch
+
+
+@pytest.mark.parametrize("couch_mm", [-1, 61, "30", True])
+def test_bad_couch_raises(tmp_path, couch_mm):
+    with pytest.raises(PhantomError, match="couch_mm"):
+        draw_patient(0, 0, couch_mm=couch_mm)
+    with pytest.raises(PhantomError):
+        write_cohort(tmp_path, n=1, couch_mm=couch_mm, progress=False)
     assert not (tmp_path / "clinical.csv").exists()

@@ -86,6 +86,21 @@ def test_sharp_kernels(kernel, sharp):
     assert is_sharp_kernel(kernel) is sharp
 
 
+@pytest.mark.parametrize(
+    "kernel, sharp",
+    [("B45f", True), ("Br45", True), ("Br45d\\3", True), ("B46f", True), ("B50f", True), ("Br38f/3", False),
+     ("B31f", False), ("B35f", False), ("B30f", False), ("B40f", False), ("Br40", False), ("Br44d", False),
+     ("BONE", True), ("BONEPLUS", True), ("LUNG", True), ("EDGE", True), ("HD LUNG", True), ("STANDARD", False),
+     ("SOFT", False), ("D", True), ("E", True), ("L", True), ("YC", True), ("YD", True), ("YE", True), ("C", True),
+     ("B", False), ("A", False), ("YA", False), ("YB", False), ("FC50", True), ("FC55", True), ("FC59", True),
+     ("FC80", True), ("FC89", True), ("FC30", True), ("FC39", True), ("FC13", False), ("FC03", False)],
+)  # fmt: skip
+def test_sharp_kernels_of_every_vendor(kernel, sharp):
+    """Siemens 45 and above (B45f: COPDGene's sharp reconstruction), GE BONE/BONEPLUS/LUNG/EDGE, Philips C/D/E/L
+    and YC/YD/YE, Canon/Toshiba FC30-39 and FC50 and above; the table is in docs/data.md."""
+    assert is_sharp_kernel(kernel) is sharp
+
+
 def test_warnings(phantoms):
     ph = phantoms("healthy_soft")
     vol = ph.volume

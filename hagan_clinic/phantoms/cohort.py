@@ -26,11 +26,11 @@ def clinical_row(params: PatientParams, truth: dict) -> dict:
 
 
 # ---------------------------------------------------------------- writing the cohort
-def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool]) -> dict:
+def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool, dict]) -> dict:
     from ..io.dicom_write import uid, write_series  # pydicom only when writing
 
-    out, seed, index, shape, extras = args
-    params = draw_patient(seed, index)
+    out, seed, index, shape, extras, objects = args
+    params = draw_patient(seed, index, **objects)
     ph = render_thorax(params, shape)
     vol, prof = ph.volume, params.profile
     study = uid("hagan-phantom", seed, index, "study")
@@ -60,12 +60,17 @@ def write_cohort(
     workers: int = 1,
     progress: bool = True,
     extras: bool = True,
+    couch_mm: float = 0.0,
+    cushions: bool = False,
+    stomach: bool = False,
 ) -> pd.DataFrame:
     """Write ``n`` phantom patients as DICOM under ``out/<patient_id>/STUDY_1/SERIES_2/`` and ``out/clinical.csv``.
 
     shape: (slices, rows, cols), each >= 16; the anatomy is fixed in mm. extras: every 10th patient also gets a
-    one-slice localizer series (SERIES_1). Headers carry a fake PatientName and birth date that must never reach
-    any output; clinical.csv has neither. Returns the clinical table (one row per patient, CLINICAL_COLUMNS).
+    one-slice localizer series (SERIES_1). couch_mm, cushions, stomach: objects outside the lungs (see
+    :func:`draw_patient`); the truth is the same with or without them. Headers carry a fake PatientName and birth
+    date that must never reach any output; clinical.csv has neither. Returns the clinical table (one row per
+    patient, CLINICAL_COLUMNS).
     """
     from tqdm import tqdm
 
@@ -74,9 +79,11 @@ def write_cohort(
     shape = _check_shape(shape)
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
+    objects = {"couch_mm": couch_mm, "cushions": bool(cushions), "stomach": bool(stomach)}
+    draw_patient(seed, 0, **objects)  # bad object arguments fail here, before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, int(seed), i, shape, extras) for i in range(int(n))]
+    jobs = [(out, int(seed), i, shape, extras, objects) for i in range(int(n))]
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         results = pool.map(_write_patient, jobs) if pool else map(_write_patient, jobs)
         rows = list(tqdm(results, total=len(jobs), desc="phantoms", unit="patient", disable=not progress))

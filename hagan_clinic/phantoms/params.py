@@ -12,7 +12,9 @@ DEFAULT_SHAPE = (96, 128, 128)
 FOV_MM = (400.0, 400.0, 300.0)  # (x, y, z) extent of every phantom, whatever its shape
 Z_ORIGIN_MM = -300.0  # LPS z of the bottom of the scan (a table position, nothing depends on it)
 AIR, FAT, SOFT, BONE, MARROW, HEART, PARENCHYMA, VESSEL, WALL, LUMEN = range(10)
+COUCH_SHELL, COUCH_CORE, CUSHION_COVER, CUSHION_FOAM, GAS = range(10, 15)  # outside the lungs: never lung truth
 EMPHYSEMA = 20  # labels 20..40 are emphysema at -990..-970 HU
+MAX_COUCH_MM = 60.0  # thicker couch cores would leave the 400 mm field of view under the largest patients
 LUNG_LABELS = (PARENCHYMA, VESSEL, *range(EMPHYSEMA, EMPHYSEMA + 21))
 CLINICAL_COLUMNS = (
     "patient_id", "lung_volume_ml", "laa950_pct", "perc15_hu", "pct_emphysema", "severity", "fev1pp", "fev1_fvc",
@@ -76,10 +78,45 @@ class Lung:
 
 
 @dataclass(frozen=True)
+class Couch:
+    """A scanner couch under the patient's back, in mm: a shell (hu_shell) ``shell_mm`` thick around a foam core
+    (hu_core) ``core_mm`` thick. Its top surface is y = top_y - x^2 / (2 radius) (rising gently at the sides) for
+    |x| <= half_width; the patient lies on it (the back is flattened down to the surface). The whole couch lies
+    inside the 400 mm image (a circular field of view may cut it)."""
+
+    core_mm: float
+    shell_mm: float
+    top_y: float
+    radius: float
+    half_width: float
+    hu_shell: float
+    hu_core: float
+
+
+@dataclass(frozen=True)
+class Cushions:
+    """Foam (hu_foam) in a thin cover (hu_cover, ``cover_mm``) around the patient, touching the skin, in mm.
+
+    blanket: (foam thickness, front limit y) a layer over the front of the body where y < front limit; wedges:
+    (x, y, semi-axis along the body's outward normal, semi-axis along its surface, angle of that normal in rad)
+    beside the back; pockets: air bubbles (x, y, z, radius) in the foam.
+    """
+
+    blanket: tuple[float, float]
+    wedges: tuple[tuple[float, ...], ...]
+    pockets: tuple[tuple[float, ...], ...]
+    cover_mm: float
+    hu_foam: float
+    hu_cover: float
+
+
+@dataclass(frozen=True)
 class PatientParams:
     """Everything random about one patient, in mm and HU; :func:`render_thorax` adds nothing random but noise.
 
     Segments are (x0, y0, z0, x1, y1, z1, radius) mm; blobs are (x, y, z, radius mm, level 0..20 -> -990..-970 HU).
+    The optional objects (couch, cushions, a stomach gas bubble (x, y, z, semi-axes x, y, z)) lie outside the lungs
+    and leave every lung voxel as it is.
     """
 
     seed: int
@@ -108,6 +145,9 @@ class PatientParams:
     hu_bone: float
     hu_parenchyma: float
     fov_radius_mm: float
+    couch: Couch | None = None
+    cushions: Cushions | None = None
+    stomach: tuple[float, ...] | None = None
 
 
 # ---------------------------------------------------------------- drawing (all randomness lives here)
@@ -172,8 +212,15 @@ def _emphysema_blobs(rng: np.random.Generator, p: PatientParams, fraction: float
     return blobs
 
 
-def draw_patient(seed: int, index: int) -> PatientParams:
-    """Draw patient ``index`` of cohort ``seed``: depends on (seed, index) only, never on the cohort size."""
+def draw_patient(
+    seed: int, index: int, couch_mm: float = 0.0, cushions: bool = False, stomach: bool = False
+) -> PatientParams:
+    """Draw patient ``index`` of cohort ``seed``: depends on (seed, index) only, never on the cohort size.
+
+    couch_mm: core thickness of a scanner couch under the back (0: none, at most 60 mm); cushions: a blanket over
+    the front and foam wedges beside the back; stomach: a gas bubble under the left hemidiaphragm. Each object is
+    drawn from its own random stream, so adding one changes neither the patient nor the other objects.
+    """
     rng = np.random.default_rng([int(seed), int(index), 7])
     sex = "M" if rng.random() < 0.5 else "F"
     age = int(rng.integers(45, 81))
@@ -228,12 +275,62 @@ def draw_patient(seed: int, index: int) -> PatientParams:
         vessels += _vessel_tree(rng, root, lung.side)
     fraction = 0.003 + 0.32 * severity**1.4
     blobs = _emphysema_blobs(rng, p, fraction)
-    return replace(p, vessels=tuple(vessels), blobs=tuple(blobs))
+    p = replace(p, vessels=tuple(vessels), blobs=tuple(blobs))
+    return _add_objects(p, couch_mm, cushions, stomach)
 
 
-def draw_cohort(n: int, seed: int = 0) -> list[PatientParams]:
-    """Parameters of patients 0..n-1 (cheap: nothing is rendered)."""
-    return [draw_patient(seed, i) for i in range(n)]
+# ---------------------------------------------------------------- objects outside the lungs
+def _add_objects(p: PatientParams, couch_mm: float, cushions: bool, stomach: bool) -> PatientParams:
+    if isinstance(couch_mm, bool) or not isinstance(couch_mm, (int, float)) or not 0 <= couch_mm <= MAX_COUCH_MM:
+        raise PhantomError(f"couch_mm must be a number from 0 (no couch) to {MAX_COUCH_MM:g}, got {couch_mm!r}")
+    couch = _draw_couch(np.random.default_rng([p.seed, p.index, 13]), p, float(couch_mm)) if couch_mm > 0 else None
+    foam = _draw_cushions(np.random.default_rng([p.seed, p.index, 14]), p) if cushions else None
+    gas = _draw_stomach(np.random.default_rng([p.seed, p.index, 15]), p) if stomach else None
+    return replace(p, couch=couch, cushions=foam, stomach=gas)
+
+
+def _draw_couch(rng: np.random.Generator, p: PatientParams, core_mm: float) -> Couch:
+    flatten = rng.uniform(0.0, min(8.0, p.fat_mm - 2.0))  # the back rests on the couch; only fat is flattened
+    return Couch(core_mm=core_mm, shell_mm=rng.uniform(2.0, 3.0), top_y=p.body_b - flatten,
+                 radius=rng.uniform(900, 2500), half_width=rng.uniform(165, 185), hu_shell=rng.uniform(80, 150),
+                 hu_core=rng.uniform(-960, -940))  # fmt: skip
+
+
+def _draw_cushions(rng: np.random.Generator, p: PatientParams) -> Cushions:
+    a, b = p.body_a, p.body_b
+    wedges = []
+    for side in (-1, 1):
+        t = np.deg2rad(rng.uniform(50, 65))  # angle from the back (+y) round to the side
+        px, py = side * a * np.sin(t), b * np.cos(t)
+        normal = np.arctan2(py / b**2, px / a**2)
+        rn, rt = rng.uniform(10, 16), rng.uniform(25, 40)
+        wedges.append((px + rn * np.cos(normal), py + rn * np.sin(normal), rn, rt, normal))
+    blanket = (rng.uniform(10, 20), -b * rng.uniform(0.35, 0.55))
+    pockets = []
+    for _ in range(int(rng.integers(20, 40))):  # in the blanket or a wedge: painting keeps those inside the foam
+        if rng.random() < 0.6:
+            t = rng.uniform(np.pi * 1.15, np.pi * 1.85)
+            k = rng.uniform(3, blanket[0])
+            x, y = (a + k) * np.cos(t), (b + k) * np.sin(t)
+        else:
+            wx, wy, *_ = wedges[int(rng.integers(0, 2))]
+            x, y = wx + rng.normal(0, 5), wy + rng.normal(0, 5)
+        pockets.append((x, y, rng.uniform(0, 300), rng.uniform(2.0, 5.0)))
+    return Cushions(blanket=blanket, wedges=tuple(wedges), pockets=tuple(pockets), cover_mm=2.0,
+                    hu_foam=rng.uniform(-980, -900), hu_cover=rng.uniform(-120, 60))  # fmt: skip
+
+
+def _draw_stomach(rng: np.random.Generator, p: PatientParams) -> tuple[float, ...]:
+    left = p.lungs[1]
+    rz = rng.uniform(18, 28)
+    top = left.z_low + left.dome_h - 10.0  # under the dome; painting keeps a gap of tissue to the lung
+    return (left.cx * rng.uniform(0.8, 1.1), left.cy - rng.uniform(10, 30), top - rz, rng.uniform(35, 50),
+            rng.uniform(25, 38), rz)  # fmt: skip
+
+
+def draw_cohort(n: int, seed: int = 0, **objects) -> list[PatientParams]:
+    """Parameters of patients 0..n-1 (cheap: nothing is rendered); ``objects`` as for :func:`draw_patient`."""
+    return [draw_patient(seed, i, **objects) for i in range(n)]
 
 
 def gold_stage(fev1pp: float, fev1_fvc: float) -> int:

@@ -11,10 +11,15 @@ from ..io.volume import Volume
 from .params import (
     AIR,
     BONE,
+    COUCH_CORE,
+    COUCH_SHELL,
+    CUSHION_COVER,
+    CUSHION_FOAM,
     DEFAULT_SHAPE,
     EMPHYSEMA,
     FAT,
     FOV_MM,
+    GAS,
     HEART,
     LUMEN,
     LUNG_LABELS,
@@ -29,6 +34,8 @@ from .params import (
     _in_any_lung,
     _inside_lung,
 )  # fmt: skip
+
+_SQUARE = np.ones((3, 3), bool)
 
 
 @dataclass
@@ -97,9 +104,15 @@ def _anatomy(p: PatientParams, grid: _Grid) -> np.ndarray:
     x2, y2 = x[0], y[0]
     body = (x2 / p.body_a) ** 2 + (y2 / p.body_b) ** 2 <= 1
     inner = (x2 / (p.body_a - p.fat_mm)) ** 2 + (y2 / (p.body_b - p.fat_mm)) ** 2 <= 1
+    if p.couch is not None:  # the back is flattened where it rests on the couch (fat only: see _draw_couch)
+        on_couch = y2 < p.couch.top_y - x2**2 / (2 * p.couch.radius)
+        body, inner = body & on_couch, inner & on_couch
     r_spine = np.hypot(x2, y2 - p.spine_y)
     plane = np.select([r_spine <= p.spine_r - 3, r_spine <= p.spine_r, inner, body], [MARROW, BONE, SOFT, FAT], AIR)
-    labels = np.broadcast_to(plane.astype(np.uint8), grid.shape).copy()
+    plane = plane.astype(np.uint8)
+    _paint_outside_objects(plane, p, x2, y2)
+    labels = np.broadcast_to(plane, grid.shape).copy()
+    _paint_pockets(labels, grid, p)
     disc = (z[:, 0, 0] % 28.0) < 5.0  # intervertebral discs
     spine = r_spine <= p.spine_r
     for k in np.nonzero(disc)[0]:
@@ -122,7 +135,72 @@ def _anatomy(p: PatientParams, grid: _Grid) -> np.ndarray:
             sub = labels[sl]
             sub[((x - bx) ** 2 + (y - by) ** 2 + (z - bz) ** 2 <= r * r) & (sub == PARENCHYMA)] = EMPHYSEMA + level
     _paint_airways(labels, grid, p.airways)
+    _paint_stomach(labels, grid, p)
     return labels
+
+
+def _covered(foam: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """The cover of a foam region (2D): ``outer`` minus the foam, at least one pixel thick all round, so the foam
+    is enclosed at any grid spacing (as couch and cushion covers are on a real scanner)."""
+    return (outer | ndimage.binary_dilation(foam, _SQUARE)) & ~foam
+
+
+def _paint_outside_objects(plane: np.ndarray, p: PatientParams, x2, y2) -> None:
+    """The couch and the cushions, the same in every slice, painted into the air of one axial plane (H, W)."""
+    if p.couch is not None:
+        c = p.couch
+        depth = y2 - (c.top_y - x2**2 / (2 * c.radius))  # mm below the couch's top surface
+        outer = (np.abs(x2) <= c.half_width) & (depth >= 0) & (depth <= 2 * c.shell_mm + c.core_mm)
+        core = (np.abs(x2) <= c.half_width - c.shell_mm) & (depth >= c.shell_mm) & (depth <= c.shell_mm + c.core_mm)
+        plane[_covered(core, outer) & (plane == AIR)] = COUCH_SHELL
+        plane[core & (plane == AIR)] = COUCH_CORE
+    if p.cushions is not None:
+        cu, a, b = p.cushions, p.body_a, p.body_b
+        thick, front = cu.blanket
+        c = cu.cover_mm
+
+        def ellipse(k: float) -> np.ndarray:
+            return (x2 / (a + k)) ** 2 + (y2 / (b + k)) ** 2 <= 1
+
+        outer = ellipse(thick + 2 * c) & ~ellipse(0) & (y2 < front)
+        foam = ellipse(thick + c) & ~ellipse(c) & (y2 < front - c)
+        for wx, wy, rn, rt, angle in cu.wedges:
+            u = (x2 - wx) * np.cos(angle) + (y2 - wy) * np.sin(angle)
+            v = (y2 - wy) * np.cos(angle) - (x2 - wx) * np.sin(angle)
+            outer = outer | ((u / rn) ** 2 + (v / rt) ** 2 <= 1)
+            foam = foam | ((u / (rn - c)) ** 2 + (v / (rt - c)) ** 2 <= 1)
+        foam &= plane == AIR
+        plane[_covered(foam, outer) & (plane == AIR)] = CUSHION_COVER
+        plane[foam] = CUSHION_FOAM
+
+
+def _paint_pockets(labels: np.ndarray, grid: _Grid, p: PatientParams) -> None:
+    """Air bubbles inside the cushions' foam."""
+    if p.cushions is None:
+        return
+    for bx, by, bz, r in p.cushions.pockets:
+        box = grid.box((bx - r, by - r, bz - r), (bx + r, by + r, bz + r))
+        if box is not None:
+            sl, (x, y, z) = box
+            sub = labels[sl]
+            sub[((x - bx) ** 2 + (y - by) ** 2 + (z - bz) ** 2 <= r * r) & (sub == CUSHION_FOAM)] = AIR
+
+
+def _paint_stomach(labels: np.ndarray, grid: _Grid, p: PatientParams) -> None:
+    """A gas bubble under the left hemidiaphragm, in soft tissue and never next to a lung voxel."""
+    if p.stomach is None:
+        return
+    sx, sy, sz, rx, ry, rz = p.stomach
+    pad = np.array(grid.spacing)
+    box = grid.box(np.array((sx - rx, sy - ry, sz - rz)) - pad, np.array((sx + rx, sy + ry, sz + rz)) + pad)
+    if box is None:
+        return
+    sl, (x, y, z) = box
+    sub = labels[sl]
+    gas = (((x - sx) / rx) ** 2 + ((y - sy) / ry) ** 2 + ((z - sz) / rz) ** 2 <= 1) & (sub == SOFT)
+    gas &= ~_in_any_lung(p, x, y, z, margin=-10.0)  # 10 mm of diaphragm and stomach wall under the lung
+    gas &= ~ndimage.binary_dilation(np.isin(sub, LUNG_LABELS), np.ones((3, 3, 3), bool))
+    sub[gas] = GAS
 
 
 def _paint_airways(labels: np.ndarray, grid: _Grid, airways) -> None:
@@ -147,6 +225,11 @@ def _hu_table(p: PatientParams) -> np.ndarray:
     lut[[AIR, FAT, SOFT, BONE, MARROW, HEART, PARENCHYMA, VESSEL, WALL, LUMEN]] = [
         -1000, p.hu_fat, 40, p.hu_bone, 250, 40, p.hu_parenchyma, 40, 40, -1000]  # fmt: skip
     lut[EMPHYSEMA : EMPHYSEMA + 21] = -990 + np.arange(21)
+    lut[GAS] = -1000
+    if p.couch is not None:
+        lut[[COUCH_SHELL, COUCH_CORE]] = p.couch.hu_shell, p.couch.hu_core
+    if p.cushions is not None:
+        lut[[CUSHION_COVER, CUSHION_FOAM]] = p.cushions.hu_cover, p.cushions.hu_foam
     return lut
 
 
