@@ -34,7 +34,11 @@ from .io.volume import Volume
 LUNG_THRESHOLD_HU = -400.0
 BODY_THRESHOLD_HU = -500.0
 BODY_OPENING_MM = 3.0  # in-plane opening radius: detaches shells up to ~6 mm thick (couch, covers) from the skin
-GAS_MEDIAN_HU = -975.0  # an air region whose median is below this is gas (stomach, bowel), not lung parenchyma
+GAS_MEDIAN_HU = -975.0  # without a visible airway: an air region this dark and without vessels is gas, not lung
+GAS_MAX_VESSEL_FRACTION = 0.01  # lungs hold vessels (a few % of their volume even in severe emphysema); gas none
+END_SLICE_FRACTION = 0.01  # more lung than this in an end slice: the scan cut the apex or base (a tip is less)
+SLAB_MAX_MM = 70.0  # an air region at most this thick (front to back) and 3x as wide is a couch, cushion or blanket
+# (a lung is 100-250 mm deep front to back in its middle slices, and at most about as wide as it is deep)
 MIN_LUNG_ML = 50.0
 OUTSIDE_BODY_FRACTION = 0.01  # more of a mask than this outside the body's outer contour is reported
 LAA_THRESHOLD_HU = -950.0
@@ -60,7 +64,8 @@ class QCTError(HaganError):
 # YC, YD, YE, YF (C and YC are Philips' "sharp" step above the standard B and YB); Canon/Toshiba FC30-FC39 (bone)
 # and FC50-FC99 (lung, high resolution); any name containing SHARP, LUNG, BONE or EDGE. Smooth: Siemens below 45
 # (B30f, B40f, Br40), GE SOFT and STANDARD, Philips A, B, YA, YB, Canon FC01-FC29 and FC40-FC49.
-_SIEMENS = re.compile(r"^(?:B|BR|BL|BV|BF|I|IR|Q|QR)(\d{2})[A-Z]?$")
+_SIEMENS = re.compile(r"^(?:B|BR|BL|BV|BF|D|DR|I|IR|Q|QR|U|UR)(\d{2})[A-Z]?$")
+_SIEMENS_HEAD = re.compile(r"^(?:H|HR)(\d{2})[A-Z]?$")  # head kernels: H60 and above are bone kernels
 _CANON = re.compile(r"^FC(\d{2})$")
 _NAMED_SHARP = {"BONEPLUS", "CHEST", "DETAIL", "ULTRA", "C", "D", "E", "L", "LA", "YC", "YD", "YE", "YF"}
 
@@ -69,14 +74,17 @@ def is_sharp_kernel(kernel: str | None) -> bool:
     """Whether a ConvolutionKernel value names a sharp kernel (the list is in this module's comments)."""
     if not kernel:
         return False
-    name = str(kernel).strip().upper()
-    first = re.split(r"[\\/\s]", name)[0]  # "Br64\\2", "Br38f/3": the first value names the kernel
+    name = re.sub(r"^([A-Z]+)\s+(?=\d)", r"\1", str(kernel).strip().upper())  # "Br 64" is Br64
+    value = re.split(r"[\\/]", name)[0].strip()  # "Br64\\2", "Br38f/3", "SOFT\\LUNG": the first value names it
+    first = (value.split() or [""])[0]
     if m := _SIEMENS.match(first):
         return int(m.group(1)) >= 45
+    if m := _SIEMENS_HEAD.match(first):
+        return int(m.group(1)) >= 60
     if m := _CANON.match(first):
         n = int(m.group(1))
         return 30 <= n <= 39 or n >= 50
-    return first in _NAMED_SHARP or any(w in name for w in ("SHARP", "LUNG", "BONE", "EDGE"))
+    return first in _NAMED_SHARP or any(w in value for w in ("SHARP", "LUNG", "BONE", "EDGE"))
 
 
 def _voxels(mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -244,9 +252,11 @@ def _grow_airway(hu: np.ndarray, cand: np.ndarray, seed: tuple[int, int, int], s
 def _select_lungs(cand: np.ndarray, hu: np.ndarray, mid_x: float, spacing, airway_bottom: int | None) -> np.ndarray:
     """The lungs among the air regions inside the body, bool (D, H, W).
 
-    A region is lung when it holds parenchyma (its median is above GAS_MEDIAN_HU; a gas bubble's is about -1000)
-    and, where the airway tree was found, reaches above its lowest point (lungs rise above the diaphragm, gas under
-    it does not). The lungs are the largest such region and, when it holds one lung only, the largest one on the
+    A region is not lung when it is a slab (at most SLAB_MAX_MM thick front to back and three times as wide: the
+    foam of a couch, a cushion or a blanket that the body's contour took in). Where the airway tree was found, a
+    lung reaches above its lowest point (lungs rise above the diaphragm, stomach and bowel gas do not); where it
+    was not, a region without vessels whose median is below GAS_MEDIAN_HU is gas. (A median alone would drop a
+    severely emphysematous lung, which still holds its vessels.) The lungs are the largest such region and, when it holds one lung only, the largest one on the
     other side of the body's midline that is at least a tenth its size and reaches the upper half of the first.
     """
     labels, n = ndimage.label(cand)
@@ -261,16 +271,20 @@ def _select_lungs(cand: np.ndarray, hu: np.ndarray, mid_x: float, spacing, airwa
     for i in order[sizes[order - 1] >= MIN_LUNG_ML]:
         sl = objects[i - 1]
         inside = labels[sl] == i
-        if np.median(hu[sl][inside]) < GAS_MEDIAN_HU:
+        if _is_slab(inside, spacing):
             continue
         zs = np.nonzero(inside.any(axis=(1, 2)))[0] + sl[0].start
         if airway_bottom is not None and zs[-1] < airway_bottom:
+            continue
+        if airway_bottom is None and _is_gas(hu[sl][inside]):
             continue
         cols = inside.sum(axis=(0, 1))
         left = cols[np.arange(sl[2].start, sl[2].stop) > mid_x].sum() / cols.sum()
         regions.append((i, sizes[i - 1], left, zs[0], zs[-1]))
     if not regions:
-        raise QCTError("no lung found: the air inside the body is gas (stomach, bowel) or lies below the airways")
+        raise QCTError(
+            "no lung found: the air inside the body is gas (stomach, bowel), foam (couch, cushion) or below the airways"
+        )
     first, *others = regions
     lungs = labels == first[0]
     if 0.2 < first[2] < 0.8:  # both lungs in one region (joined in front of the heart)
@@ -280,6 +294,26 @@ def _select_lungs(cand: np.ndarray, hu: np.ndarray, mid_x: float, spacing, airwa
         if ml >= 0.1 * first[1] and (left > 0.5) != (first[2] > 0.5) and top >= half:
             return lungs | (labels == i)
     return lungs
+
+
+def _is_slab(region: np.ndarray, spacing) -> bool:
+    """Whether a 3D region (bool, its bounding box) is wide and thin in its axial slices, as foam under or over a
+    patient is, flat or curved: its front-to-back thickness, measured column by column (median over all columns of
+    all its slices), is at most SLAB_MAX_MM, and its median width more than three times that."""
+    per_column = region.sum(axis=1)  # (slices, W): voxels along H in each column
+    thick = float(np.median(per_column[per_column > 0])) * spacing[1]
+    cols = region.any(axis=1)
+    cols = cols[cols.any(axis=1)]
+    first = np.argmax(cols, axis=1)
+    last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)
+    wide = float(np.median(last - first + 1)) * spacing[0]
+    return thick <= SLAB_MAX_MM and wide > 3 * thick
+
+
+def _is_gas(values: np.ndarray) -> bool:
+    """Whether the HU of a (vessel-filled) air region look like gas: dark throughout and without vessels."""
+    vessels = float(np.mean(values > LUNG_THRESHOLD_HU))
+    return bool(np.median(values) < GAS_MEDIAN_HU and vessels < GAS_MAX_VESSEL_FRACTION)
 
 
 def _fill_vessels(air: np.ndarray, spacing) -> np.ndarray:
@@ -361,9 +395,13 @@ def _findings(mask: np.ndarray, body: np.ndarray, contour: np.ndarray, valid: np
     if valid is not None and not edge:
         bad = ~valid
         edge = bool((mask & bad).any() or (mask[:, 1:] & bad[:, :-1]).any() or (mask[:, :-1] & bad[:, 1:]).any()
-                    or (mask[:, :, 1:] & bad[:, :, :-1]).any() or (mask[:, :, :-1] & bad[:, :, 1:]).any())  # fmt: skip
+                    or (mask[:, :, 1:] & bad[:, :, :-1]).any() or (mask[:, :, :-1] & bad[:, :, 1:]).any()
+                    or (mask[1:] & bad[:-1]).any() or (mask[:-1] & bad[1:]).any())  # fmt: skip
     if edge:
         found.append("lung touches the edge of the field of view: volume and %LAA-950 are partial")
+    total = max(int(mask.sum()), 1)
+    if max(int(mask[0].sum()), int(mask[-1].sum())) > END_SLICE_FRACTION * total:
+        found.append("lung cut by the first or last slice: the scan does not cover the whole lung")
     outside = (mask & ~contour).sum() / max(mask.sum(), 1)
     if outside > OUTSIDE_BODY_FRACTION:
         found.append(f"{outside * 100:.0f} % of the mask lies outside the body's outer contour")

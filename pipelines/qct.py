@@ -43,7 +43,8 @@ def mask_name(record: SeriesRecord) -> str:
     if record.series_uid:
         return record.series_uid
     stem = re.sub(r"\.nii(\.gz)?$", "", record.folder, flags=re.IGNORECASE)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "series"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "series"
+    return f"{stem}_{record.digest[:8]}"  # two sources may clean to one stem: the digest keeps them apart
 
 
 def _external_mask(folder: Path, name: str, volume: Volume) -> np.ndarray | None:
@@ -102,8 +103,8 @@ def _check_state(state: Path, settings: dict) -> None:
     import json
 
     path = state / "run_options"  # not *.json: those are the finished series
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        shutil.rmtree(state)
+    if state.is_dir() and (not path.is_file() or json.loads(path.read_text()) != settings):
+        shutil.rmtree(state)  # other options, or a state from a version that did not record them
     if not path.is_file():
         atomic_write_text(path, json.dumps(settings, sort_keys=True) + "\n")
 
@@ -137,6 +138,8 @@ def run(
             raise HaganError(f"--mask: no folder of lung masks at {external_masks}")
         options["external_masks"] = Path(external_masks)
     if masks is not None:
+        if external_masks is not None and Path(masks).resolve() == Path(external_masks).resolve():
+            raise HaganError("--masks and --mask name one folder: the masks written would replace yours")
         options["masks"] = Path(masks)
         options["masks"].mkdir(parents=True, exist_ok=True)
     d = cfg.data

@@ -184,9 +184,43 @@ def test_qct_measures_external_masks(cohort, tmp_path):
     [
         (["qct", ".", "--out", "q.csv", "--mask", "no_such_folder"], "--mask: no folder of lung masks"),
         (["phantoms", "x", "--couch", "70"], "'--couch': 70.0 is not in the range"),
+        (["qct", ".", "--out", "q.csv", "--mask", ".", "--masks", "."], "--masks and --mask name one folder"),
     ],
 )
 def test_bad_mask_and_couch_arguments_are_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_qct_state_of_an_older_version_is_not_trusted(cohort, tmp_path):
+    """A state folder without the options it was made with (an older version's) is measured afresh."""
+    import json
+
+    from hagan_clinic.io.cohort import discover
+
+    out = tmp_path / "qct.csv"
+    state = tmp_path / ".qct.csv.state"
+    state.mkdir()
+    record = discover(cohort, "CT", 16, "refuse", progress=False).ok[0]
+    stale = {"status": "ok", "lung_volume_ml": 9999.0, "laa950_pct": 99.0, "perc15_hu": 0.0, "warning": ""}
+    (state / f"{record.digest}.json").write_text(json.dumps(stale))
+    assert main(["qct", str(cohort), "--out", str(out)]) == 0
+    assert not (pd.read_csv(out)["lung_volume_ml"] == 9999.0).any()
+
+
+def test_mask_names_of_series_without_uid_never_collide(tmp_path):
+    """Two NIfTI files whose cleaned names coincide ('a/ct.nii.gz' and 'a_ct.nii.gz') get two mask files."""
+    import numpy as np
+
+    from hagan_clinic.io.nifti import write_scan
+    from hagan_clinic.phantoms import draw_patient, render_thorax
+
+    src = tmp_path / "src"
+    for i, rel in enumerate(("a/ct.nii.gz", "a_ct.nii.gz")):
+        volume = render_thorax(draw_patient(0, i), (32, 64, 64)).volume
+        write_scan(src / rel, volume, np.int16)
+    masks = tmp_path / "masks"
+    assert main(["qct", str(src), "--out", str(tmp_path / "q.csv"), "--masks", str(masks)]) == 0
+    names = sorted(p.name for p in masks.iterdir())
+    assert len(names) == 2 and all(n.startswith("a_ct_") for n in names), names

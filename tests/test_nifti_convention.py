@@ -196,3 +196,22 @@ def test_one_nifti_reader_and_writer():
         if "nibabel" in p.read_text() or "nib." in p.read_text()
     )
     assert users == ["hagan_clinic/io/nifti.py"]
+
+
+def test_non_finite_voxels_are_no_measurement_and_never_silent(tmp_path):
+    """NaN or inf in a NIfTI scan is read as 'no measurement' (never air or tissue), noted, and a lung that runs
+    into it is reported as partial rather than measured short without a word."""
+    from hagan_clinic.phantoms import draw_patient, render_thorax
+
+    ph = render_thorax(draw_patient(0, 1), (48, 96, 96))
+    hu = ph.volume.hu.astype(np.float32)
+    hu[24] = np.nan  # one slice through the lungs lost
+    hu[30, 5, 5] = np.inf
+    path = write_scan(tmp_path / "nan.nii.gz", Volume(hu=hu, spacing=ph.volume.spacing), np.float32)
+    volume = read_scan(path)
+    assert np.isfinite(volume.hu).all()
+    assert volume.valid is not None and not volume.valid[24].any() and not volume.valid[30, 5, 5]
+    assert "9217 non-finite voxels" in volume.meta["notes"]
+    res = measure(volume.hu, volume.spacing, volume.valid)
+    assert np.isfinite([res["lung_volume_ml"], res["laa950_pct"], res["perc15_hu"]]).all()
+    assert "edge of the field of view" in res["warning"]

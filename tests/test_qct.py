@@ -93,7 +93,9 @@ def test_sharp_kernels(kernel, sharp):
      ("BONE", True), ("BONEPLUS", True), ("LUNG", True), ("EDGE", True), ("HD LUNG", True), ("STANDARD", False),
      ("SOFT", False), ("D", True), ("E", True), ("L", True), ("YC", True), ("YD", True), ("YE", True), ("C", True),
      ("B", False), ("A", False), ("YA", False), ("YB", False), ("FC50", True), ("FC55", True), ("FC59", True),
-     ("FC80", True), ("FC89", True), ("FC30", True), ("FC39", True), ("FC13", False), ("FC03", False)],
+     ("FC80", True), ("FC89", True), ("FC30", True), ("FC39", True), ("FC13", False), ("FC03", False),
+     ("SOFT\\LUNG", False), ("Br 64", True), ("Hr64", True), ("H70h", True), ("H45s", False), ("D45f", True),
+     ("U90u", True), ("Qr40", False), ("I26f", False)],
 )  # fmt: skip
 def test_sharp_kernels_of_every_vendor(kernel, sharp):
     """Siemens 45 and above (B45f: COPDGene's sharp reconstruction), GE BONE/BONEPLUS/LUNG/EDGE, Philips C/D/E/L

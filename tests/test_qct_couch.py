@@ -22,7 +22,7 @@ from hagan_clinic.qct import QCTError, measure, measure_with_mask
 
 SHAPE = (48, 96, 96)
 NOT_LUNG = (COUCH_SHELL, COUCH_CORE, CUSHION_COVER, CUSHION_FOAM, GAS)
-FINDINGS = ("implausible", "one lung", "edge of the field of view", "outside the body")
+FINDINGS = ("implausible", "one lung", "edge of the field of view", "outside the body", "first or last slice")
 PROFILES = {  # profiles with a square field of view, where the couch lies wholly inside the image
     "soft": lambda p: not p.profile.padded_fov and not p.profile.sharp,
     "sharp_noisy": lambda p: not p.profile.padded_fov and p.profile.noise_hu >= 50,
@@ -154,3 +154,47 @@ def test_external_mask_of_another_shape_or_empty_is_refused(couch_phantom):
         measure(vol.hu, vol.spacing, mask=np.ones((4, 4, 4), bool))
     with pytest.raises(QCTError, match="empty"):
         measure(vol.hu, vol.spacing, mask=np.zeros(vol.hu.shape, bool))
+
+
+@pytest.mark.parametrize("shell_mm", [8.0, 12.0])
+def test_couch_with_a_shell_too_thick_to_cut_off_is_not_lung(shell_mm):
+    """A shell the body's opening cannot detach joins the couch to the body; its foam is still not lung."""
+    params = draw_patient(0, 0, couch_mm=60)
+    params = replace(params, couch=replace(params.couch, shell_mm=shell_mm))
+    ph = render_thorax(params, (32, 128, 128))
+    res, mask = _measure(ph)
+    assert not np.isin(ph.labels[mask], NOT_LUNG).any()
+    assert res["lung_volume_ml"] == pytest.approx(ph.truth["lung_volume_ml"], rel=0.03)
+    assert res["laa950_pct"] == pytest.approx(ph.truth["laa950_pct"], abs=1.0)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_severely_emphysematous_lung_is_kept_however_dark(both):
+    """Parenchyma at -980 HU (end-stage emphysema) keeps its vessels: lung, not gas."""
+    from hagan_clinic.phantoms.params import VESSEL
+
+    ph = render_thorax(draw_patient(0, 4), SHAPE)
+    parenchyma = np.isin(ph.labels, LUNG_LABELS) & (ph.labels != VESSEL)
+    if not both:
+        parenchyma[:, :, : SHAPE[2] // 2] = False
+    hu = ph.volume.hu.astype(np.float32).copy()
+    hu[parenchyma] = -980.0 + np.random.default_rng(1).normal(0, 18, parenchyma.sum()).round()
+    lung = np.isin(ph.labels, LUNG_LABELS)
+    res = measure(hu, ph.volume.spacing, ph.volume.valid, "B30f", 1.0)
+    assert res["lung_volume_ml"] == pytest.approx(lung.sum() * np.prod(ph.volume.spacing) / 1000, rel=0.03)
+    assert res["laa950_pct"] == pytest.approx(np.mean(hu[lung] < -950) * 100, abs=1.0)
+    assert "one lung" not in res["warning"]
+
+
+@pytest.mark.parametrize("end", ["apex", "base"])
+def test_scan_cut_through_the_apex_or_base_is_reported(end):
+    ph = render_thorax(draw_patient(0, 1), SHAPE)
+    lung_z = np.flatnonzero(np.isin(ph.labels, LUNG_LABELS).any(axis=(1, 2)))
+    cut = lung_z[0] + (lung_z[-1] - lung_z[0]) // 3 if end == "base" else lung_z[-1] - (lung_z[-1] - lung_z[0]) // 3
+    keep = slice(cut, None) if end == "base" else slice(None, cut + 1)
+    vol = ph.volume
+    valid = None if vol.valid is None else vol.valid[keep]
+    res = measure(vol.hu[keep], vol.spacing, valid, vol.meta["kernel"], 1.0)
+    assert "cut by the first or last slice" in res["warning"]
+    full = measure(vol.hu, vol.spacing, vol.valid, vol.meta["kernel"], 1.0)
+    assert "first or last slice" not in full["warning"]

@@ -134,7 +134,8 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
     """A NIfTI file in scanner units (HU for CT) as a canonical Volume, whatever its stored orientation.
 
     The affine's rotation is rounded to the nearest patient axes (nibabel's io_orientation); an oblique affine is
-    read on that nearest grid and noted. CT values below -1500 HU are marked invalid (no measurement).
+    read on that nearest grid and noted. CT values below -1500 HU and non-finite values (NaN, inf) are marked
+    invalid (no measurement), and the latter are noted.
     """
     path = Path(path)
     try:
@@ -154,9 +155,15 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
         notes = "oblique affine (read as the nearest axial grid)"
     hu = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     valid = None
-    if modality == "CT" and (hu < OUTSIDE_FOV_HU).any():
-        valid = hu >= OUTSIDE_FOV_HU
+    finite = np.isfinite(hu)
+    if modality == "CT" and (~finite | (hu < OUTSIDE_FOV_HU)).any():
+        valid = finite & (hu >= OUTSIDE_FOV_HU)
         hu[~valid] = -1024.0
+    elif not finite.all():
+        valid = finite
+        hu[~valid] = 0.0
+    if not finite.all():  # NaN or inf is no measurement: never air, tissue or lung
+        notes = "; ".join(n for n in (notes, f"{int((~finite).sum())} non-finite voxels read as no measurement") if n)
     name = path.name.removesuffix(".gz").removesuffix(".nii")
     return Volume(
         hu=hu,
