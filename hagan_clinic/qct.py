@@ -16,13 +16,11 @@ the airway and its wall are removed again at the end, since filling closes over 
 user's, is then checked for what a pair of lungs cannot be (one lung, cut by the field of view, outside the
 body's contour, outside 1-10 L) and each finding is a warning.
 
-Public API: ``lung_mask``, ``measure``, ``measure_with_mask``, ``measure_volume``, ``is_sharp_kernel``,
+Public API: ``lung_mask``, ``measure``, ``measure_with_mask``, ``measure_volume``, ``is_sharp_kernel`` (from kernels),
 ``QCTError``.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +28,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .errors import HaganError
 from .io.volume import Volume
+from .kernels import is_sharp_kernel
 
 LUNG_THRESHOLD_HU = -400.0
 BODY_THRESHOLD_HU = -500.0
@@ -56,35 +55,6 @@ _SLICE_2D[1] = ndimage.generate_binary_structure(2, 1)  # connectivity within an
 
 class QCTError(HaganError):
     """The lungs could not be measured in this scan; the message says why."""
-
-
-# Sharp (lung/bone/edge-enhancing) reconstruction kernels raise image noise and so %LAA-950. Flagged (the table is
-# in docs/data.md): Siemens B/Br/Bl/Bv/Bf/I/Ir/Q/Qr with a number >= 45 (B45f is COPDGene's sharp reconstruction;
-# B46f, B50f, Br64, Bl57, I70f); GE BONE, BONEPLUS, LUNG, EDGE, CHEST, DETAIL, ULTRA; Philips C, D, E, L, LA and
-# YC, YD, YE, YF (C and YC are Philips' "sharp" step above the standard B and YB); Canon/Toshiba FC30-FC39 (bone)
-# and FC50-FC99 (lung, high resolution); any name containing SHARP, LUNG, BONE or EDGE. Smooth: Siemens below 45
-# (B30f, B40f, Br40), GE SOFT and STANDARD, Philips A, B, YA, YB, Canon FC01-FC29 and FC40-FC49.
-_SIEMENS = re.compile(r"^(?:B|BR|BL|BV|BF|D|DR|I|IR|Q|QR|U|UR)(\d{2})[A-Z]?$")
-_SIEMENS_HEAD = re.compile(r"^(?:H|HR)(\d{2})[A-Z]?$")  # head kernels: H60 and above are bone kernels
-_CANON = re.compile(r"^FC(\d{2})$")
-_NAMED_SHARP = {"BONEPLUS", "CHEST", "DETAIL", "ULTRA", "C", "D", "E", "L", "LA", "YC", "YD", "YE", "YF"}
-
-
-def is_sharp_kernel(kernel: str | None) -> bool:
-    """Whether a ConvolutionKernel value names a sharp kernel (the list is in this module's comments)."""
-    if not kernel:
-        return False
-    name = re.sub(r"^([A-Z]+)\s+(?=\d)", r"\1", str(kernel).strip().upper())  # "Br 64" is Br64
-    value = re.split(r"[\\/]", name)[0].strip()  # "Br64\\2", "Br38f/3", "SOFT\\LUNG": the first value names it
-    first = (value.split() or [""])[0]
-    if m := _SIEMENS.match(first):
-        return int(m.group(1)) >= 45
-    if m := _SIEMENS_HEAD.match(first):
-        return int(m.group(1)) >= 60
-    if m := _CANON.match(first):
-        n = int(m.group(1))
-        return 30 <= n <= 39 or n >= 50
-    return first in _NAMED_SHARP or any(w in value for w in ("SHARP", "LUNG", "BONE", "EDGE"))
 
 
 def _voxels(mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -256,8 +226,9 @@ def _select_lungs(cand: np.ndarray, hu: np.ndarray, mid_x: float, spacing, airwa
     foam of a couch, a cushion or a blanket that the body's contour took in). Where the airway tree was found, a
     lung reaches above its lowest point (lungs rise above the diaphragm, stomach and bowel gas do not); where it
     was not, a region without vessels whose median is below GAS_MEDIAN_HU is gas. (A median alone would drop a
-    severely emphysematous lung, which still holds its vessels.) The lungs are the largest such region and, when it holds one lung only, the largest one on the
-    other side of the body's midline that is at least a tenth its size and reaches the upper half of the first.
+    severely emphysematous lung, which still holds its vessels.) The lungs are the largest such region and, when
+    it holds one lung only, the largest one on the other side of the body's midline that is at least a tenth its
+    size and reaches the upper half of the first.
     """
     labels, n = ndimage.label(cand)
     if n == 0:
