@@ -167,8 +167,8 @@ class DataConfig(_Section):
                 raise ValueError("data.spacing_mm: null (unknown) is allowed only with data.resize: reference")
         elif not all(math.isfinite(s) and 0 < s <= 100 for s in self.spacing_mm):
             raise ValueError(f"data.spacing_mm: must be finite, positive mm (at most 100), got {list(self.spacing_mm)}")
-        if not all(math.isfinite(w) for w in self.window):
-            raise ValueError(f"data.window: must be finite, got {list(self.window)}")
+        if not all(math.isfinite(w) and abs(w) <= 1e6 for w in self.window):
+            raise ValueError(f"data.window: must be finite numbers within +-1e6, got {list(self.window)}")
         lo, hi = self.mr_percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError(f"data.mr_percentiles: need 0 <= low < high <= 100, got {[lo, hi]}")

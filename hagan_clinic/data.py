@@ -5,8 +5,9 @@ point x 32767: what the preprocessing cache writes; they must be S x S x S), or 
 for CT) of any size, which are read and preprocessed exactly as ``encode`` reads them (the one NIfTI reader, then
 the data contract's preprocessing, rounded to float16 like the cache): a scan reaches the model the same way in
 training and in encoding. Preprocessing a NIfTI folder once with ``hagan-clinic preprocess`` gives the same
-volumes and saves that work at every epoch. The folder is checked once, from headers only, before training
-starts: a problem is reported with the file that has it.
+volumes and saves that work at every epoch. The folder is checked once before training starts (.npy files from
+their headers; NIfTI scans by reading and preprocessing each, so that no scan can stop a run half way): a problem
+is reported with the file that has it. A preprocess cache given without a table trains on its manifest's ok rows.
 
 The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
 the position: resuming needs only (epoch, position). Under torchrun each rank reads a disjoint shard
@@ -61,9 +62,10 @@ class VolumeFolder:
             raise DataError(f"{root}: no volumes (.npy, .nii, .nii.gz) found")
         size = cfg.model.size
         for f in files:
-            if _is_nifti(f):  # a scan of any size: preprocessed when loaded, as encode does
+            if _is_nifti(f):  # a scan of any size: preprocessed when loaded, as encode does; checked by doing it
                 try:
                     read_shape(f)
+                    model_input(read_scan(f, cfg.data.modality), cfg)
                 except SeriesError as err:
                     raise DataError(f"{f}: {err}") from None
                 continue
@@ -101,6 +103,12 @@ def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | Non
     if cfg.data.table is None:
         if conditional:
             raise DataError("a conditional model needs data.table with data.label_column")
+        if (root / "cache.json").is_file() and (root / "manifest.csv").is_file():
+            # a preprocess cache: its volumes are the manifest's ok rows (not the --nifti views beside them)
+            import pandas as pd
+
+            manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+            return [root / p for p in manifest.loc[manifest["status"] == "ok", "path"]], None
         return sorted(p for p in root.rglob("*") if _is_volume(p)), None
     import pandas as pd
 

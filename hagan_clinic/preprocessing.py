@@ -18,11 +18,12 @@ maps back to HU and millimetres through the same contract. The steps, in order:
 Voxels outside the scanner's field of view (``Volume.valid`` False) are air for this purpose: the model has no
 "unknown" value, and the window maps both to -1.
 
-``data.resize: reference`` replaces steps 2-4 with the reference implementation's preprocessing, which the
-published COPDGene and GSP weights were trained on: the window maps to [-1, 1], every axial slice with nothing
-above the window's floor is dropped (anywhere in the volume, not only at the ends), and the rest is resized
-anisotropically to S^3 (a Gaussian anti-aliasing filter of sd (factor - 1) / 2 voxels on each shrunk axis, then
-linear interpolation with the half-voxel convention and the floor outside the volume). The grid then has no
+``data.resize: reference`` replaces steps 1-4 with the reference implementation's preprocessing, which the
+published COPDGene and GSP weights were trained on: the window maps the raw intensities to [-1, 1] (MR too,
+without the percentile scaling of step 1), every axial slice with nothing above the window's floor is dropped
+(anywhere in the volume, not only at the ends), and the rest is resized anisotropically to S^3 (a Gaussian
+anti-aliasing filter of sd (factor - 1) / 2 voxels on each shrunk axis, then linear interpolation with the
+half-voxel convention and the floor outside the volume). The grid then has no
 defined voxel spacing: each scan's field of view is stretched to the cube.
 """
 
@@ -49,6 +50,8 @@ class GridInfo:
     resampled_shape: tuple[int, int, int]
     notes: list[str] = field(default_factory=list)
     origin: tuple[float, float, float] | None = None  # LPS mm of grid voxel (0, 0, 0); None: no physical grid
+    # (x, y, z) mm between grid voxels as resampled: the contract's spacing up to the rounding of the voxel count
+    spacing: tuple[float, float, float] | None = None
 
 
 def normalise_intensity(volume: Volume, cfg: Config) -> np.ndarray:
@@ -128,16 +131,22 @@ def fit(values: np.ndarray, size: int, fill: float, notes: list[str], spacing) -
     return out
 
 
-def _grid_origin(volume: Volume, box, resampled_shape, size: int) -> tuple[float, float, float]:
-    """LPS position of the centre of grid voxel (0, 0, 0): the crop's start, the resampling's half-voxel
-    convention (align_corners=False) and the centring offset of ``fit``, traced back to the source's voxels."""
-    origin = []
+def _grid_geometry(volume: Volume, box, resampled_shape, size: int):
+    """(origin, spacing) of the grid in the source's LPS coordinates: the centre of grid voxel (0, 0, 0) from the
+    crop's start, the resampling's half-voxel convention (align_corners=False) and the centring offset of ``fit``;
+    the spacing (x, y, z) the resampling really made (n source voxels onto m: n * s / m, which rounding of m
+    keeps within half a voxel of the contract's over the whole extent). (None, None) for a source read on the
+    nearest axial grid of an oblique one: its voxels have no exact place in the scanner's coordinates."""
+    if "oblique" in str(volume.meta.get("notes", "")):
+        return None, None
+    origin, spacing = [], []
     for axis in (2, 1, 0):  # x (W), y (H), z (D)
         n, m = box[axis][1] - box[axis][0], resampled_shape[axis]
         offset = (size - m) // 2 if m <= size else -((m - size) // 2)  # grid index = resampled index + offset
         source_index = box[axis][0] + (0 - offset + 0.5) * n / m - 0.5
         origin.append(volume.origin[2 - axis] + source_index * volume.spacing[2 - axis])
-    return tuple(origin)
+        spacing.append(volume.spacing[2 - axis] * n / m)
+    return tuple(origin), tuple(spacing)
 
 
 def reference_resize(values: np.ndarray, size: int) -> np.ndarray:
@@ -154,13 +163,15 @@ def reference_resize(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def _reference_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
-    values = normalise_intensity(volume, cfg).astype(np.float32)
+    # the reference windowed raw intensities for MR too (no percentile scaling)
+    values = volume.hu.astype(np.float32)
     lo = float(cfg.data.window[0])
     values[~np.isfinite(values)] = lo
     if volume.valid is not None:
         values[~volume.valid] = lo
     window_inplace(values, cfg.data.window)
-    keep = np.flatnonzero(values.mean(axis=(1, 2)) != -1.0)  # blank axial slices: nothing above the floor
+    # blank axial slices: nothing above the floor (the reference's "mean == -1", without float rounding)
+    keep = np.flatnonzero((values > -1.0).any(axis=(1, 2)))
     if keep.size == 0:
         raise SeriesError(f"every slice is blank (nothing above the window's floor, {lo:g})")
     dropped = len(values) - keep.size
@@ -195,8 +206,8 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
         resampled = resampled.copy()
     window_inplace(resampled, data.window)
     grid = fit(resampled, cfg.model.size, -1.0, notes, target)
-    origin = _grid_origin(volume, box, resampled.shape, cfg.model.size)
-    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes, origin)
+    origin, spacing = _grid_geometry(volume, box, resampled.shape, cfg.model.size)
+    return grid, GridInfo(volume.shape, volume.spacing, box, tuple(resampled.shape), notes, origin, spacing)
 
 
 def model_input(volume: Volume, cfg: Config) -> np.ndarray:

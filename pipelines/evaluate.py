@@ -41,7 +41,8 @@ class EvaluateOptions:
 
 
 def real_volumes(folder: Path, size: int, window) -> list[Path]:
-    """Files of real volumes on the grid; checked for shape from headers."""
+    """The real volumes: a preprocess cache's ok rows, else every .npy (on the grid) and NIfTI scan under ``folder``
+    (each checked when it is loaded)."""
     import pandas as pd
 
     if not folder.is_dir():

@@ -29,7 +29,7 @@ from .cohort import atomic_write_text, run_series, status_counts, write_csv
 
 MANIFEST_COLUMNS = [
     "patient_id", "study_uid", "series_uid", "path", "shape", "spacing", "kernel", "status", "reason",
-    "slice_thickness_mm", "manufacturer", "modality", "n_slices", "source", "notes", "grid_origin",
+    "slice_thickness_mm", "manufacturer", "modality", "n_slices", "source", "notes", "grid_origin", "grid_spacing",
 ]  # fmt: skip
 
 
@@ -71,17 +71,20 @@ def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:
         "status": "ok",
         "reason": "",
         "notes": "; ".join(notes),
-        "grid_origin": "" if info.origin is None else " ".join(f"{o:.3f}" for o in info.origin),
+        "grid_origin": "" if info.origin is None else " ".join(f"{o:.4f}" for o in info.origin),
+        "grid_spacing": "" if info.spacing is None else " ".join(f"{v:.6f}" for v in info.spacing),
     }
 
 
 def write_nifti_views(out: Path, rows: list[dict], cfg: Config) -> int:
     """``nifti/<id>.nii.gz`` for every ok row that has none yet: the cached grid in scanner units (HU for CT)
-    with its affine (the grid's spacing, and its position in the source scan's coordinates where it has one)."""
+    with its affine: the grid's position in the source scan's coordinates and the spacing its resampling made
+    (``grid_origin``, ``grid_spacing``). A grid without a place in the scanner's coordinates (the reference's
+    resize, an oblique source read on the nearest axial grid) is centred on the origin, and its description says
+    why."""
     from hagan_clinic.io.nifti import from_model_range, write_array
     from hagan_clinic.preprocessing import decode_cache
 
-    spacing = cfg.data.spacing_mm
     written = 0
     for row in rows:
         if row.get("status") != "ok" or not row.get("path"):
@@ -91,11 +94,14 @@ def write_nifti_views(out: Path, rows: list[dict], cfg: Config) -> int:
             continue
         values = from_model_range(decode_cache(np.load(out / row["path"])), cfg.data.window)
         origin = tuple(float(v) for v in str(row.get("grid_origin") or "").split()) or None
-        desc, grid_spacing = "hagan-clinic model grid", spacing
-        if spacing is None:  # reference resize: each scan stretched to the cube, no position either
-            desc, grid_spacing, origin = desc + "; spacing unknown (reference resize), 1 mm nominal", (1.0,) * 3, None
+        spacing = tuple(float(v) for v in str(row.get("grid_spacing") or "").split()) or None
+        desc = "hagan-clinic model grid"
+        if cfg.data.spacing_mm is None:
+            desc, spacing, origin = desc + "; spacing unknown (reference resize), 1 mm nominal", (1.0,) * 3, None
+        elif origin is None or spacing is None:
+            desc, spacing, origin = desc + "; position unknown (oblique source)", cfg.data.spacing_mm, None
         dtype = np.int16 if cfg.data.modality == "CT" else np.float32
-        write_array(target, values, grid_spacing, origin, dtype, desc)
+        write_array(target, values, spacing, origin, dtype, desc)
         written += 1
     return written
 

@@ -215,3 +215,97 @@ def test_non_finite_voxels_are_no_measurement_and_never_silent(tmp_path):
     res = measure(volume.hu, volume.spacing, volume.valid)
     assert np.isfinite([res["lung_volume_ml"], res["laa950_pct"], res["perc15_hu"]]).all()
     assert "edge of the field of view" in res["warning"]
+
+
+def _marker_world(img, threshold: float) -> np.ndarray:
+    """Intensity-weighted centre (RAS mm) of the voxels above ``threshold``, through the image's own affine."""
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    ijk = np.argwhere(data > threshold)
+    w = data[tuple(ijk.T)] - threshold
+    return nib.affines.apply_affine(img.affine, (ijk * w[:, None]).sum(0) / w.sum())
+
+
+def test_preprocess_nifti_view_puts_the_marker_where_the_scan_has_it_to_a_fraction_of_a_voxel(tmp_path):
+    """16 slices of 1 mm on a 1.5 mm grid become 11 slices 1.45 mm apart: the view's affine must say so, or the
+    anatomy drifts by a fraction of a millimetre per voxel away from the origin."""
+    from pipelines.preprocess import run
+
+    d, h, w = 16, 48, 48
+    hu = np.full((d, h, w), -1000.0, np.float32)
+    hu[:, 4:44, 4:44] = 40.0
+    hu[10:13, 30:33, 8:11] = 1500.0
+    source = Volume(hu=hu, spacing=(1.0, 1.0, 1.0), origin=(-20.0, 35.0, 100.0))
+    write_scan(tmp_path / "src" / "scan.nii.gz", source, np.int16)
+    cfg = tiny_config("data.spacing_mm=[1.5, 1.5, 1.5]")
+    run(tmp_path / "src", tmp_path / "cache", cfg, progress=False, nifti=True)
+    (view,) = (tmp_path / "cache" / "nifti").iterdir()
+    src_img = nib.load(str(tmp_path / "src" / "scan.nii.gz"))
+    error = np.abs(_marker_world(nib.load(str(view)), 300.0) - _marker_world(src_img, 300.0))
+    assert error.max() < 0.25 * 1.5, error
+
+
+def test_oblique_source_view_claims_no_scanner_position(tmp_path):
+    from pipelines.preprocess import run
+
+    hu = marked_thorax((24, 48, 48))
+    angle = np.deg2rad(15)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-4.0, -4.0, 6.0])
+    img = nib.Nifti1Image(np.transpose(hu, (2, 1, 0)).astype(np.int16), affine)
+    img.set_qform(affine, code=1)
+    (tmp_path / "src").mkdir()
+    nib.save(img, str(tmp_path / "src" / "oblique.nii.gz"))
+    result = run(tmp_path / "src", tmp_path / "cache", tiny_config(), progress=False, nifti=True)
+    (row,) = result.rows
+    assert row["status"] == "ok" and "oblique" in row["notes"] and row["grid_origin"] == ""
+    (view,) = (tmp_path / "cache" / "nifti").iterdir()
+    header = nib.load(str(view)).header
+    assert int(header["sform_code"]) == 2 and b"oblique" in header["descrip"].item()
+
+
+def test_training_on_a_cache_with_views_uses_each_scan_once(tmp_path, dicom_scan):
+    from pipelines.preprocess import run
+
+    folder, _ = dicom_scan
+    cfg = tiny_config()
+    run(folder, tmp_path / "cache", cfg, progress=False, nifti=True)
+    data = VolumeFolder.from_config(cfg, tmp_path / "cache")
+    assert len(data) == 1 and data.files[0].suffix == ".npy"
+
+
+def test_training_refuses_a_bad_scan_before_it_starts(tmp_path):
+    from hagan_clinic.data import DataError
+
+    good = Volume(hu=marked_thorax((24, 48, 48)), spacing=SPACING)
+    write_scan(tmp_path / "scans" / "good.nii.gz", good, np.int16)
+    air = Volume(hu=np.full((24, 48, 48), -1000.0, np.float32), spacing=SPACING)
+    write_scan(tmp_path / "scans" / "air.nii.gz", air, np.int16)
+    with pytest.raises(DataError, match="air.nii.gz: no body found"):
+        VolumeFolder.from_config(tiny_config(), tmp_path / "scans")
+
+
+def test_files_of_the_earlier_mirrored_convention_are_refused(tmp_path):
+    from hagan_clinic.io.volume import SeriesError
+
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.diag([12.0, 12.0, 12.0, 1.0]))
+    img.header["descrip"] = b"hagan-clinic seed=0 index=0"
+    nib.save(img, str(tmp_path / "old.nii.gz"))
+    with pytest.raises(SeriesError, match="earlier hagan-clinic"):
+        read_scan(tmp_path / "old.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "stored", "expected"),
+    [
+        (np.array([40000, -40000, 7], np.int32), np.int16, np.int16, [32767, -32768, 7]),
+        (np.array([1.5, -2.25, 0.0], np.float16), None, np.float32, [1.5, -2.25, 0.0]),
+        (np.array([3, 2**40, -5], np.int64), None, np.int32, [3, 2**31 - 1, -5]),
+        (np.array([True, False, True]), None, np.uint8, [1, 0, 1]),
+    ],
+)
+def test_writer_stores_any_array_without_wrapping(tmp_path, values, dtype, stored, expected):
+    path = write_array(tmp_path / "a.nii", values.reshape(1, 1, 3), (1.0, 1.0, 1.0), dtype=dtype)
+    img = nib.load(str(path))
+    assert img.get_data_dtype() == stored
+    np.testing.assert_array_equal(np.asarray(img.dataobj).ravel(), expected)

@@ -111,3 +111,25 @@ def test_encode_applies_the_reference_preprocessing(tmp_path):
     encoded = prepare_one(record, cfg.to_dict(), qct=False)["grid"]
     expected = reference_maths(hu, cfg.data.window, 32).astype(np.float16)
     np.testing.assert_allclose(encoded.astype(np.float32), expected.astype(np.float32), atol=1e-3)
+
+
+def test_a_slice_with_one_voxel_above_the_floor_is_not_blank():
+    """One voxel at -1020 HU in a 512^2 slice rounds the slice's float32 mean to exactly -1; it is not blank."""
+    hu = np.full((20, 512, 512), -1100.0, np.float32)
+    hu[3:17, 100:400, 120:380] = 30.0
+    hu[1, 256, 256] = -1020.0
+    cfg = tiny_config(*REFERENCE)
+    grid, info = to_model_grid(Volume(hu=hu, spacing=(0.7, 0.7, 2.5)), cfg)
+    assert info.box[0] == (1, 17)
+    assert "5 blank slice(s) dropped" in "; ".join(info.notes)
+    np.testing.assert_allclose(grid, reference_maths(hu, cfg.data.window, 32), atol=2e-5)
+
+
+def test_reference_mode_windows_raw_mr_intensities():
+    """For MR the reference clipped the raw intensities to its thresholds: no percentile scaling."""
+    rng = np.random.default_rng(3)
+    hu = rng.gamma(2.0, 40.0, (24, 40, 40)).astype(np.float32)
+    hu[:3] = 0.0
+    cfg = tiny_config(*REFERENCE, "data.modality=MR", "data.window=[0, 255]")
+    grid, _ = to_model_grid(Volume(hu=hu, spacing=(1.0, 1.0, 1.0)), cfg)
+    np.testing.assert_allclose(grid, reference_maths(hu, (0.0, 255.0), 32), atol=2e-5)

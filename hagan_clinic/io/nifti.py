@@ -59,13 +59,11 @@ def write_scan(
     volumes, centred on the origin). ``description`` goes into the header (at most 79 bytes, ASCII).
     """
     path = Path(path)
-    dtype = np.dtype(dtype or volume.hu.dtype)
-    if dtype == np.bool_:
-        dtype = np.dtype(np.uint8)
+    dtype = _storable(np.dtype(dtype or volume.hu.dtype))
     data = np.ascontiguousarray(np.transpose(volume.hu, (2, 1, 0)))
-    if np.issubdtype(dtype, np.integer) and not np.issubdtype(data.dtype, np.integer):
+    if np.issubdtype(dtype, np.integer):  # round, and clip rather than wrap around (40000 in int16 is 32767)
         info = np.iinfo(dtype)
-        data = np.clip(np.rint(data), info.min, info.max)
+        data = np.clip(np.rint(data) if np.issubdtype(data.dtype, np.floating) else data, info.min, info.max)
     affine = volume.affine_ras()
     img = nib.Nifti1Image(data.astype(dtype), affine)
     code = XFORM_CODES[xform]
@@ -78,6 +76,17 @@ def write_scan(
     with atomic_target(path, suffix) as tmp:
         nib.save(img, tmp)
     return path
+
+
+def _storable(dtype: np.dtype) -> np.dtype:
+    """A NIfTI-1 data type for ``dtype``: bool as uint8, float16 as float32, 64-bit integers as 32-bit (clipped)."""
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype in (np.int64, np.uint64):
+        return np.dtype(np.int32)
+    return dtype
 
 
 def write_array(
@@ -117,6 +126,7 @@ def read_shape(path: str | Path) -> tuple[int, int, int]:
         img = nib.squeeze_image(nib.load(str(path)))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
+        _refuse_mirrored(img)
         ornt, _ = _canonical(img)
         x, y, z = (img.shape[int(a)] for a in np.argsort(ornt[:, 0]))
     except SeriesError:
@@ -128,6 +138,18 @@ def read_shape(path: str | Path) -> tuple[int, int, int]:
 
 def _reason(err: Exception) -> str:
     return " ".join(str(err).split())[:100] or type(err).__name__
+
+
+def _refuse_mirrored(img) -> None:
+    """Files written by hagan-clinic 0.1 stored the (D, H, W) array under a positive diagonal affine that nibabel
+    reads as RAS: the patient's left-right and front-back were mirrored. They are recognised (our description,
+    sform 'aligned', no qform) and refused rather than read mirrored."""
+    header = img.header
+    descrip = bytes(header["descrip"].item()).split(b"\0")[0]
+    if descrip.startswith(b"hagan-clinic") and int(header["qform_code"]) == 0:
+        raise SeriesError(
+            "written by an earlier hagan-clinic whose affine mirrored left-right and front-back: generate it again"
+        )
 
 
 def read_scan(path: str | Path, modality: str = "CT") -> Volume:
@@ -142,6 +164,7 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
         img = nib.squeeze_image(nib.load(str(path)))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
+        _refuse_mirrored(img)
         ornt, affine = _canonical(img)
         data = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt)
     except SeriesError:
