@@ -150,3 +150,37 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def training_record(path: str | Path) -> dict[str, Any] | None:
+    """The training record a checkpoint carries (what it was trained on; see data.VolumeFolder.training_record),
+    or None for a checkpoint without one (imported weights, or written before checkpoints carried it)."""
+    record = read_checkpoint(path).get("extra", {}).get("training_set")
+    return record if isinstance(record, dict) else None
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What ``hagan-clinic info`` prints: identity, config, data contract, parameters, training set, provenance."""
+    payload = read_checkpoint(path)
+    extra = dict(payload.get("extra", {}))
+    record = extra.pop("training_set", None)
+    params = {
+        part: int(sum(t.numel() for t in sd.values() if isinstance(t, torch.Tensor)))
+        for part, sd in payload.get("state_dicts", {}).items()
+    }
+    training: dict[str, Any] | None = None
+    if isinstance(record, dict):
+        training = {k: record.get(k) for k in ("n_volumes", "data_dir", "table", "table_sha256", "files_sha256")}
+        training["patients"] = len(record.get("patient_ids", []))
+        training["series"] = len(record.get("series_uids", []))
+    return {
+        "file": str(path),
+        "sha256": file_sha256(path),
+        "format": f"{payload.get('format')}/{payload.get('version')}",
+        "parts": list(payload.get("parts", [])),
+        "parameters": params,
+        "data_contract": payload.get("data_contract"),
+        "config": payload.get("config"),
+        "training_set": training,
+        "provenance": extra,
+    }

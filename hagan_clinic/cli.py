@@ -95,6 +95,38 @@ def generate(checkpoint: str, n: int, out: str, seed: int, label: int | None, sl
     click.echo(f"wrote {len(paths)} volume(s) to {out}")
 
 
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (the config in full).")
+def info(checkpoint: str, as_json: bool) -> None:
+    """What a checkpoint is: identity, data contract, parameters, training set (size and digests), provenance."""
+    import json
+
+    from .checkpoint import describe_checkpoint
+
+    d = describe_checkpoint(checkpoint)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, default=str))
+        return
+    model = d["config"].get("model", {}) if isinstance(d["config"], dict) else {}
+    click.echo(f"checkpoint     {d['file']}  (sha256 {d['sha256']}, {d['format']})")
+    click.echo(f"model          size {model.get('size')}^3, latent {model.get('latent_dim')}, "
+               f"classes {model.get('num_classes')}, parts {', '.join(d['parts'])}")  # fmt: skip
+    total = sum(d["parameters"].values())
+    click.echo("parameters     " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in d["parameters"].items())
+               + f" (total {total / 1e6:.2f}M)")  # fmt: skip
+    click.echo(f"data contract  {d['data_contract']}")
+    t = d["training_set"]
+    if t is None:
+        click.echo("training set   not recorded (imported weights, or a checkpoint older than training records)")
+    else:
+        click.echo(f"training set   {t['n_volumes']} volumes, {t['patients']} patients, {t['series']} series "
+                   f"from {t['data_dir']}")  # fmt: skip
+        click.echo(f"               table {t['table'] or '-'} (sha256 {t['table_sha256'] or '-'}); "
+                   f"file list sha256 {t['files_sha256']}")  # fmt: skip
+    click.echo(f"provenance     {d['provenance'] or '-'}")
+
+
 @cli.command("import-reference")
 @click.option("--generator", required=True, type=click.Path(dir_okay=False), help="Reference G_iterN.pth.")
 @click.option("--encoder", required=True, type=click.Path(dir_okay=False), help="Reference E_iterN.pth (E^H).")
@@ -327,7 +359,7 @@ def regress(
     feature_regex: str, folds: int, seed: int, out: str, no_tracking: bool,
 ) -> None:  # fmt: skip
     """Cross-validated regression of clinical measures and GOLD stage from latent features, with baselines."""
-    from pipelines.regress import RegressOptions, run
+    from pipelines.regress import RegressOptions, r2_text, run
 
     from .tracking import NullTracker, Tracker
 
@@ -340,13 +372,17 @@ def regress(
         gold_required=gold_column is not None, folds=folds, seed=seed, feature_regex=feature_regex,
     )  # fmt: skip
     metrics = run(features, clinical, opts, NullTracker() if no_tracking else Tracker())
-    for name, s in metrics["targets"].items():
-        base = metrics["baselines"]["mean"][name]["r2"]
-        qct = metrics["baselines"].get("qct", {}).get(name)
-        extra = f", QCT-only {qct['r2']:.3f}" if qct and "r2" in qct else ""
-        click.echo(f"{name}: R2 {s['r2']:.3f} +- {s['r2_sd']:.3f} (mean baseline {base:.3f}{extra}), n={s['n']}")
+    for note in metrics["notes"].values():
+        click.echo(f"note: {note}")
+    for name, s in metrics["targets"].items():  # the names and numbers of metrics.json and of the MLflow run
+        fold = f"r2_fold_mean {s['r2_fold_mean']:.3f} +- {s['r2_fold_sd']:.3f}" if s["r2_fold_mean"] is not None else ""
+        parts = [r2_text(s), *([r2_text(s, "r2_log")] if "r2_log" in s else []), fold]
+        for kind, per_target in metrics["baselines"].items():
+            b = per_target[name]
+            parts.append(f"baseline_{kind}.{r2_text(b)}" if "r2" in b else f"baseline_{kind} skipped ({b['skipped']})")
+        click.echo(f"{name}: {'; '.join(p for p in parts if p)}; n {s['n']} ({s['n_patients']} patients)")
     for kind, s in metrics["gold"].items():
-        click.echo(f"GOLD {kind}: accuracy {s['accuracy']:.3f}, kappa {s['quadratic_kappa']:.3f}")
+        click.echo(f"GOLD {kind}: accuracy {s['accuracy']:.3f}, quadratic_kappa {s['quadratic_kappa']:.3f}")
     click.echo(f"written to {out}")
 
 
@@ -358,13 +394,22 @@ def predict(model_path: str, features: str, out: str) -> None:
     """Apply a model fitted by `regress` to a new feature table (only load model files you made)."""
     from pipelines.regress import predict as run_predict
 
-    table = run_predict(model_path, features, out)
+    table, notes = run_predict(model_path, features, out)
+    for note in notes:
+        click.echo(f"note: {note}")
     click.echo(f"{len(table)} rows: {out}")
 
 
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
-@click.option("--real", required=True, type=click.Path(), help="Real volumes on the grid (a preprocess cache).")
+@click.option("--real", required=True, type=click.Path(), help="Held-out real volumes (a preprocess cache).")
+@click.option(
+    "--train",
+    "train_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The model's training volumes, for the memorisation check (default: the checkpoint's training record).",
+)
 @click.option("--n", "n", type=click.IntRange(min=2), default=512, show_default=True, help="Volumes to generate.")
 @click.option(
     "--feature-net",
@@ -381,8 +426,8 @@ def predict(model_path: str, features: str, out: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 def evaluate(
-    checkpoint: str, real: str, n: int, feature_net: str, measure: str, seed: int, batch_size: int,
-    slab: int | None, device: str, out: str, no_tracking: bool,
+    checkpoint: str, real: str, train_dir: str | None, n: int, feature_net: str, measure: str, seed: int,
+    batch_size: int, slab: int | None, device: str, out: str, no_tracking: bool,
 ) -> None:  # fmt: skip
     """FID, MMD, MS-SSIM diversity, memorisation, reconstruction and a latent direction, generated vs real."""
     from pipelines.evaluate import EvaluateOptions, run
@@ -392,33 +437,74 @@ def evaluate(
     opts = EvaluateOptions(
         checkpoint=Path(checkpoint), real=Path(real), out=Path(out), n=n, feature_net=feature_net, seed=seed,
         device=_resolve_device(device), batch_size=batch_size, measure=measure, slab=slab,
+        train=None if train_dir is None else Path(train_dir),
     )  # fmt: skip
     m = run(opts, NullTracker() if no_tracking else Tracker())
     click.echo(f"FID {m['fid']:.3f}, MMD^2 {m['mmd2']:.4f} ({m['feature_net']}); MS-SSIM generated "
                f"{m['ms_ssim_generated']:.3f}, real {m['ms_ssim_real']:.3f}; written to {out}")  # fmt: skip
+    mem = m["memorisation"]
+    if "skipped" in mem:
+        click.echo(f"memorisation: not checked ({mem['skipped']})")
+    else:
+        verdict = (
+            "FLAGGED: generated volumes sit closer to the training set than held-out ones"
+            if mem["flagged"]
+            else "not flagged"
+        )
+        click.echo(f"memorisation vs the training set: median ratio {mem['median_ratio']:.2f}, fraction closer than "
+                   f"held-out p5 {mem['fraction_closer_than_heldout_p5']:.2f}: {verdict}")  # fmt: skip
 
 
 @cli.command()
 @click.option("--config", "config_file", required=True, help="Config with an augment section.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--write-split",
+    is_flag=True,
+    help="Only write the split and the training part (train_table.csv) to train the GAN on, then stop.",
+)
+@click.option("--device", default=None, help="Classifier device: cpu, cuda, cuda:N or auto (default: the config's).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-def augment(config_file: str, overrides: tuple[str, ...], out: str, no_tracking: bool) -> None:
-    """Train a downstream 3D classifier on real volumes with and without synthetic and classical augmentation."""
-    from pipelines.augment import METRICS, run
+def augment(
+    config_file: str, overrides: tuple[str, ...], out: str, write_split: bool, device: str | None, no_tracking: bool
+) -> None:
+    """Train a downstream 3D classifier on real volumes with and without synthetic and classical augmentation.
+
+    The GAN must not have seen a validation or test patient: write the split first (--write-split), train the GAN
+    on its training part, then run augment.
+    """
+    from pipelines import augment as augment_pipeline
 
     from .config import load_config
     from .tracking import NullTracker, Tracker
 
     cfg = load_config(config_file, overrides)
-    table = run(cfg, Path(out), NullTracker() if no_tracking else Tracker())
+    if write_split:
+        import pandas as pd
+
+        split_csv, table = augment_pipeline.write_split(cfg, Path(out))
+        classes = int(pd.read_csv(table)[cfg.augment.label_column].max()) + 1
+        click.echo(f"split: {split_csv}; training part: {table}")
+        click.echo(f"train the GAN on it: hagan-clinic train --config {config_file} --data {cfg.augment.cache} "
+                   f"--set data.table={table} --set data.label_column={cfg.augment.label_column} "
+                   f"--set model.num_classes={classes}")  # fmt: skip
+        return
+    tracker = NullTracker() if no_tracking else Tracker()
+    table = augment_pipeline.run(cfg, Path(out), tracker, _resolve_device(device or cfg.device))
     for row in table:
-        text = ", ".join(f"{m} {row[m + '_mean']:.3f} +- {row[m + '_sd']:.3f}" for m in METRICS)
+        text = ", ".join(f"{m} {row[m + '_mean']:.3f} +- {row[m + '_sd']:.3f}" for m in augment_pipeline.METRICS)
         if "auc_diff" in row:
             lo, hi = row["balanced_accuracy_diff_ci"]
-            text += f"; balanced accuracy vs real {row['balanced_accuracy_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            blo, bhi = row["balanced_accuracy_diff_boot_ci"]
+            text += (f"; balanced accuracy vs real {row['balanced_accuracy_diff']:+.3f} (seeds [{lo:+.3f}, {hi:+.3f}]; "
+                     f"test patients [{_fmt(blo)}, {_fmt(bhi)}])")  # fmt: skip
         click.echo(f"{row['arm']}: {text}")
     click.echo(f"written to {out}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 @cli.command()

@@ -218,6 +218,21 @@ class TrackingConfig(_Section):
 ARMS = ("real", "real+synthetic", "real+classical", "real+synthetic+classical")
 
 
+class ClassicalConfig(_Section):
+    """Classical augmentation (MONAI random transforms), drawn afresh for every training volume and epoch."""
+
+    flip_lr: bool = Field(False, description="left-right flips (off: in a thorax the heart is on the left)")
+    rotate_deg: float = Field(5.0, ge=0, le=45, description="random rotation about each axis, up to +- degrees")
+    scale: float = Field(0.05, ge=0, lt=0.5, description="random zoom, up to +- this fraction per axis")
+    translate_vox: float = Field(2.0, ge=0, le=32, description="random shift, up to +- voxels per axis")
+    elastic: bool = Field(False, description="add a random elastic deformation (slower)")
+    elastic_sigma: tuple[float, float] = Field((5.0, 7.0), description="elastic smoothing range (voxels)")
+    elastic_magnitude: tuple[float, float] = Field((20.0, 40.0), description="elastic displacement range")
+    intensity_scale: float = Field(0.1, ge=0, lt=1, description="random intensity scaling, up to +- this fraction")
+    intensity_shift: float = Field(0.05, ge=0, lt=1, description="random intensity offset, up to +- (model units)")
+    noise_sd: float = Field(0.02, ge=0, lt=1, description="Gaussian noise sd (model units)")
+
+
 class AugmentConfig(_Section):
     """A downstream classifier trained on real volumes, with and without synthetic and classical augmentation."""
 
@@ -237,6 +252,8 @@ class AugmentConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
+    classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
+    bootstrap: int = Field(1000, ge=100, le=100000, description="patient-bootstrap resamples of the test split")
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:

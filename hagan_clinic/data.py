@@ -50,6 +50,8 @@ class VolumeFolder:
     files: tuple[Path, ...]
     labels: tuple[int, ...] | None
     config: Config
+    ids: tuple[tuple[str, str], ...] | None = None  # (patient_id, series_uid) per file, from the table
+    table: Path | None = None  # the table (or cache manifest) the files came from
 
     @classmethod
     def from_config(cls, cfg: Config, data_dir: str | Path | None = None) -> VolumeFolder:
@@ -57,7 +59,7 @@ class VolumeFolder:
         root = Path(given)  # Path("") is "." (the current folder): test the string, not the path
         if not given or not root.is_dir():
             raise DataError(f"data folder not found: '{given}' (give --data DIR or data.dir)")
-        files, labels = _listing(cfg, root)
+        files, labels, ids, table = _listing(cfg, root)
         if not files:
             raise DataError(f"{root}: no volumes (.npy, .nii, .nii.gz) found")
         size = cfg.model.size
@@ -75,7 +77,7 @@ class VolumeFolder:
                 raise DataError(f"{f}: not a readable volume ({' '.join(str(err).split())[:120]})") from None
             if shape != (size, size, size):
                 raise DataError(f"{f}: shape {shape}, but the model needs {size}^3 volumes (preprocess them first)")
-        return cls(root, tuple(files), labels, cfg)
+        return cls(root, tuple(files), labels, cfg, ids, table)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,6 +92,26 @@ class VolumeFolder:
         except SeriesError as err:
             raise DataError(f"{path}: {err}") from None
 
+    def training_record(self) -> dict:
+        """What a model trained on this folder saw, for its checkpoints: the patient IDs and series UIDs of its
+        volumes (as the table gives them: pseudonyms where the cache holds pseudonyms), the number of volumes,
+        the files (relative to the data folder) and SHA-256 digests of the table and of the file list. Lets
+        ``augment`` and ``evaluate`` tell training patients from held-out ones."""
+        import hashlib
+
+        rel = [str(f.relative_to(self.root)) if f.is_relative_to(self.root) else str(f) for f in self.files]
+        record = {
+            "n_volumes": len(self.files),
+            "data_dir": str(self.root.resolve()),
+            "files": rel,
+            "files_sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
+            "patient_ids": sorted({p for p, _ in self.ids}) if self.ids else [],
+            "series_uids": sorted({s for _, s in self.ids if s}) if self.ids else [],
+            "table": "" if self.table is None else str(self.table.resolve()),
+            "table_sha256": "" if self.table is None else hashlib.sha256(self.table.read_bytes()).hexdigest(),
+        }
+        return record
+
     def summary(self) -> str:
         text = f"{len(self)} volumes in {self.root}"
         if self.labels is not None:
@@ -98,7 +120,8 @@ class VolumeFolder:
         return text
 
 
-def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | None]:
+def _listing(cfg: Config, root: Path):
+    """(files, labels or None, (patient_id, series_uid) per file or None, the table's path or None)."""
     conditional = cfg.model.num_classes > 0
     if cfg.data.table is None:
         if conditional:
@@ -108,14 +131,15 @@ def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | Non
             import pandas as pd
 
             manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
-            return [root / p for p in manifest.loc[manifest["status"] == "ok", "path"]], None
-        return sorted(p for p in root.rglob("*") if _is_volume(p)), None
+            ok = manifest[manifest["status"] == "ok"]
+            return [root / p for p in ok["path"]], None, _ids(ok), root / "manifest.csv"
+        return sorted(p for p in root.rglob("*") if _is_volume(p)), None, None, None
     import pandas as pd
 
     table_path = Path(cfg.data.table)
     if not table_path.is_file():
         raise DataError(f"data table not found: {table_path}")
-    table = pd.read_csv(table_path)
+    table = pd.read_csv(table_path, dtype={"patient_id": str, "series_uid": str})
     need = [cfg.data.path_column] + ([cfg.data.label_column] if conditional else [])
     if conditional and cfg.data.label_column is None:
         raise DataError("a conditional model needs data.label_column")
@@ -128,8 +152,9 @@ def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | Non
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"{len(missing)} file(s) of {table_path.name} not found, e.g. {missing[0]}")
+    ids = _ids(table)
     if not conditional:
-        return files, None
+        return files, None, ids, table_path
     raw = pd.to_numeric(table[cfg.data.label_column], errors="coerce")
     keep = raw.notna() & (raw >= 0)  # the reference let -1 ("no label") reach one_hot; we leave those out
     values = raw[keep]
@@ -140,7 +165,16 @@ def _listing(cfg: Config, root: Path) -> tuple[list[Path], tuple[int, ...] | Non
             f"[0, {cfg.model.num_classes - 1}]"
         )
     kept = [f for f, k in zip(files, keep) if k]
-    return kept, tuple(int(v) for v in values)
+    kept_ids = None if ids is None else tuple(i for i, k in zip(ids, keep) if k)
+    return kept, tuple(int(v) for v in values), kept_ids, table_path
+
+
+def _ids(table) -> tuple[tuple[str, str], ...] | None:
+    """(patient_id, series_uid) per row of a table that has a patient_id column (a cache manifest has both)."""
+    if "patient_id" not in table.columns:
+        return None
+    series = table["series_uid"] if "series_uid" in table.columns else [""] * len(table)
+    return tuple((str(p), "" if str(s) == "nan" else str(s)) for p, s in zip(table["patient_id"], series))
 
 
 class ShardedSampler:

@@ -183,6 +183,43 @@ def nearest_neighbour_distances(gen: np.ndarray, real: np.ndarray) -> dict[str, 
     }
 
 
+MEMORISATION_FLAG_FRACTION = 0.2  # four times the 0.05 a generator of fresh volumes would give
+MEMORISATION_FLAG_RATIO = 0.5
+
+
+def memorisation_check(gen: np.ndarray, train: np.ndarray, heldout: np.ndarray) -> dict[str, Any]:
+    """Do generated volumes sit closer to the training volumes than unseen real volumes do?
+
+    Args: feature matrices (N, D) of generated volumes, of the model's training volumes and of held-out real
+    volumes (that the model never saw), each with at least 2 rows.
+
+    Returns ``median_ratio`` = median(generated -> nearest training) / median(held-out -> nearest training),
+    ``fraction_closer_than_heldout_p5`` = the fraction of generated volumes nearer to a training volume than the
+    5th percentile of the held-out ones, the counts, and ``flagged``: a fraction above
+    MEMORISATION_FLAG_FRACTION or a ratio below MEMORISATION_FLAG_RATIO. A generator of fresh volumes from the
+    training distribution stands to the training set as held-out volumes do (ratio near 1, fraction near 0.05);
+    one that copies training volumes gives distances near 0.
+    """
+    gen, train, heldout = _features(gen, "gen"), _features(train, "train"), _features(heldout, "heldout")
+    if not gen.shape[1] == train.shape[1] == heldout.shape[1]:
+        raise ValueError("gen, train and heldout must have the same number of features")
+    gen_to_train = cdist(gen, train).min(axis=1)
+    held_to_train = cdist(heldout, train).min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.float64(np.median(gen_to_train)) / np.float64(np.median(held_to_train)))
+    fraction = float(np.mean(gen_to_train < np.percentile(held_to_train, 5)))
+    return {
+        "median_ratio": ratio,
+        "fraction_closer_than_heldout_p5": fraction,
+        "median_generated_to_train": float(np.median(gen_to_train)),
+        "median_heldout_to_train": float(np.median(held_to_train)),
+        "n_generated": int(len(gen)),
+        "n_train": int(len(train)),
+        "n_heldout": int(len(heldout)),
+        "flagged": bool(fraction > MEMORISATION_FLAG_FRACTION or ratio < MEMORISATION_FLAG_RATIO),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Similarity of two volumes
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,13 +6,21 @@ every arm and seed; synthetic volumes only ever join the training split. Arms:
 - ``real``: the real training volumes;
 - ``real+synthetic``: plus ``synthetic_ratio`` synthetic volumes per real training volume of each class, generated
   with that class by a conditional HA-GAN checkpoint (generated once, cached in the output folder);
-- ``real+classical``: real volumes with classical augmentation (left-right flip, intensity scale and shift,
-  Gaussian noise), drawn afresh each epoch;
+- ``real+classical``: real volumes with classical augmentation (MONAI random transforms: a small affine, an
+  optional elastic deformation, intensity scale and shift, Gaussian noise; left-right flips only when asked, since
+  in a thorax the heart is on the left), drawn afresh for every volume and epoch (``augment.classical``);
 - ``real+synthetic+classical``: both.
 
 Each (arm, seed) trains the classifier from scratch, keeps the epoch with the best validation balanced accuracy,
 and is scored once on the test split: accuracy, balanced accuracy, AUC. Every arm is compared with ``real`` seed by
-seed (paired): mean difference and a 95 % t-interval over seeds.
+seed (paired): mean difference and a 95 % t-interval over seeds (the spread of training); and by a patient
+bootstrap of the test split (the sampling error of a small test set): 95 % interval of the seed-averaged
+difference.
+
+No leakage: the GAN behind the synthetic arms must not have seen a validation or test patient. A checkpoint
+records its training set (hagan_clinic.data.VolumeFolder.training_record); a checkpoint without that record, or
+whose training set holds any validation or test patient, is refused. The clean path: ``augment --write-split``
+writes the split and the training part as a table, ``train`` learns the GAN from that table, ``augment`` runs.
 """
 
 from __future__ import annotations
@@ -74,6 +82,53 @@ def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
     return out
 
 
+def write_split(cfg: Config, out: Path) -> tuple[Path, Path]:
+    """split.csv (every labelled volume's split) and train_table.csv (the training part: the cache manifest's rows
+    with the label), to train the GAN on the training patients only. Returns their paths."""
+    import pandas as pd
+
+    a = cfg.augment
+    paths, labels, groups = load_real(cfg)
+    parts = split(labels, groups, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_split_csv(out / "split.csv", paths, labels, groups, parts)
+    manifest = pd.read_csv(Path(a.cache) / "manifest.csv", dtype=str, keep_default_na=False)
+    train_paths = {str(p.relative_to(Path(a.cache))) for p, s in zip(paths, parts) if s == "train"}
+    label_of = {str(p.relative_to(Path(a.cache))): int(y) for p, y in zip(paths, labels)}
+    rows = manifest[manifest["path"].isin(train_paths)].copy()
+    rows[a.label_column] = [label_of[p] for p in rows["path"]]
+    write_csv(out / "train_table.csv", rows.to_dict("records"), list(rows.columns))
+    return out / "split.csv", out / "train_table.csv"
+
+
+def _write_split_csv(path: Path, paths, labels, groups, parts) -> None:
+    write_csv(path, [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
+                     for p, y, g, s in zip(paths, labels, groups, parts)],
+              ["patient_id", "path", "label", "split"])  # fmt: skip
+
+
+def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray) -> None:
+    """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw."""
+    from hagan_clinic.checkpoint import training_record
+
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise HaganError(f"augment.checkpoint: not found: '{checkpoint}'")
+    record = training_record(checkpoint)
+    how = "train it on the training part that 'augment --write-split' writes"
+    if record is None:
+        raise HaganError(f"augment.checkpoint has no training record, so its training patients are unknown: {how}")
+    seen = set(record.get("patient_ids") or [])
+    if not seen:
+        raise HaganError(f"augment.checkpoint's training record names no patients (no patient_id column): {how}")
+    held = set(groups[parts != "train"].tolist())
+    overlap = held & seen
+    if overlap:
+        raise HaganError(
+            f"the GAN was trained on {len(overlap)} of the {len(held)} validation/test patients "
+            f"(e.g. {sorted(overlap)[0]}): {how}"
+        )
+
+
 def synthesize(cfg: Config, counts: dict[int, int], out: Path) -> tuple[np.ndarray, np.ndarray]:
     """``counts[c]`` volumes of class c from the conditional checkpoint, cached in out/synthetic.npz."""
     import torch
@@ -107,17 +162,39 @@ def synthesize(cfg: Config, counts: dict[int, int], out: Path) -> tuple[np.ndarr
     return x, y
 
 
-def classical(x, generator):
-    """Classical augmentation of a batch (N, 1, D, H, W): left-right flip, intensity scale/shift, noise."""
+def classical_transform(c, seed: int):
+    """The classical augmentation as one MONAI Compose of random transforms on (1, D, H, W) volumes in [-1, 1],
+    seeded: the same seed draws the same sequence. Areas moved in from outside are air (the border value)."""
+    import math
+
+    from monai.transforms import (
+        Compose,
+        Rand3DElastic,
+        RandAffine,
+        RandFlip,
+        RandGaussianNoise,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
+
+    rot = math.radians(c.rotate_deg)
+    steps = [RandAffine(prob=1.0, rotate_range=(rot,) * 3, scale_range=(c.scale,) * 3,
+                        translate_range=(c.translate_vox,) * 3, padding_mode="border")]  # fmt: skip
+    if c.elastic:
+        steps.append(Rand3DElastic(c.elastic_sigma, c.elastic_magnitude, prob=1.0, padding_mode="border"))
+    if c.flip_lr:
+        steps.append(RandFlip(prob=0.5, spatial_axis=2))  # W: the patient's right-left axis
+    steps += [RandScaleIntensity(c.intensity_scale, prob=1.0), RandShiftIntensity(c.intensity_shift, prob=1.0),
+              RandGaussianNoise(prob=1.0, std=c.noise_sd)]  # fmt: skip
+    return Compose(steps).set_random_state(seed=seed)
+
+
+def classical(x, transform):
+    """Classical augmentation of a batch (N, 1, D, H, W), one random draw per volume, clamped to [-1, 1]."""
     import torch
 
-    n = x.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
-    scale = 1 + 0.1 * (torch.rand(n, 1, 1, 1, 1, generator=generator) * 2 - 1)
-    shift = 0.05 * (torch.rand(n, 1, 1, 1, 1, generator=generator) * 2 - 1)
-    noise = 0.02 * torch.randn(x.shape, generator=generator)
-    return (x * scale + shift + noise).clamp(-1, 1)
+    out = [torch.as_tensor(transform(v), dtype=torch.float32) for v in x]
+    return torch.stack(out).clamp(-1, 1)
 
 
 def make_classifier(name: str, classes: int):
@@ -131,34 +208,46 @@ def make_classifier(name: str, classes: int):
 
 
 def scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
+    """Accuracy, balanced accuracy (mean recall over the classes present) and AUC (NaN with one class present)."""
     pred = prob.argmax(1)
-    auc = roc_auc_score(y, prob[:, 1]) if prob.shape[1] == 2 else roc_auc_score(y, prob, multi_class="ovr")
-    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-            "auc": float(auc)}  # fmt: skip
+    classes = np.unique(y)
+    balanced = float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
+    if len(classes) < 2:
+        auc = float("nan")
+    elif prob.shape[1] == 2:  # the Mann-Whitney form of the AUC, ties counted half
+        pos, neg = prob[y == 1, 1], prob[y != 1, 1]
+        auc = float(
+            ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size)
+        )
+    else:
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(y, prob, multi_class="ovr", labels=list(range(prob.shape[1]))))
+    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": balanced, "auc": auc}
 
 
-def train_arm(arm: str, seed: int, data: dict, cfg: Config) -> dict:
-    """Train one classifier; the best validation epoch is scored on the test split."""
+def train_arm(arm: str, seed: int, data: dict, cfg: Config, device: str = "cpu") -> dict:
+    """Train one classifier on ``device``; the best validation epoch is scored on the test split. The result
+    holds the test-split probabilities (``test_prob``) for the patient bootstrap."""
     import torch
 
     a = cfg.augment
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    transform = classical_transform(a.classical, seed) if "classical" in arm else None
     x, y = data["train_x"], data["train_y"]
     if "synthetic" in arm:
         x, y = np.concatenate([x, data["syn_x"]]), np.concatenate([y, data["syn_y"]])
     x, y = torch.from_numpy(x.astype(np.float32))[:, None], torch.from_numpy(y).long()
     classes = int(max(data["train_y"].max(), data["test_y"].max())) + 1
-    net = make_classifier(a.classifier, classes)
+    net = make_classifier(a.classifier, classes).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
 
     def predict(vols: np.ndarray) -> np.ndarray:
         net.eval()
         with torch.no_grad():
-            logits = torch.cat([net(torch.from_numpy(vols[i : i + a.batch_size].astype(np.float32))[:, None])
-                                for i in range(0, len(vols), a.batch_size)])  # fmt: skip
+            logits = torch.cat([net(torch.from_numpy(vols[i : i + a.batch_size].astype(np.float32))[:, None]
+                                    .to(device)).float().cpu() for i in range(0, len(vols), a.batch_size)])  # fmt: skip
         return torch.softmax(logits, 1).numpy()
 
     best, best_state = -1.0, None
@@ -167,8 +256,8 @@ def train_arm(arm: str, seed: int, data: dict, cfg: Config) -> dict:
         order = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), a.batch_size):
             idx = order[i : i + a.batch_size]
-            xb = classical(x[idx], gen) if "classical" in arm else x[idx]
-            loss = torch.nn.functional.cross_entropy(net(xb), y[idx])
+            xb = classical(x[idx], transform) if transform is not None else x[idx]
+            loss = torch.nn.functional.cross_entropy(net(xb.to(device)), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -176,12 +265,39 @@ def train_arm(arm: str, seed: int, data: dict, cfg: Config) -> dict:
         if val > best:
             best, best_state = val, {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
-    return {"val_balanced_accuracy": best, **scores(data["test_y"], predict(data["test_x"])),
-            "train_volumes": int(len(y)), "synthetic_volumes": int(len(y) - len(data["train_y"]))}  # fmt: skip
+    prob = predict(data["test_x"])
+    return {"val_balanced_accuracy": best, **scores(data["test_y"], prob),
+            "train_volumes": int(len(y)), "synthetic_volumes": int(len(y) - len(data["train_y"])),
+            "test_prob": prob}  # fmt: skip
 
 
-def compare(results: list[dict], arms) -> list[dict]:
-    """Per arm: mean and sd over seeds, and the paired difference from 'real' with a 95 % t-interval."""
+def bootstrap_differences(results: list[dict], arms, test_y, test_groups, n_boot: int, seed: int) -> dict:
+    """{arm: {metric: [lo, hi]}}: 95 % patient-bootstrap interval, over the test split, of the seed-averaged
+    difference of each arm from 'real' (same resampled patients for both; resamples where the AUC is undefined,
+    one class only, are left out of the AUC's interval)."""
+    rng = np.random.default_rng(seed)
+    seeds = sorted({r["seed"] for r in results})
+    prob = {(r["arm"], r["seed"]): r["test_prob"] for r in results}
+    uniq, inverse = np.unique(test_groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    diffs: dict = {arm: {m: [] for m in METRICS} for arm in arms if arm != "real"}
+    for _ in range(n_boot):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        y = test_y[rows]
+        base = [scores(y, prob[("real", s)][rows]) for s in seeds]
+        for arm in diffs:
+            other = [scores(y, prob[(arm, s)][rows]) for s in seeds]
+            for m in METRICS:
+                d = np.mean([o[m] - b[m] for o, b in zip(other, base)])
+                if np.isfinite(d):
+                    diffs[arm][m].append(d)
+    return {arm: {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [None, None]
+                  for m, v in per.items()} for arm, per in diffs.items()}  # fmt: skip
+
+
+def compare(results: list[dict], arms, boot: dict | None = None) -> list[dict]:
+    """Per arm: mean and sd over seeds; the paired difference from 'real' with a 95 % t-interval over seeds, and
+    (``boot``) the patient-bootstrap interval of the test split."""
     from scipy import stats
 
     table = []
@@ -200,6 +316,8 @@ def compare(results: list[dict], arms) -> list[dict]:
                     half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
                 row[f"{m}_diff"] = float(diff.mean())
                 row[f"{m}_diff_ci"] = [float(diff.mean() - half), float(diff.mean() + half)]
+                if boot is not None:
+                    row[f"{m}_diff_boot_ci"] = boot[arm][m]
         table.append(row)
     return table
 
@@ -215,7 +333,7 @@ def _examples_png(path: Path, data: dict) -> None:
     mid_slices_png(rows, path, "real and synthetic training volumes per class")
 
 
-def run(cfg: Config, out: Path, tracker=None) -> list[dict]:
+def run(cfg: Config, out: Path, tracker=None, device: str = "cpu") -> list[dict]:
     from hagan_clinic.preprocessing import decode_cache
     from hagan_clinic.tracking import NullTracker
 
@@ -224,9 +342,9 @@ def run(cfg: Config, out: Path, tracker=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
-    write_csv(out / "split.csv", [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
-                                  for p, y, g, s in zip(paths, labels, groups, parts)],
-              ["patient_id", "path", "label", "split"])  # fmt: skip
+    if any("synthetic" in arm for arm in a.arms):
+        check_no_leak(a.checkpoint, groups, parts)  # before any work: a leaking GAN invalidates every number
+    _write_split_csv(out / "split.csv", paths, labels, groups, parts)
     vols = np.stack([decode_cache(np.load(p)).astype(np.float16) for p in paths])
     data = {f"{s}_{k}": v[parts == s] for s in ("train", "val", "test") for k, v in (("x", vols), ("y", labels))}
     if any("synthetic" in arm for arm in a.arms):
@@ -250,16 +368,21 @@ def run(cfg: Config, out: Path, tracker=None) -> list[dict]:
             for seed in a.seeds:
                 print(f"augment: arm {arm}, seed {seed}", flush=True)
                 with tracker.run(f"{arm} seed {seed}", tags={"arm": arm, "seed": str(seed)}):
-                    r = train_arm(arm, seed, data, cfg)
-                    tracker.log_metrics({k: float(v) for k, v in r.items()})
+                    r = train_arm(arm, seed, data, cfg, device)
+                    tracker.log_metrics({k: float(v) for k, v in r.items() if k != "test_prob"})
                 results.append({"arm": arm, "seed": seed, **r})
-        table = compare(results, a.arms)
+        boot = bootstrap_differences(results, a.arms, data["test_y"], groups[parts == "test"], a.bootstrap,
+                                     a.split_seed)  # fmt: skip
+        table = compare(results, a.arms, boot)
         write_csv(out / "results.csv", results, ["arm", "seed", *METRICS, "val_balanced_accuracy", "train_volumes",
                                                   "synthetic_volumes"])  # fmt: skip
         atomic_write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n")
         for row in table:
             name = row["arm"].replace("+", "_")  # MLflow metric names take no '+'
             tracker.log_metrics({f"{name}.{k}": v for k, v in row.items() if isinstance(v, float)})
+            for k, v in row.items():  # intervals as two metrics each
+                if k.endswith("_ci") and None not in v:
+                    tracker.log_metrics({f"{name}.{k}_low": v[0], f"{name}.{k}_high": v[1]})
         for name in ("split.csv", "results.csv", "comparison.json", "examples.png"):
             tracker.log_artifact(out / name)
     return table

@@ -38,6 +38,7 @@ class EvaluateOptions:
     n_recon: int = 8
     measure: str = "laa950_pct"
     slab: int | None = None
+    train: Path | None = None  # the model's training volumes; default: the checkpoint's training record
 
 
 def real_volumes(folder: Path, size: int, window) -> list[Path]:
@@ -55,6 +56,24 @@ def real_volumes(folder: Path, size: int, window) -> list[Path]:
     if len(files) < 2:
         raise HaganError(f"{folder}: {len(files)} real volume(s); at least 2 are needed")
     return files
+
+
+def training_volumes(opts: EvaluateOptions, size: int, window) -> tuple[list[Path], str]:
+    """The model's training volumes for the memorisation check: ``--train``, else the checkpoint's training
+    record (its data folder and files). ([], reason) when neither is at hand."""
+    if opts.train is not None:
+        return real_volumes(opts.train, size, window), f"--train {opts.train}"
+    from hagan_clinic.checkpoint import training_record
+
+    record = training_record(opts.checkpoint)
+    if record is None:
+        return [], "the checkpoint has no training record and no --train was given"
+    root = Path(record.get("data_dir", ""))
+    files = [root / f for f in record.get("files", [])]
+    missing = [f for f in files if not f.is_file()]
+    if missing or len(files) < 2:
+        return [], f"the training volumes of the record are not at hand ({len(missing)} of {len(files)} missing)"
+    return files, f"training record ({root})"
 
 
 def load_real(path: Path, cfg) -> np.ndarray:
@@ -100,6 +119,36 @@ def measure_volume(vol: np.ndarray, contract: dict, measure: str) -> float:
         return float(qct(hu[body[0] : body[-1] + 1], tuple(contract["spacing_mm"]))[measure])
     except HaganError:  # no lung in this sample
         return float("nan")
+
+
+def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, load) -> dict:
+    """Generated volumes against the model's training volumes, with the held-out real volumes (``--real``, less
+    any file whose content is a training file's) as the yardstick; 'skipped' with the reason when no training set is
+    at hand: the check is never silently against the wrong set."""
+    import torch
+
+    from hagan_clinic.metrics import memorisation_check
+
+    train_files, source = training_volumes(opts, cfg.model.size, cfg.data.window)
+    if not train_files:
+        return {"skipped": source}
+    from hagan_clinic.checkpoint import file_sha256
+
+    trained = {file_sha256(f) for f in train_files}  # by content: a copy under another name is still seen
+    keep = [i for i, f in enumerate(real_files) if file_sha256(f) not in trained]
+    if len(keep) < 2:
+        return {"skipped": "fewer than 2 of the --real volumes are held out from the training set"}
+    feats = []
+    for i in range(0, len(train_files), opts.batch_size):
+        x = torch.from_numpy(np.stack([load(p, cfg) for p in train_files[i : i + opts.batch_size]]))[:, None]
+        with torch.no_grad():
+            feats.append(
+                rec_model.encode(x).double().cpu().numpy() if opts.feature_net == "encoder" else net.extract(x)
+            )
+    result = memorisation_check(gen_feats, np.concatenate(feats), real_feats[keep])
+    result["training_set"] = source
+    result["heldout_excluded_as_training"] = len(real_files) - len(keep)
+    return result
 
 
 def _pairwise_ms_ssim(vols: list[np.ndarray]) -> float | None:
@@ -171,7 +220,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
 
     from hagan_clinic.checkpoint import file_sha256, load_checkpoint
     from hagan_clinic.feature_nets import hagan_encoder, medicalnet
-    from hagan_clinic.metrics import frechet_distance, mae, mmd2, nearest_neighbour_distances, psnr, ssim_3d
+    from hagan_clinic.metrics import frechet_distance, mae, mmd2, psnr, ssim_3d
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import sample_labels, sample_latent
     from hagan_clinic.tracking import NullTracker
@@ -223,8 +272,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     metrics["mmd2"] = mmd2(gen_feats, real_feats)
     metrics["ms_ssim_generated"] = _pairwise_ms_ssim(gen_kept)
     metrics["ms_ssim_real"] = _pairwise_ms_ssim(real_kept[: opts.n_diversity])
-    nn = nearest_neighbour_distances(gen_feats, real_feats)
-    metrics["memorisation"] = {k: float(v) for k, v in nn.items() if np.isscalar(v)}
+    metrics["memorisation"] = _memorisation(opts, cfg, net, rec_model, files, real_feats, gen_feats, load_real)
     # encode then generate, on real volumes
     recon = {"mae": [], "mae_hu": [], "psnr": [], "ssim": []}
     lo, hi = cfg.data.window
@@ -258,7 +306,8 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
         tracker.log_params({"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n,
                             "n_real": len(files), "seed": opts.seed, "measure": opts.measure})  # fmt: skip
         flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        flat.update({f"memorisation.{k}": v for k, v in metrics["memorisation"].items()})
+        flat.update({f"memorisation.{k}": float(v) for k, v in metrics["memorisation"].items()
+                     if isinstance(v, (int, float))})  # fmt: skip
         flat.update({f"reconstruction.{k}": v for k, v in metrics["reconstruction"].items()})
         tracker.log_metrics({k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)})
         for path in sorted(out.glob("*")):

@@ -15,18 +15,22 @@ import numpy as np
 import pandas as pd
 
 from hagan_clinic.regression import (
+    RATIO_TARGETS,
     Dataset,
     MeanModel,
+    PairedScorer,
     RegressionError,
+    as_ratio,
     check_patients,
+    clinical_target,
     fit_classifier,
     fit_regressor,
     gold_from_spirometry,
+    gold_labels,
     gold_scores,
+    gold_values,
     join_tables,
     outer_folds,
-    regression_scores,
-    target_values,
 )
 
 from .cohort import atomic_write_text
@@ -70,19 +74,28 @@ def _fit_mean(x, y, groups, seed):
     return MeanModel().fit(x, y)
 
 
-def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, r2: float) -> None:
+def r2_text(scores: dict, key: str = "r2") -> str:
+    """'r2 0.912 [0.850, 0.950]': one R^2 and its interval, as the console and the plot titles show it."""
+    low, high = scores[f"{key}_ci"]
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+    return f"{key} {scores[key]:.3f}{interval}"
+
+
+def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, scores: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    title = f"{name}: {r2_text(scores)}"
+    fig, ax = plt.subplots(figsize=(4.4, 4.4))
     ax.scatter(y, pred, s=12, alpha=0.7)
     lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set(xlabel=f"{name} (true)", ylabel=f"{name} (out-of-fold prediction)", title=f"{name}: R$^2$ = {r2:.2f}")
+    ax.set(xlabel=f"{name} (true)", ylabel=f"{name} (out-of-fold prediction)", title=title)
+    ax.text(0.02, 0.98, f"n {scores['n']}, {scores['n_patients']} patients", transform=ax.transAxes, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": title})  # the title in the file too, for anyone checking it
     plt.close(fig)
 
 
@@ -92,83 +105,146 @@ def _confusion_png(path: Path, scores: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.4 * len(scores), 4), squeeze=False)
     for ax, (name, s) in zip(axes[0], scores.items()):
-        m = np.asarray(s["confusion"])
+        m, labels = np.asarray(s["confusion"]), s["labels"]
         ax.imshow(m, cmap="Blues")
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set(xlabel="predicted GOLD", ylabel="true GOLD", xticks=range(5), yticks=range(5),
-               title=f"{name}: kappa {s['quadratic_kappa']:.2f}")  # fmt: skip
+        ax.set(xlabel="predicted GOLD", ylabel="true GOLD", xticks=range(len(labels)), yticks=range(len(labels)),
+               xticklabels=labels, yticklabels=labels, title=f"{name}: kappa {s['quadratic_kappa']:.2f}")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def cross_validate(data: Dataset, opts: RegressOptions) -> tuple[dict, pd.DataFrame, dict]:
-    """Scores, out-of-fold predictions and the final models (refitted on all rows)."""
+def _qct_rows(data: Dataset, rows: np.ndarray, fold: np.ndarray, folds: int) -> tuple[np.ndarray | None, str]:
+    """Rows the QCT baseline can be fitted on, or None and why not (QCT failed for most series: an MR cohort)."""
+    groups = data.ids
+    qrows = rows & np.isfinite(data.qct).all(axis=1)
+    patients = len(np.unique(groups[qrows]))
+    if patients < max(folds, 3):
+        return None, f"{patients} patients with QCT values; --folds {folds} needs at least {max(folds, 3)}"
+    for k in np.unique(fold[qrows]):
+        if len(np.unique(groups[qrows & (fold != k)])) < 2:
+            return None, f"a training fold holds fewer than two patients with QCT values ({patients} in all)"
+    return qrows, ""
+
+
+def _regress_target(data: Dataset, opts: RegressOptions, name: str, fold: np.ndarray, metrics: dict):
+    """Fit and score one target: (model predictions on every row with a value, values, rows with a value, rows
+    scored, the final model refitted on every row with a value)."""
     groups, x, seed = data.ids, data.features, opts.seed
-    fold = outer_folds(groups, opts.folds, seed)
+    y, rows, dropped, note = clinical_target(data, name)
+    metrics["dropped_rows"][name] = dropped
+    if note:
+        metrics["notes"][name] = note
+    check_patients(len(np.unique(groups[rows])), opts.folds, f"'{name}' is known for")
+    log = name in opts.log_targets
+    if log and (y[rows] <= 0).any():
+        raise RegressionError(f"'{name}' has values <= 0: it cannot be log-transformed")
+    scored, scored_on, qrows = rows, "every row with a value", None
+    if data.qct is not None:
+        qrows, why = _qct_rows(data, rows, fold, opts.folds)
+        if qrows is None:
+            metrics["baselines"]["qct"][name] = {"skipped": why, "n": int((rows & np.isfinite(data.qct).all(1)).sum())}
+        else:
+            scored, scored_on = qrows, "rows with a value and every QCT column (those the QCT baseline can score)"
+    if np.ptp(y[scored]) == 0:
+        raise RegressionError(f"'{name}' has one value on every row scored ({int(scored.sum())}): R^2 is undefined")
+
+    # the model and every baseline are fitted on the model's scale and scored on both; the mean baseline of the
+    # original scale is the arithmetic training mean of y (the exp of a log-scale mean would be a geometric mean)
+    y_fit = np.where(rows, np.log(np.where(rows & (y > 0), y, 1.0)) if log else y, np.nan)
+    fit_scale = _cv_predict(fit_regressor, x, y_fit, fold, groups, rows, seed)
+    predictions = {"model": (np.exp(fit_scale) if log else fit_scale, fit_scale)}
+    mean = _cv_predict(_fit_mean, x, np.where(rows, y, np.nan), fold, groups, rows, seed)
+    predictions["mean"] = (mean, _cv_predict(_fit_mean, x, y_fit, fold, groups, rows, seed) if log else mean)
+    if qrows is not None:
+        qfit = _cv_predict(fit_regressor, data.qct, y_fit, fold, groups, qrows, seed)
+        predictions["qct"] = (np.exp(qfit) if log else qfit, qfit)
+    scorer = PairedScorer(y[scored], fold[scored], groups[scored], seed, log=log)
+    results = {kind: scorer.score(pred[scored], pred_log[scored]) for kind, (pred, pred_log) in predictions.items()}
+    model = results.pop("model")
+    target = {**model[0], "n_with_value": int(rows.sum()), "scored_on": scored_on}
+    for kind, result in results.items():
+        gain, ci, gain_note = PairedScorer.gain(model, result)
+        target[f"r2_gain_over_{kind}"], target[f"r2_gain_over_{kind}_ci"] = gain, ci
+        if gain_note:
+            target[f"r2_gain_over_{kind}_ci_note"] = gain_note
+        extra = {"columns": data.qct_columns} if kind == "qct" else {}
+        metrics["baselines"][kind][name] = {**result[0], **extra}
+    metrics["targets"][name] = target
+    final = fit_regressor(x[rows], y_fit[rows], groups[rows], seed)
+    return np.where(rows, predictions["model"][0], np.nan), y, rows, scored, final
+
+
+def cross_validate(data: Dataset, opts: RegressOptions) -> tuple[dict, pd.DataFrame, dict, dict]:
+    """Scores, out-of-fold predictions, the final models (refitted on all rows) and the rows scored per target."""
+    fold = outer_folds(data.ids, opts.folds, opts.seed)
     preds = pd.DataFrame({opts.id_column: data.ids, "fold": fold})
-    metrics: dict = {"targets": {}, "baselines": {"mean": {}}, "gold": {}, "dropped_rows": {}}
+    metrics: dict = {"targets": {}, "baselines": {"mean": {}}, "gold": {}, "dropped_rows": {}, "notes": {}}
     if data.qct is not None:
         metrics["baselines"]["qct"] = {}
     models: dict = {}
+    scored: dict = {}
     for name in opts.targets:
-        y, rows, dropped = target_values(data, name)
-        metrics["dropped_rows"][name] = dropped
-        check_patients(len(np.unique(groups[rows])), opts.folds, f"'{name}' is known for")
-        log = name in opts.log_targets
-        if log and (y[rows] <= 0).any():
-            raise RegressionError(f"'{name}' has values <= 0: it cannot be log-transformed")
-        y_fit = np.where(rows, np.log(np.where(rows & (y > 0), y, 1.0)) if log else y, np.nan)
-        back = np.exp if log else (lambda v: v)
-        pred = back(_cv_predict(fit_regressor, x, y_fit, fold, groups, rows, seed))
-        metrics["targets"][name] = regression_scores(y[rows], pred[rows], fold[rows], groups[rows], seed)
-        base = back(_cv_predict(_fit_mean, x, y_fit, fold, groups, rows, seed))
-        metrics["baselines"]["mean"][name] = regression_scores(y[rows], base[rows], fold[rows], groups[rows], seed)
-        qrows = rows & np.isfinite(data.qct).all(axis=1) if data.qct is not None else None
-        if qrows is not None and len(np.unique(groups[qrows])) >= max(opts.folds, 3):
-            qpred = back(_cv_predict(fit_regressor, data.qct, y_fit, fold, groups, qrows, seed))
-            scores = regression_scores(y[qrows], qpred[qrows], fold[qrows], groups[qrows], seed)
-            metrics["baselines"]["qct"][name] = {**scores, "columns": data.qct_columns}
-        elif qrows is not None:  # QCT failed for most series (an MR cohort): no baseline rather than a bad one
-            metrics["baselines"]["qct"][name] = {"skipped": "too few series with QCT values", "n": int(qrows.sum())}
+        pred, y, rows, scored[name], models[name] = _regress_target(data, opts, name, fold, metrics)
         preds[f"{name}_true"], preds[f"{name}_pred"] = np.where(rows, y, np.nan), pred
-        models[name] = fit_regressor(x[rows], y_fit[rows], groups[rows], seed)
     _gold(data, opts, fold, preds, metrics, models)
-    return metrics, preds, models
+    return metrics, preds, models, scored
 
 
 def _gold(data: Dataset, opts: RegressOptions, fold, preds: pd.DataFrame, metrics: dict, models: dict) -> None:
+    """GOLD classifier, majority baseline and the rules on predicted spirometry; GOLD codes as in regression."""
     groups, x, seed = data.ids, data.features, opts.seed
     column = opts.gold_column
-    if column and column in data.clinical.columns:
-        g, rows, dropped = target_values(data, column)
-        rows &= np.isin(g, [0, 1, 2, 3, 4])
-        metrics["dropped_rows"][column] = int(len(g) - rows.sum())
-        g = np.where(rows, g, -1).astype(int)
-        pred = np.full(len(g), -1)
-        for k in np.unique(fold[rows]):
-            train, test = rows & (fold != k), rows & (fold == k)
-            if len(np.unique(g[train])) < 2:
-                raise RegressionError("a training fold holds only one GOLD stage; use fewer --folds")
-            pred[test] = fit_classifier(x[train], g[train], groups[train], seed).predict(x[test])
-        metrics["gold"]["classifier"] = gold_scores(g[rows], pred[rows])
-        majority = np.full(len(g), -1)
-        for k in np.unique(fold[rows]):
-            train, test = rows & (fold != k), rows & (fold == k)
-            majority[test] = np.bincount(g[train]).argmax()
-        metrics["gold"]["majority_baseline"] = gold_scores(g[rows], majority[rows])
-        preds["gold_true"], preds["gold_pred"] = np.where(rows, g, np.nan), np.where(rows, pred, np.nan)
-        models["gold"] = fit_classifier(x[rows], g[rows], groups[rows], seed)
-        if {"fev1pp", "fev1_fvc"} <= set(opts.targets):
-            both = rows & preds["fev1pp_pred"].notna().to_numpy() & preds["fev1_fvc_pred"].notna().to_numpy()
-            rules = gold_from_spirometry(preds["fev1pp_pred"].fillna(0), preds["fev1_fvc_pred"].fillna(1))
-            metrics["gold"]["from_predicted_spirometry"] = gold_scores(g[both], rules[both])
-            preds["gold_rules_pred"] = np.where(both, rules, np.nan)
-    elif opts.gold_required:
-        raise RegressionError(f"clinical table has no column '{column}'")
+    if not (column and column in data.clinical.columns):
+        if opts.gold_required:
+            raise RegressionError(f"clinical table has no column '{column}'")
+        return
+    codes, metrics["dropped_rows"][column] = gold_values(data, column)
+    rows = np.isfinite(codes)
+    g = np.where(rows, codes, 0).astype(int)
+    pred, majority = np.full(len(g), np.nan), np.full(len(g), np.nan)
+    for k in np.unique(fold[rows]):
+        train, test = rows & (fold != k), rows & (fold == k)
+        if len(np.unique(g[train])) < 2:
+            raise RegressionError("a training fold holds only one GOLD stage; use fewer --folds")
+        pred[test] = fit_classifier(x[train], g[train], groups[train], seed).predict(x[test])
+        stages, counts = np.unique(g[train], return_counts=True)
+        majority[test] = stages[counts.argmax()]
+    metrics["gold"]["classifier"] = gold_scores(g[rows], pred[rows])
+    metrics["gold"]["majority_baseline"] = gold_scores(g[rows], majority[rows])
+    preds["gold_true"], preds["gold_pred"] = gold_labels(np.where(rows, g, np.nan)), gold_labels(pred)
+    models["gold"] = fit_classifier(x[rows], g[rows], groups[rows], seed)
+    if {"fev1pp", "fev1_fvc"} <= set(opts.targets):
+        both = rows & preds["fev1pp_pred"].notna().to_numpy() & preds["fev1_fvc_pred"].notna().to_numpy()
+        rules = gold_from_spirometry(preds["fev1pp_pred"].fillna(0), preds["fev1_fvc_pred"].fillna(1))
+        metrics["gold"]["from_predicted_spirometry"] = gold_scores(g[both], rules[both])
+        preds["gold_rules_pred"] = gold_labels(np.where(both, rules, np.nan))
+
+
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of metrics.json under the same names: NAME.KEY, NAME.baseline_KIND.KEY, gold.KIND.KEY; an
+    interval KEY_ci becomes KEY_ci_low and KEY_ci_high."""
+    flat: dict[str, float] = {}
+
+    def add(prefix: str, scores: dict) -> None:
+        for key, value in scores.items():
+            if key.endswith("_ci") and value[0] is not None:
+                flat[f"{prefix}.{key}_low"], flat[f"{prefix}.{key}_high"] = value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}.{key}"] = value
+
+    for name, scores in metrics["targets"].items():
+        add(name, scores)
+    for kind, per_target in metrics["baselines"].items():
+        for name, scores in per_target.items():
+            add(f"{name}.baseline_{kind}", scores)
+    for kind, scores in metrics["gold"].items():
+        add(f"gold.{kind}", scores)
+    return flat
 
 
 def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dict:
@@ -185,9 +261,9 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
     for name in opts.targets:  # every column checked before hours of fitting, not after
-        target_values(data, name)
+        clinical_target(data, name)
     if opts.gold_required:
-        target_values(data, opts.gold_column)
+        gold_values(data, opts.gold_column)
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     with tracker.run("regress", tags={"stage": "regress"}):
@@ -197,39 +273,33 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
             "n_patients": len(np.unique(data.ids)), "n_features": len(data.feature_columns),
             "qct_baseline": ",".join(data.qct_columns) or "none",
         })  # fmt: skip
-        metrics, preds, models = cross_validate(data, opts)
+        metrics, preds, models, scored = cross_validate(data, opts)
         metrics["join"] = data.join
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
                                "patients": int(len(np.unique(data.ids)))}  # fmt: skip
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         preds.to_csv(out / "predictions.csv", index=False)
-        for name, s in metrics["targets"].items():
-            rows = preds[f"{name}_true"].notna()
-            _scatter(out / f"pred_vs_true_{name}.png", name, preds.loc[rows, f"{name}_true"].to_numpy(),
-                     preds.loc[rows, f"{name}_pred"].to_numpy(), s["r2"])  # fmt: skip
+        for name, s in metrics["targets"].items():  # the rows the title's R^2 is computed on
+            _scatter(out / f"pred_vs_true_{name}.png", name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
+                     preds.loc[scored[name], f"{name}_pred"].to_numpy(), s)  # fmt: skip
         gold_plots = {k: v for k, v in metrics["gold"].items() if k != "majority_baseline"}
         if gold_plots:
             _confusion_png(out / "gold_confusion.png", gold_plots)
         bundle = {"models": models, "feature_columns": data.feature_columns, "id_column": opts.id_column,
                   "log_targets": opts.log_targets, "targets": opts.targets}  # fmt: skip
         joblib.dump(bundle, out / "model.joblib")
-        flat = {}
-        for name, s in metrics["targets"].items():
-            flat.update({f"{name}.r2": s["r2"], f"{name}.mae": s["mae"], f"{name}.pearson_r": s["pearson_r"]})
-        for base, per in metrics["baselines"].items():
-            flat.update({f"{name}.r2_{base}": s["r2"] for name, s in per.items() if "r2" in s})
-        for kind, s in metrics["gold"].items():
-            flat.update({f"gold.{kind}.{k}": s[k] for k in ("accuracy", "within_one", "balanced_accuracy",
-                                                             "quadratic_kappa")})  # fmt: skip
-        tracker.log_metrics(flat)
+        tracker.log_metrics(mlflow_metrics(metrics))
         for path in sorted(out.iterdir()):
             if path.is_file():
                 tracker.log_artifact(path, "regress")
     return metrics
 
 
-def predict(model_path: str | Path, features_path: str | Path, out: str | Path) -> pd.DataFrame:
-    """Apply a model.joblib written by ``regress`` to a feature table; writes CSV with one prediction per target."""
+def predict(model_path: str | Path, features_path: str | Path, out: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Apply a model.joblib written by ``regress`` to a feature table; writes CSV with one prediction per target.
+
+    Returns the table and notes: a ratio target (FEV1/FVC) predicted in percent, by a model fitted on percentages,
+    is divided by 100 before the GOLD rules (PRISm as its own category) read it."""
     import joblib
 
     model_path = Path(model_path)
@@ -248,17 +318,20 @@ def predict(model_path: str | Path, features_path: str | Path, out: str | Path) 
         raise RegressionError(f"feature table lacks column '{missing[0]}' ({len(missing)} missing)")
     x = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     ok = np.isfinite(x).all(axis=1)
-    result = pd.DataFrame({id_column: table[id_column].astype(str)})
+    result, notes = pd.DataFrame({id_column: table[id_column].astype(str)}), []
     for name, model in models.items():
         pred = np.full(len(table), np.nan)
         if ok.any():
             pred[ok] = model.predict(x[ok])
         if name in bundle["log_targets"]:
             pred = np.exp(pred)
-        result[f"{name}_pred"] = pred
+        if name in RATIO_TARGETS:
+            pred, note = as_ratio(f"{name}_pred", pred)
+            notes += [note] if note else []
+        result[f"{name}_pred"] = gold_labels(pred) if name == "gold" else pred
     if {"fev1pp", "fev1_fvc"} <= set(models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
-        result["gold_rules_pred"] = np.where(ok, rules, np.nan)
+        result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
     out = Path(out)
     atomic_write_text(out, result.to_csv(index=False))
-    return result
+    return result, notes

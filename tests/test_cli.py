@@ -188,3 +188,19 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     assert train_run.data.params["train.iterations"] == "60"
     generate_run = next(r for r in runs if r.info.run_name == "generate")
     assert generate_run.data.metrics["slab_vs_one_pass_max_abs_diff"] <= 1e-5
+    # the clean path: the GAN saw the training patients of the augmentation split only
+    import json
+
+    import pandas as pd
+
+    from hagan_clinic.checkpoint import training_record
+
+    split = pd.read_csv(demo / "augment" / "split.csv", dtype={"patient_id": str})
+    seen = set(training_record(demo / "run" / "model.pt")["patient_ids"])
+    assert seen == set(split.loc[split["split"] == "train", "patient_id"])
+    # what the grid resolves is scored too, and the summary says why %emphysema needs a finer grid
+    metrics = json.loads((demo / "regress" / "metrics.json").read_text())
+    assert {"lung_volume_ml", "grid_lung_density_hu"} <= set(metrics["targets"])
+    assert "needs a finer grid" in out and "explains r^2 =" in out
+    memorisation = json.loads((demo / "evaluate" / "metrics.json").read_text())["memorisation"]
+    assert "skipped" not in memorisation and memorisation["n_train"] == len(seen)

@@ -170,6 +170,7 @@ def train(
 
     # ---- data ---------------------------------------------------------------------------------------------
     data = VolumeFolder.from_config(cfg, data_dir)
+    training_set = data.training_record()  # in every snapshot: who the model has seen (augment, evaluate)
     sampler = ShardedSampler(len(data), cfg.seed, dist.rank, dist.world)
     labels_all = None if data.labels is None else torch.tensor(data.labels)
 
@@ -225,7 +226,9 @@ def train(
         sampler_model = copy.copy(model)
         sampler_model.parts = ("G", "EH", "EG")
         return sampler_model.save(
-            path, extra={"iteration": it}, ema_generator=None if ema is None else ema.state_dict()
+            path,
+            extra={"iteration": it, "training_set": training_set},
+            ema_generator=None if ema is None else ema.state_dict(),
         )
 
     def save_training_state(it: int, window_now: dict[str, float]) -> None:
