@@ -107,8 +107,16 @@ def _write_split_csv(path: Path, paths, labels, groups, parts) -> None:
               ["patient_id", "path", "label", "split"])  # fmt: skip
 
 
-def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray) -> None:
-    """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw."""
+def _same_id(value) -> str:
+    """Patient IDs as compared for leakage: case, surrounding blanks and leading zeros do not make a new patient."""
+    return str(value).strip().casefold().lstrip("0") or "0"
+
+
+def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray, paths=(), cache=None) -> None:
+    """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw. Overlap is looked for
+    three ways: patient IDs (as ``_same_id`` compares them), series UIDs, and the volume files themselves."""
+    import pandas as pd
+
     from hagan_clinic.checkpoint import training_record
 
     if not checkpoint or not Path(checkpoint).is_file():
@@ -117,15 +125,25 @@ def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray)
     how = "train it on the training part that 'augment --write-split' writes"
     if record is None:
         raise HaganError(f"augment.checkpoint has no training record, so its training patients are unknown: {how}")
-    seen = set(record.get("patient_ids") or [])
+    seen = {_same_id(p) for p in record.get("patient_ids") or []}
     if not seen:
         raise HaganError(f"augment.checkpoint's training record names no patients (no patient_id column): {how}")
-    held = set(groups[parts != "train"].tolist())
-    overlap = held & seen
-    if overlap:
+    held = parts != "train"
+    overlap = sorted({g for g in groups[held] if _same_id(g) in seen})
+    root = Path(record.get("data_dir", ""))
+    seen_files = {str((root / f).resolve()) for f in record.get("files", [])}
+    seen_series = set(record.get("series_uids") or []) - {""}
+    series_of: dict = {}
+    if cache is not None and (Path(cache) / "manifest.csv").is_file():
+        manifest = pd.read_csv(Path(cache) / "manifest.csv", dtype=str, keep_default_na=False)
+        series_of = {str((Path(cache) / p).resolve()): u for p, u in zip(manifest["path"], manifest["series_uid"])}
+    volumes = [str(Path(p).resolve()) for p, h in zip(paths, held) if h]
+    seen_volumes = [v for v in volumes if v in seen_files or series_of.get(v, "") in seen_series]
+    if overlap or seen_volumes:
+        n_held = len(set(groups[held].tolist()))
         raise HaganError(
-            f"the GAN was trained on {len(overlap)} of the {len(held)} validation/test patients "
-            f"(e.g. {sorted(overlap)[0]}): {how}"
+            f"the GAN was trained on {len(overlap)} of the {n_held} validation/test patients and on "
+            f"{len(seen_volumes)} of their {len(volumes)} volumes (by file or series UID): {how}"
         )
 
 
@@ -343,7 +361,7 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu") -> list[dict]
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
     if any("synthetic" in arm for arm in a.arms):
-        check_no_leak(a.checkpoint, groups, parts)  # before any work: a leaking GAN invalidates every number
+        check_no_leak(a.checkpoint, groups, parts, paths, a.cache)  # before any work: a leak invalidates every number
     _write_split_csv(out / "split.csv", paths, labels, groups, parts)
     vols = np.stack([decode_cache(np.load(p)).astype(np.float16) for p in paths])
     data = {f"{s}_{k}": v[parts == s] for s in ("train", "val", "test") for k, v in (("x", vols), ("y", labels))}

@@ -136,6 +136,7 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
 
     trained = {file_sha256(f) for f in train_files}  # by content: a copy under another name is still seen
     keep = [i for i, f in enumerate(real_files) if file_sha256(f) not in trained]
+    keep = [i for i in keep if real_files[i] not in _trained_by_record(opts)]  # and by patient or series
     if len(keep) < 2:
         return {"skipped": "fewer than 2 of the --real volumes are held out from the training set"}
     feats = []
@@ -146,9 +147,29 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
                 rec_model.encode(x).double().cpu().numpy() if opts.feature_net == "encoder" else net.extract(x)
             )
     result = memorisation_check(gen_feats, np.concatenate(feats), real_feats[keep])
+    if not result["median_heldout_to_train"] > 0:
+        return {"skipped": "the held-out volumes coincide with training volumes in feature space: no yardstick"}
     result["training_set"] = source
     result["heldout_excluded_as_training"] = len(real_files) - len(keep)
     return result
+
+
+def _trained_by_record(opts) -> set:
+    """The --real cache files whose patient or series the checkpoint's training record names."""
+    import pandas as pd
+
+    from hagan_clinic.checkpoint import training_record
+    from pipelines.augment import _same_id
+
+    record = training_record(opts.checkpoint)
+    manifest = opts.real / "manifest.csv"
+    if record is None or not manifest.is_file():
+        return set()
+    patients = {_same_id(p) for p in record.get("patient_ids") or []}
+    series = set(record.get("series_uids") or []) - {""}
+    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    return {opts.real / p for p, pid, uid in zip(rows["path"], rows["patient_id"], rows["series_uid"])
+            if _same_id(pid) in patients or uid in series}  # fmt: skip
 
 
 def _pairwise_ms_ssim(vols: list[np.ndarray]) -> float | None:

@@ -15,12 +15,10 @@ import numpy as np
 import pandas as pd
 
 from hagan_clinic.regression import (
-    RATIO_TARGETS,
     Dataset,
     MeanModel,
     PairedScorer,
     RegressionError,
-    as_ratio,
     check_patients,
     clinical_target,
     fit_classifier,
@@ -205,6 +203,9 @@ def _gold(data: Dataset, opts: RegressOptions, fold, preds: pd.DataFrame, metric
         return
     codes, metrics["dropped_rows"][column] = gold_values(data, column)
     rows = np.isfinite(codes)
+    if metrics["dropped_rows"][column]:  # rows lost to values that are no GOLD stage must be seen, not just counted
+        metrics["notes"][column] = (f"{metrics['dropped_rows'][column]} of {len(codes)} rows of '{column}' hold no "
+                                    "GOLD stage (0-4, PRISm or -1) and are left out of the GOLD scores")  # fmt: skip
     g = np.where(rows, codes, 0).astype(int)
     pred, majority = np.full(len(g), np.nan), np.full(len(g), np.nan)
     for k in np.unique(fold[rows]):
@@ -325,9 +326,8 @@ def predict(model_path: str | Path, features_path: str | Path, out: str | Path) 
             pred[ok] = model.predict(x[ok])
         if name in bundle["log_targets"]:
             pred = np.exp(pred)
-        if name in RATIO_TARGETS:
-            pred, note = as_ratio(f"{name}_pred", pred)
-            notes += [note] if note else []
+        # predictions stay on the scale the model was fitted on (regress fits ratio targets as ratios): a unit
+        # guess on predictions would rescale an outlier prediction silently
         result[f"{name}_pred"] = gold_labels(pred) if name == "gold" else pred
     if {"fev1pp", "fev1_fvc"} <= set(models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))

@@ -41,6 +41,12 @@ def cohort(tmp_path_factory):
     leaky = {**record, "patient_ids": everyone}  # a GAN that saw every patient, test split included
     HAGAN.from_config(tiny_config("model.num_classes=2")).save(root / "leaky.pt", extra={"training_set": leaky})
     HAGAN.from_config(tiny_config("model.num_classes=2")).save(root / "norecord.pt")
+    # the same leak under other names: IDs in another case, or other IDs for the same volume files
+    case = {**record, "patient_ids": [p.lower().replace("ph", "Ph") for p in everyone]}
+    HAGAN.from_config(tiny_config("model.num_classes=2")).save(root / "case.pt", extra={"training_set": case})
+    files = sorted(str(p.relative_to(root / "cache")) for p in (root / "cache" / "volumes").glob("*.npy"))
+    renamed = {**record, "patient_ids": ["X1"], "series_uids": [], "files": files, "data_dir": str(root / "cache")}
+    HAGAN.from_config(tiny_config("model.num_classes=2")).save(root / "renamed.pt", extra={"training_set": renamed})
     return root
 
 
@@ -64,7 +70,12 @@ def test_write_split_gives_the_gan_the_training_patients_only(cohort):
 
 @pytest.mark.parametrize(
     ("checkpoint", "message"),
-    [("leaky.pt", "the GAN was trained on"), ("norecord.pt", "has no training record")],
+    [
+        ("leaky.pt", "the GAN was trained on"),
+        ("norecord.pt", "has no training record"),
+        ("case.pt", "the GAN was trained on"),
+        ("renamed.pt", "by file or series UID"),
+    ],
 )
 def test_a_gan_that_saw_validation_or_test_patients_is_refused(cohort, tmp_path, capsys, checkpoint, message):
     args = _args(cohort, "--set", f"augment.checkpoint={cohort / checkpoint}")

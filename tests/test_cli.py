@@ -201,6 +201,6 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     # what the grid resolves is scored too, and the summary says why %emphysema needs a finer grid
     metrics = json.loads((demo / "regress" / "metrics.json").read_text())
     assert {"lung_volume_ml", "grid_lung_density_hu"} <= set(metrics["targets"])
-    assert "needs a finer grid" in out and "explains r^2 =" in out
+    assert "wants a finer grid" in out and "explains r^2 =" in out
     memorisation = json.loads((demo / "evaluate" / "metrics.json").read_text())["memorisation"]
     assert "skipped" not in memorisation and memorisation["n_train"] == len(seen)

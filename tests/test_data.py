@@ -221,3 +221,16 @@ def test_sampler_refuses_other_data_or_process_count():
         ShardedSampler(8, seed=0).load_state_dict(state)
     with pytest.raises(DataError, match="cannot be split over 2 processes"):
         ShardedSampler(1, seed=0, rank=0, world=2)
+
+
+def test_resuming_on_other_data_is_refused(volume_dir, tmp_path, capsys):
+    """A checkpoint's training record must cover every volume the model saw: a resume on other data is refused."""
+    from hagan_clinic.cli import main
+
+    args = ["train", "--config", "tiny", "--data", str(volume_dir), "--out", str(tmp_path / "run"), "--no-tracking",
+            "--set", "train.checkpoint_every=1", "--set", "train.batch_size=1"]  # fmt: skip
+    assert main([*args, "--set", "train.iterations=1"]) == 0
+    table = tmp_path / "three.csv"
+    table.write_text("path\n" + "\n".join(p.name for p in sorted(volume_dir.glob("*.npy"))[:3]) + "\n")
+    code = main([*args, "--set", "train.iterations=2", "--set", f"data.table={table}", "--resume"])
+    assert code == 2 and "trained on other data" in capsys.readouterr().err

@@ -756,24 +756,26 @@ def test_the_rules_report_prism_as_its_own_category(request, run):
     assert (preds["gold_true"] == "PRISm").sum() >= 3  # PRISm in the clinical column (as -1 or as text) is kept
 
 
-def test_predict_reads_a_percent_fev1_fvc_as_a_ratio_before_the_rules(capsys, tmp_path):
-    # A model fitted on percentages predicts percentages; the rules then need the ratio.
+def test_predict_keeps_predictions_on_the_scale_the_model_was_fitted_on(capsys, tmp_path):
+    """regress fits FEV1/FVC as a ratio; predict never guesses units on predictions (an outlier prediction of 4.3
+    must not become 0.043 silently), and the rules then see the ratio."""
     from sklearn.dummy import DummyRegressor
 
     x = np.zeros((2, 3))
-    models = {"fev1pp": DummyRegressor(strategy="constant", constant=70.0).fit(x, [0, 0]),
-              "fev1_fvc": DummyRegressor(strategy="constant", constant=75.0).fit(x, [0, 0])}  # fmt: skip
-    bundle = {"models": models, "feature_columns": ["z0", "z1", "z2"], "id_column": "patient_id",
-              "log_targets": [], "targets": ["fev1pp", "fev1_fvc"]}  # fmt: skip
-    joblib.dump(bundle, "model.joblib")
-    feature_table(x, ["A", "B"]).to_csv("new.csv", index=False)
-    code = main(["predict", "--model", "model.joblib", "--features", "new.csv", "--out", "p.csv"])
-    out = capsys.readouterr().out
-    assert code == 0
-    got = pd.read_csv("p.csv")
-    assert got["fev1_fvc_pred"].tolist() == [0.75, 0.75]
-    assert got["gold_rules_pred"].tolist() == ["PRISm", "PRISm"]  # FEV1/FVC 0.75 with FEV1 70 % predicted
-    assert "note: fev1_fvc_pred was given in percent" in out
+    for ratio, gold in ((0.75, "PRISm"), (4.27, "PRISm")):
+        models = {"fev1pp": DummyRegressor(strategy="constant", constant=70.0).fit(x, [0, 0]),
+                  "fev1_fvc": DummyRegressor(strategy="constant", constant=ratio).fit(x, [0, 0])}  # fmt: skip
+        bundle = {"models": models, "feature_columns": ["z0", "z1", "z2"], "id_column": "patient_id",
+                  "log_targets": [], "targets": ["fev1pp", "fev1_fvc"]}  # fmt: skip
+        joblib.dump(bundle, "model.joblib")
+        feature_table(x, ["A", "B"]).to_csv("new.csv", index=False)
+        code = main(["predict", "--model", "model.joblib", "--features", "new.csv", "--out", "p.csv"])
+        out = capsys.readouterr().out
+        assert code == 0
+        got = pd.read_csv("p.csv")
+        assert got["fev1_fvc_pred"].tolist() == [ratio, ratio]
+        assert got["gold_rules_pred"].tolist() == [gold, gold]  # FEV1/FVC >= 0.70 with FEV1 70 % predicted
+        assert "percent" not in out
 
 
 # ---------------------------------------------------------------- the same numbers under the same names

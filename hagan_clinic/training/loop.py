@@ -191,6 +191,13 @@ def train(
         state = load_state(resume_path)
         if state["config"]["model"] != cfg.to_dict()["model"]:
             raise TrainingError(f"{resume_path}: the model config differs from this run's; resume with the same model")
+        saved = state.get("training_set")
+        now = {k: training_set[k] for k in ("files_sha256", "table_sha256", "n_volumes")}
+        if saved is not None and saved != now:  # the record must cover every volume the model has seen
+            raise TrainingError(
+                f"{resume_path}: this run was trained on other data ({saved['n_volumes']} volumes, table sha256 "
+                f"{str(saved['table_sha256'])[:12] or '-'}); resume with the same data and table"
+            )
         for p in PHASES:
             getattr(model, p).load_state_dict(state["models"][p])
             opts[p].load_state_dict(state["optimizers"][p])
@@ -251,6 +258,7 @@ def train(
                 "nonfinite_run": nonfinite_run,
                 "window": window_now,
                 "mlflow_run_id": tracker.run_id,
+                "training_set": {k: training_set[k] for k in ("files_sha256", "table_sha256", "n_volumes")},
             },
         )
 
