@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import Config
 from .errors import HaganError
-from .io.nifti import read_scan, read_shape
+from .io.nifti import read_scan
 from .io.volume import SeriesError
 from .preprocessing import decode_cache, model_input
 
@@ -66,7 +66,6 @@ class VolumeFolder:
         for f in files:
             if _is_nifti(f):  # a scan of any size: preprocessed when loaded, as encode does; checked by doing it
                 try:
-                    read_shape(f)
                     model_input(read_scan(f, cfg.data.modality), cfg)
                 except SeriesError as err:
                     raise DataError(f"{f}: {err}") from None

@@ -136,7 +136,8 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
 
     trained = {file_sha256(f) for f in train_files}  # by content: a copy under another name is still seen
     keep = [i for i, f in enumerate(real_files) if file_sha256(f) not in trained]
-    keep = [i for i in keep if real_files[i] not in _trained_by_record(opts)]  # and by patient or series
+    by_record = _trained_by_record(opts)  # and by patient or series
+    keep = [i for i in keep if real_files[i] not in by_record]
     if len(keep) < 2:
         return {"skipped": "fewer than 2 of the --real volumes are held out from the training set"}
     feats = []

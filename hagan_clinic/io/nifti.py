@@ -120,19 +120,25 @@ def header_shape(path: str | Path) -> tuple[int, ...]:
         raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
 
 
-def read_shape(path: str | Path) -> tuple[int, int, int]:
-    """(D, H, W) of a NIfTI file in the canonical orientation, from its header alone."""
+def _open(path: str | Path):
+    """(image, ornt transform to LPS, affine of the reoriented array) of a 3D NIfTI file, header only; SeriesError
+    with the reason for a damaged, non-3D or mirrored (version 0.1) file."""
     try:
         img = nib.squeeze_image(nib.load(str(path)))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
         _refuse_mirrored(img)
-        ornt, _ = _canonical(img)
-        x, y, z = (img.shape[int(a)] for a in np.argsort(ornt[:, 0]))
+        return (img, *_canonical(img))
     except SeriesError:
         raise
     except Exception as err:  # nibabel raises many types for damaged files
         raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+
+
+def read_shape(path: str | Path) -> tuple[int, int, int]:
+    """(D, H, W) of a NIfTI file in the canonical orientation, from its header alone."""
+    img, ornt, _ = _open(path)
+    x, y, z = (img.shape[int(a)] for a in np.argsort(ornt[:, 0]))
     return (z, y, x)
 
 
@@ -160,15 +166,9 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
     invalid (no measurement), and the latter are noted.
     """
     path = Path(path)
+    img, ornt, affine = _open(path)
     try:
-        img = nib.squeeze_image(nib.load(str(path)))
-        if len(img.shape) != 3:
-            raise SeriesError(f"not a 3D volume (shape {img.shape})")
-        _refuse_mirrored(img)
-        ornt, affine = _canonical(img)
         data = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt)
-    except SeriesError:
-        raise
     except Exception as err:  # nibabel raises many types for damaged files
         raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # RAS -> LPS
