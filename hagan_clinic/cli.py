@@ -1,20 +1,28 @@
 """The ``hagan-clinic`` command line. Thin: parse, load, call one function. Heavy imports live inside commands.
 
-Exit status: 0 done; 2 bad arguments, config, checkpoint or input (one-line message on stderr); 1 an
-unexpected internal error (one line; set HAGAN_CLINIC_DEBUG=1 for the traceback); 130 interrupted.
+Exit status: 0 done; 2 bad arguments, config, checkpoint or input, or a file the machine refuses (disk full,
+read-only, no permission), in one line of at most 300 characters on stderr; 1 out of memory (with advice that fits
+the command) or an unexpected internal error (one line; set HAGAN_CLINIC_DEBUG=1 for the traceback); 130
+interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import HaganError
+from .errors import MESSAGE_LIMIT, HaganError, one_line
+from .io.logs import quiet_readers
 
 SET_HELP = "Override a config value, e.g. --set model.size=128 (repeatable)."
+OVERWRITE_HELP = "Replace existing output files that this command did not write (never needed to re-run it)."
+#: Every --seed: numpy, torch and sklearn all take 32-bit seeds (the same bound as the config's seed).
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 def _resolve_device(name: str) -> str:
@@ -70,7 +78,7 @@ def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
 @click.option("-n", "--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for NIfTI files.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same volumes.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same volumes.")
 @click.option("--label", type=int, default=None, help="Class of every sample (conditional checkpoints).")
 @click.option(
     "--slab",
@@ -79,17 +87,22 @@ def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
     help="Run G^H this many feature slices at a time (same output, less memory).",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def generate(checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def generate(
+    checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str, overwrite: bool
+) -> None:
     """Generate volumes from a checkpoint and write them as NIfTI (HU for CT, spacing in the affine)."""
     from .checkpoint import load_checkpoint
+    from .io.files import Outputs
     from .sampling import generate_to_nifti
 
     dev = _resolve_device(device)
     model = load_checkpoint(checkpoint, device=dev)
     try:
         paths = generate_to_nifti(
-            model, n, out, seed=seed, label=label, slab=slab, progress=_progress("generate", "vol")
-        )
+            model, n, out, seed=seed, label=label, slab=slab, progress=_progress("generate", "vol"),
+            guard=Outputs("generate", [checkpoint], overwrite),
+        )  # fmt: skip
     except ValueError as err:
         raise HaganError(str(err)) from None
     click.echo(f"wrote {len(paths)} volume(s) to {out}")
@@ -135,6 +148,7 @@ def info(checkpoint: str, as_json: bool) -> None:
 @click.option("--size", required=True, type=click.Choice(["128", "256"]), help="Output size of those weights.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Data contract, e.g. data.modality=MR.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def import_reference_cmd(
     generator: str,
     encoder: str,
@@ -143,11 +157,15 @@ def import_reference_cmd(
     size: str,
     out: str,
     overrides: tuple[str, ...],
+    overwrite: bool,
 ) -> None:
     """Convert checkpoints of the reference HA-GAN implementation into one hagan-clinic checkpoint."""
+    from .io.files import Outputs
     from .models.hagan import parameter_table
     from .reference import import_reference
 
+    guard = Outputs("import-reference", [generator, encoder, sub_encoder, discriminator], overwrite)
+    guard.check(out)
     model = import_reference(generator, encoder, sub_encoder, int(size), discriminator, overrides)
     model.save(
         out,
@@ -156,6 +174,7 @@ def import_reference_cmd(
             "files": [Path(p).name for p in (generator, encoder, sub_encoder)],
         },
     )
+    guard.record(out)
     total = sum(v for k, v in parameter_table(model).items() if k in model.parts)
     click.echo(f"wrote {out}: parts {', '.join(model.parts)}, {total / 1e6:.2f}M parameters, size {size}^3")
     data = model.config.data
@@ -228,14 +247,17 @@ def _summary_line(counts: dict[str, int]) -> str:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--nifti", is_flag=True, help="Also write each grid as NIfTI (HU, with its affine) under OUT/nifti/.")
-def preprocess(src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int, nifti: bool) -> None:
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def preprocess(
+    src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int, nifti: bool, overwrite: bool
+) -> None:
     """Read every series under SRC (DICOM at any depth, NIfTI) onto the model's grid, with a manifest.csv."""
     from pipelines.preprocess import run
 
     from .config import load_config
 
     cfg = load_config(config_file, overrides)
-    result = run(src, out, cfg, workers=workers, nifti=nifti)
+    result = run(src, out, cfg, workers=workers, nifti=nifti, overwrite=overwrite)
     click.echo(f"{_summary_line(result.counts)}: {result.manifest}")
 
 
@@ -257,6 +279,7 @@ def preprocess(src: str, out: str, config_file: str, overrides: tuple[str, ...],
     type=click.Path(file_okay=False),
     help="Measure your own lung masks from this folder (<series_uid>.nii.gz, same grid as the scan) instead of ours.",
 )
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def qct(
     src: str,
     out: str,
@@ -265,6 +288,7 @@ def qct(
     workers: int,
     masks: str | None,
     external_masks: str | None,
+    overwrite: bool,
 ) -> None:
     """Quantitative CT per series under SRC: lung volume, %LAA-950, Perc15, with kernel, slice and mask warnings."""
     from pipelines.qct import run
@@ -272,7 +296,7 @@ def qct(
     from .config import load_config
 
     cfg = load_config(config_file, overrides)
-    result = run(src, out, cfg, workers=workers, masks=masks, external_masks=external_masks)
+    result = run(src, out, cfg, workers=workers, masks=masks, external_masks=external_masks, overwrite=overwrite)
     click.echo(f"{_summary_line(result.counts)}: {result.path}")
 
 
@@ -300,13 +324,14 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--pseudonymize", "salt", default=None, metavar="SALT",
-              help="Replace PatientID, the UIDs and source folders with salted hashes.")  # fmt: skip
+              help="Replace PatientID, UIDs, folders and file names (also in reasons) by salted hashes.")  # fmt: skip
 @click.option("--qct", is_flag=True, help="Add lung volume, %LAA-950 and Perc15 columns.")
 @click.option("--shard", default=None, metavar="I/N", help="Encode share I of N (default: torchrun's RANK/WORLD_SIZE).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def encode(
     src: str, checkpoint: str, out: str, fmt: str | None, workers: int | None, batch_size: int, device: str,
-    precision: str, salt: str | None, qct: bool, shard: str | None, no_tracking: bool,
+    precision: str, salt: str | None, qct: bool, shard: str | None, no_tracking: bool, overwrite: bool,
 ) -> None:  # fmt: skip
     """Encode every CT series under SRC (DICOM, NIfTI, or a preprocess cache) into one latent-feature table.
 
@@ -329,6 +354,7 @@ def encode(
     opts = EncodeOptions(
         checkpoint=Path(checkpoint), out=out_path, fmt=fmt, workers=workers, batch_size=batch_size,
         device=_resolve_device(device), precision=precision, pseudonymize=salt, qct=qct, shard=_parse_shard(shard),
+        overwrite=overwrite,
     )  # fmt: skip
     tracker = NullTracker() if no_tracking else Tracker()
     result = run(src, opts, tracker)
@@ -351,12 +377,13 @@ def _names(text: str | None) -> list[str]:
 @click.option("--gold-column", default=None, help="GOLD stage column (0-4). Default: 'gold' when present.")
 @click.option("--feature-regex", default=r"z\d+", show_default=True, help="Names of the feature columns.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Outer folds (by patient).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def regress(
     features: str, clinical: str, id_column: str, targets: str, log_targets: str, gold_column: str | None,
-    feature_regex: str, folds: int, seed: int, out: str, no_tracking: bool,
+    feature_regex: str, folds: int, seed: int, out: str, no_tracking: bool, overwrite: bool,
 ) -> None:  # fmt: skip
     """Cross-validated regression of clinical measures and GOLD stage from latent features, with baselines."""
     from pipelines.regress import RegressOptions, r2_text, run
@@ -370,6 +397,7 @@ def regress(
     opts = RegressOptions(
         targets=wanted, out=Path(out), id_column=id_column, log_targets=logs, gold_column=gold_column or "gold",
         gold_required=gold_column is not None, folds=folds, seed=seed, feature_regex=feature_regex,
+        overwrite=overwrite,
     )  # fmt: skip
     metrics = run(features, clinical, opts, NullTracker() if no_tracking else Tracker())
     for note in metrics["notes"].values():
@@ -390,11 +418,12 @@ def regress(
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="DIR/model.joblib.")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature table.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV of predictions.")
-def predict(model_path: str, features: str, out: str) -> None:
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+def predict(model_path: str, features: str, out: str, overwrite: bool) -> None:
     """Apply a model fitted by `regress` to a new feature table (only load model files you made)."""
     from pipelines.regress import predict as run_predict
 
-    table, notes = run_predict(model_path, features, out)
+    table, notes = run_predict(model_path, features, out, overwrite)
     for note in notes:
         click.echo(f"note: {note}")
     click.echo(f"{len(table)} rows: {out}")
@@ -419,15 +448,16 @@ def predict(model_path: str, features: str, out: str) -> None:
 )
 @click.option("--measure", type=click.Choice(["laa950_pct", "lung_volume_ml", "mean_hu"]), default="laa950_pct",
               show_default=True, help="What the latent direction should move.")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--slab", type=click.IntRange(min=1), default=None, help="Generate in slabs (less memory).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def evaluate(
     checkpoint: str, real: str, train_dir: str | None, n: int, feature_net: str, measure: str, seed: int,
-    batch_size: int, slab: int | None, device: str, out: str, no_tracking: bool,
+    batch_size: int, slab: int | None, device: str, out: str, no_tracking: bool, overwrite: bool,
 ) -> None:  # fmt: skip
     """FID, MMD, MS-SSIM diversity, memorisation, reconstruction and a latent direction, generated vs real."""
     from pipelines.evaluate import EvaluateOptions, run
@@ -437,7 +467,7 @@ def evaluate(
     opts = EvaluateOptions(
         checkpoint=Path(checkpoint), real=Path(real), out=Path(out), n=n, feature_net=feature_net, seed=seed,
         device=_resolve_device(device), batch_size=batch_size, measure=measure, slab=slab,
-        train=None if train_dir is None else Path(train_dir),
+        train=None if train_dir is None else Path(train_dir), overwrite=overwrite,
     )  # fmt: skip
     m = run(opts, NullTracker() if no_tracking else Tracker())
     click.echo(f"FID {m['fid']:.3f}, MMD^2 {m['mmd2']:.4f} ({m['feature_net']}); MS-SSIM generated "
@@ -466,9 +496,11 @@ def evaluate(
 )
 @click.option("--device", default=None, help="Classifier device: cpu, cuda, cuda:N or auto (default: the config's).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def augment(
-    config_file: str, overrides: tuple[str, ...], out: str, write_split: bool, device: str | None, no_tracking: bool
-) -> None:
+    config_file: str, overrides: tuple[str, ...], out: str, write_split: bool, device: str | None, no_tracking: bool,
+    overwrite: bool,
+) -> None:  # fmt: skip
     """Train a downstream 3D classifier on real volumes with and without synthetic and classical augmentation.
 
     The GAN must not have seen a validation or test patient: write the split first (--write-split), train the GAN
@@ -481,17 +513,17 @@ def augment(
 
     cfg = load_config(config_file, overrides)
     if write_split:
-        import pandas as pd
+        from .io.files import read_csv_table
 
-        split_csv, table = augment_pipeline.write_split(cfg, Path(out))
-        classes = int(pd.read_csv(table)[cfg.augment.label_column].max()) + 1
+        split_csv, table = augment_pipeline.write_split(cfg, Path(out), overwrite)
+        classes = int(read_csv_table(table, "training table")[cfg.augment.label_column].max()) + 1
         click.echo(f"split: {split_csv}; training part: {table}")
         click.echo(f"train the GAN on it: hagan-clinic train --config {config_file} --data {cfg.augment.cache} "
                    f"--set data.table={table} --set data.label_column={cfg.augment.label_column} "
                    f"--set model.num_classes={classes}")  # fmt: skip
         return
     tracker = NullTracker() if no_tracking else Tracker()
-    table = augment_pipeline.run(cfg, Path(out), tracker, _resolve_device(device or cfg.device))
+    table = augment_pipeline.run(cfg, Path(out), tracker, _resolve_device(device or cfg.device), overwrite)
     for row in table:
         text = ", ".join(f"{m} {row[m + '_mean']:.3f} +- {row[m + '_sd']:.3f}" for m in augment_pipeline.METRICS)
         if "auc_diff" in row:
@@ -510,7 +542,7 @@ def _fmt(value: float | None) -> str:
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", "n", type=click.IntRange(min=1), default=60, show_default=True, help="Patients.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same cohort.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same cohort.")
 @click.option(
     "--shape",
     default="96,128,128",
@@ -530,22 +562,30 @@ def _fmt(value: float | None) -> str:
 )
 @click.option("--cushions", is_flag=True, help="A foam blanket over the chest and foam wedges beside the back.")
 @click.option("--stomach", is_flag=True, help="A gas bubble in the stomach, under the left hemidiaphragm.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def phantoms(
-    out: str, n: int, seed: int, shape: str, workers: int, couch_mm: float, cushions: bool, stomach: bool
-) -> None:
+    out: str, n: int, seed: int, shape: str, workers: int, couch_mm: float, cushions: bool, stomach: bool,
+    overwrite: bool,
+) -> None:  # fmt: skip
     """Write a synthetic thorax CT cohort (DICOM) with known lung truth and clinical.csv to OUT.
 
     The couch, cushions and stomach leave the lungs, and so the truth, as they are.
     """
-    from .phantoms import write_cohort
+    from .phantoms import PhantomError, write_cohort
+    from .phantoms.render import _check_shape
 
     parts = shape.replace("x", ",").split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise click.BadParameter(f"expected three integers like 96,128,128, got '{shape}'", param_hint="--shape")
-    dims = tuple(int(p) for p in parts)
+    # ASCII digits only, and few of them: int() of a thousands-digit string raises (and str.isdigit takes '²')
+    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]{1,9}", p.strip()) for p in parts):
+        raise click.BadParameter(f"expected three integers like 96,128,128, got {shape[:40]!r}", param_hint="--shape")
+    try:
+        dims = _check_shape(int(p) for p in parts)
+    except PhantomError as err:
+        raise click.BadParameter(str(err), param_hint="--shape") from None
     table = write_cohort(
-        Path(out), n=n, seed=seed, shape=dims, workers=workers, couch_mm=couch_mm, cushions=cushions, stomach=stomach
-    )
+        Path(out), n=n, seed=seed, shape=dims, workers=workers, couch_mm=couch_mm, cushions=cushions, stomach=stomach,
+        overwrite=overwrite,
+    )  # fmt: skip
     click.echo(f"{len(table)} patients: {Path(out) / 'clinical.csv'}")
 
 
@@ -560,38 +600,88 @@ def demo(out: str, fast: bool, no_tracking: bool) -> None:
     run(Path(out), fast=fast, tracking=not no_tracking)
 
 
+#: What to try when a command runs out of memory, by command (only generate and evaluate have --slab).
+MEMORY_ADVICE = {
+    "generate": "generate with --slab 4 (or smaller) to bound it",
+    "evaluate": "use --slab 4 (or smaller) and a smaller --batch-size",
+    "encode": "use --batch-size 1 and fewer --workers",
+    "preprocess": "use fewer --workers",
+    "qct": "use fewer --workers",
+    "phantoms": "use a smaller --shape or fewer --workers",
+    "train": "use a smaller train.batch_size or model.size (--set)",
+    "augment": "use a smaller augment.batch_size or a larger augment.downsample (--set)",
+}
+#: OS errors that say the machine refused a file (a full, read-only or forbidden disk), not that our code is wrong.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+ACCESS_ERRORS = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EIO, errno.ELOOP,
+                 errno.EMFILE, errno.ENFILE}  # fmt: skip
+
+
+def _command_name(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), "")
+
+
+def _disk_error(err: BaseException) -> OSError | None:
+    """The OSError of a refused file in ``err`` or its chain (torch wraps a failed write in a RuntimeError)."""
+    for _ in range(4):
+        if isinstance(err, OSError) and err.errno in WRITE_ERRORS | ACCESS_ERRORS:
+            return err
+        if err.__cause__ is None and err.__context__ is None:
+            return None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _disk_message(err: OSError) -> str:
+    verb = "write" if err.errno in WRITE_ERRORS else "access"
+    name = f" {Path(os.fsdecode(err.filename)).name}" if err.filename else ""
+    return f"cannot {verb}{name}: {err.strerror or os.strerror(err.errno or 0)}"
+
+
+def _say(line: str) -> None:
+    click.echo(one_line(line), err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and documented exit codes instead of tracebacks."""
     prog = "hagan-clinic"
+    for stream in (sys.stdout, sys.stderr):  # an argument with bytes that are no UTF-8 must print, not crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    quiet_readers()
     try:
         cli.main(args=argv, prog_name=prog, standalone_mode=False)
         return 0
     except click.exceptions.Abort:
-        click.echo(f"{prog}: interrupted", err=True)
+        _say(f"{prog}: interrupted")
         return 130
     except click.ClickException as err:
         hint = ""
         if isinstance(err, click.UsageError) and err.ctx is not None:
             hint = f" (see '{err.ctx.command_path} --help')"
-        click.echo(f"{prog}: error: {err.format_message()}{hint}", err=True)
+        message = one_line(err.format_message(), MESSAGE_LIMIT - len(prog) - len(hint) - 9)
+        _say(f"{prog}: error: {message}{hint}")
         return err.exit_code
     except HaganError as err:
-        click.echo(f"{prog}: error: {' '.join(str(err).split())}", err=True)
+        _say(f"{prog}: error: {err}")
         return 2
     except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
+        _say(f"{prog}: interrupted")
         return 130
     except Exception as err:  # an unexpected failure still ends in one line unless asked for more
         if os.environ.get("HAGAN_CLINIC_DEBUG"):
             raise
+        refused = _disk_error(err)
+        if refused is not None:
+            _say(f"{prog}: error: {_disk_message(refused)}")
+            return 2
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-            click.echo(f"{prog}: error: out of memory; generate with --slab 4 (or smaller) to bound it", err=True)
+            advice = MEMORY_ADVICE.get(_command_name(argv))
+            _say(f"{prog}: error: out of memory" + (f"; {advice}" if advice else ""))
             return 1
-        msg = " ".join(str(err).split())[:300]
-        click.echo(
-            f"{prog}: internal error: {type(err).__name__}: {msg} (HAGAN_CLINIC_DEBUG=1 shows the traceback)",
-            err=True,
-        )
+        what = one_line(f"{type(err).__name__}: {err}", 200)
+        _say(f"{prog}: internal error: {what} (HAGAN_CLINIC_DEBUG=1 shows the traceback)")
         return 1
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import HaganError
+from .errors import HaganError, one_line, short_repr
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,28 +28,45 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 #: assume a slab of S/8 slices), not a tunable.
 NUM_SLABS = 8
 
+#: Bounds on what reading a config may cost. A small YAML file can expand through aliases to gigabytes (the
+#: "billion laughs"), so the composed node graph is measured before anything is built from it.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_EXTENDS_DEPTH = 16
+MAX_SEED = 2**32 - 1  # numpy's and sklearn's seeds are 32-bit
+# The model grid's voxel spacing: finer than any clinical scan resamples a scan to billions of voxels; coarse grids
+# are legitimate for small models (a whole-body scan on a 32^3 grid needs voxels of 50 mm and more).
+MIN_SPACING_MM, MAX_SPACING_MM = 0.1, 100.0
+MAX_STEPS = 10**8  # iterations, epochs and step intervals
+MAX_WEIGHT = 1e4  # loss weights
+
 
 class ConfigError(HaganError):
     """A configuration problem, with a one-line message that names the offending key or file."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
+    # allow_inf_nan=False: every float of every section must be finite (.inf or .nan in YAML is refused)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
     """Network geometry. Widths are the reference's names for them; everything else derives from these."""
 
-    size: int = Field(256, description="output edge S of the cubic volume (voxels)")
-    latent_dim: int = Field(1024, description="length of z")
-    num_classes: int = Field(0, ge=0, description="0 for unconditional; C > 0 adds a one-hot label to z")
-    g_width: int = Field(32, description="generator base width c: trunk 16c..2c, G^H c.., G^L c, c/2")
-    d_high_width: int = Field(512, description="D^H widest layer (the reference's 512)")
-    d_low_width: int = Field(256, description="D^L widest layer")
-    e_ground_width: int = Field(256, description="E^G widest layer")
-    norm_groups: int = Field(8, description="GroupNorm groups in G and the encoders")
+    # the upper bounds keep a hostile or mistyped file from asking for a network no machine can hold; each is
+    # many times the published model's value
+    size: int = Field(256, description="output edge S of the cubic volume (voxels): a power of two, 32 to 1024")
+    latent_dim: int = Field(1024, ge=1, le=65536, description="length of z (1 to 65536)")
+    num_classes: int = Field(0, ge=0, le=10000, description="0 for unconditional; C > 0 adds a one-hot label to z")
+    g_width: int = Field(32, ge=2, le=512, description="generator base width c: trunk 16c..2c, G^H c.., G^L c, c/2")
+    d_high_width: int = Field(512, ge=64, le=8192, description="D^H widest layer (the reference's 512)")
+    d_low_width: int = Field(256, ge=8, le=8192, description="D^L widest layer")
+    e_ground_width: int = Field(256, ge=8, le=8192, description="E^G widest layer")
+    norm_groups: int = Field(8, ge=1, le=512, description="GroupNorm groups in G and the encoders")
     high_stages: int | None = Field(
         None,
+        ge=1,
+        le=8,
         description="x2 upsampling stages in G^H; default 2, and 3 for 512^3 (feature map capped at 64^3)",
     )
     encode_mode: Literal["slabs", "whole"] = Field(
@@ -100,7 +117,11 @@ class ModelConfig(_Section):
             if not cond:
                 raise ValueError(f"model.{key}: {msg}")
 
-        need(self.size >= 32 and _pow2(self.size), "size", f"must be a power of two >= 32, got {self.size}")
+        need(
+            32 <= self.size <= 1024 and _pow2(self.size),
+            "size",
+            f"must be a power of two from 32 to 1024, got {short_repr(self.size)}",
+        )
         need(self.high_stages is None or self.high_stages >= 1, "high_stages", "must be >= 1")
         f = self.feature_size
         need(f >= 8 and self.size % self.upsample == 0, "high_stages", f"leaves a feature map of {f}^3 (< 8)")
@@ -134,7 +155,8 @@ class DataConfig(_Section):
     )
     spacing_mm: tuple[float, float, float] | None = Field(
         (1.5, 1.5, 1.5),
-        description="voxel spacing (x, y, z) in mm of the model's grid; null: unknown (resize: reference only)",
+        description="voxel spacing (x, y, z) in mm of the model's grid, each 0.1 to 20; null: unknown (resize: "
+        "reference only)",
     )
     resize: Literal["spacing", "reference"] = Field(
         "spacing",
@@ -146,13 +168,15 @@ class DataConfig(_Section):
     path_column: str = Field("path", description="column of `table` with file paths relative to `dir`")
     label_column: str | None = Field(None, description="column of `table` with integer class labels")
     # reading a cohort
-    min_slices: int = Field(16, ge=2, description="series with fewer slices are skipped")
+    min_slices: int = Field(16, ge=2, le=10000, description="series with fewer slices are skipped")
     irregular: Literal["refuse", "resample"] = Field(
         "refuse", description="missing slices, uneven spacing, gantry tilt: refuse, or resample and mark the series"
     )
     # preprocessing to the model's grid
     crop: Literal["body", "none"] = Field("body", description="crop to the body (largest object) before fitting")
-    body_threshold: float = Field(-500.0, description="CT: HU above which a voxel is body (for the crop)")
+    body_threshold: float = Field(
+        -500.0, ge=-2000, le=4000, description="CT: HU above which a voxel is body (for the crop), -2000 to 4000"
+    )
     mr_percentiles: tuple[float, float] = Field(
         (0.5, 99.5), description="MR: body-intensity percentiles mapped to the window's bounds"
     )
@@ -165,8 +189,9 @@ class DataConfig(_Section):
         if self.spacing_mm is None:
             if self.resize != "reference":
                 raise ValueError("data.spacing_mm: null (unknown) is allowed only with data.resize: reference")
-        elif not all(math.isfinite(s) and 0 < s <= 100 for s in self.spacing_mm):
-            raise ValueError(f"data.spacing_mm: must be finite, positive mm (at most 100), got {list(self.spacing_mm)}")
+        elif not all(math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in self.spacing_mm):
+            bounds = f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm"
+            raise ValueError(f"data.spacing_mm: each must be {bounds}, got {list(self.spacing_mm)}")
         if not all(math.isfinite(w) and abs(w) <= 1e6 for w in self.window):
             raise ValueError(f"data.window: must be finite numbers within +-1e6, got {list(self.window)}")
         lo, hi = self.mr_percentiles
@@ -178,34 +203,43 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The training loop. Defaults are the reference's (Sun et al. 2022) except where it had a defect."""
 
-    iterations: int = Field(80000, ge=1)
-    batch_size: int = Field(4, ge=1, description="volumes per step and per process")
+    # bounds: finite, positive where a zero or negative value means nothing, and far above any real run
+    iterations: int = Field(80000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(4, ge=1, le=4096, description="volumes per step and per process")
     lr_g: float = Field(1e-4, gt=0)
     lr_d: float = Field(4e-4, gt=0)
     lr_eh: float = Field(1e-4, gt=0)
     lr_eg: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.0, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = Field((0.0, 0.999), description="Adam's betas, each in [0, 1)")
+    eps: float = Field(1e-8, gt=0, le=1)
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 adds grad scaling")
     channels_last: bool = Field(False, description="channels-last-3d memory format (helps on GPUs)")
-    checkpoint_every: int = Field(1000, ge=1, description="iterations between snapshots and training states")
-    keep_last: int = Field(3, ge=1, description="snapshots and states kept besides the final one")
-    log_every: int = Field(50, ge=1, description="iterations between metric logs and progress lines")
-    image_every: int = Field(1000, ge=0, description="iterations between preview PNGs (0: only at the end)")
+    checkpoint_every: int = Field(1000, ge=1, le=MAX_STEPS, description="iterations between snapshots and states")
+    keep_last: int = Field(3, ge=1, le=1000, description="snapshots and states kept besides the final one")
+    log_every: int = Field(50, ge=1, le=MAX_STEPS, description="iterations between metric logs and progress lines")
+    image_every: int = Field(1000, ge=0, le=MAX_STEPS, description="iterations between preview PNGs (0: at the end)")
     d_loss: Literal["averaged", "separate"] = Field(
         "averaged", description="averaged: one BCE on the mean of the D^H and D^L logits (reference)"
     )
-    d_high_weight: float = Field(1.0, ge=0, description="weight of D^H's BCE when d_loss is separate")
-    d_low_weight: float = Field(1.0, ge=0, description="weight of D^L's BCE when d_loss is separate")
-    class_weight_g: float = Field(0.1, ge=0, description="weight of G's class loss (conditional)")
-    encoder_weight: float = Field(1.0, ge=0, description="weight of the E^H / E^G L1 losses (paper text: 5)")
-    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on D's real inputs (0 = off)")
+    d_high_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of D^H's BCE when d_loss is separate")
+    d_low_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of D^L's BCE when d_loss is separate")
+    class_weight_g: float = Field(0.1, ge=0, le=MAX_WEIGHT, description="weight of G's class loss (conditional)")
+    encoder_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the E^H / E^G L1 losses")
+    r1_gamma: float = Field(0.0, ge=0, le=MAX_WEIGHT, description="R1 penalty weight on D's real inputs (0 = off)")
     ema: bool = Field(False, description="keep an exponential moving average of G for sampling")
     ema_decay: float = Field(0.999, gt=0, lt=1)
     low_res: Literal["area", "nearest"] = Field(
         "area", description="how x_low is made from x: area = antialiased mean (nearest: the reference's aliasing)"
     )
-    max_nonfinite: int = Field(10, ge=1, description="abort after this many iterations in a row with a non-finite loss")
+    max_nonfinite: int = Field(
+        10, ge=1, le=MAX_STEPS, description="abort after this many iterations in a row with a non-finite loss"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas: each must be in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -232,6 +266,14 @@ class ClassicalConfig(_Section):
     intensity_shift: float = Field(0.05, ge=0, lt=1, description="random intensity offset, up to +- (model units)")
     noise_sd: float = Field(0.02, ge=0, lt=1, description="Gaussian noise sd (model units)")
 
+    @model_validator(mode="after")
+    def _check(self) -> ClassicalConfig:
+        for key, top in (("elastic_sigma", 50.0), ("elastic_magnitude", 500.0)):
+            lo, hi = getattr(self, key)
+            if not 0 <= lo <= hi <= top:
+                raise ValueError(f"augment.classical.{key}: need 0 <= low <= high <= {top:g}, got {[lo, hi]}")
+        return self
+
 
 class AugmentConfig(_Section):
     """A downstream classifier trained on real volumes, with and without synthetic and classical augmentation."""
@@ -242,15 +284,21 @@ class AugmentConfig(_Section):
     label_column: str = "label"
     checkpoint: str | None = Field(None, description="conditional HA-GAN checkpoint for the synthetic volumes")
     arms: tuple[str, ...] = Field(("real", "real+synthetic", "real+classical"), description=f"any of {ARMS}")
-    synthetic_ratio: float = Field(1.0, gt=0, description="synthetic volumes per real training volume, per class")
-    seeds: tuple[int, ...] = Field((0, 1, 2), description="classifier seeds per arm (the split is fixed)")
-    split_seed: int = 0
+    synthetic_ratio: float = Field(
+        1.0, gt=0, le=100, description="synthetic volumes per real training volume, per class"
+    )
+    seeds: tuple[Annotated[int, Field(ge=0, le=MAX_SEED)], ...] = Field(
+        (0, 1, 2), min_length=1, max_length=1000, description="classifier seeds per arm (the split is fixed)"
+    )
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     classifier: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
-    downsample: int = Field(1, ge=1, description="classifier input: volumes block-averaged by this factor per axis")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(8, ge=1)
+    downsample: int = Field(
+        1, ge=1, le=64, description="classifier input: volumes block-averaged by this factor per axis"
+    )
+    epochs: int = Field(10, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(8, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0)
     classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
     bootstrap: int = Field(1000, ge=100, le=100000, description="patient-bootstrap resamples of the test split")
@@ -266,7 +314,7 @@ class AugmentConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -292,6 +340,8 @@ class Config(_Section):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
         try:
             return cls.model_validate(dict(data))
         except ValidationError as err:
@@ -303,15 +353,15 @@ def _pow2(n: int) -> bool:
 
 
 def _first_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
+    e = err.errors(include_url=False)[0]
+    key = one_line(".".join(str(p) for p in e["loc"]), 80)  # a hostile file's key can be megabytes long
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if e["type"] == "value_error":
         # our validators already name the key in their message
         return msg.removeprefix("Value error, ")
-    return f"{key}: {msg} (got {e.get('input')!r})" if key else msg
+    return f"{key}: {msg} (got {short_repr(e.get('input'))})" if key else msg
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -326,31 +376,122 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 def resolve_path(path: str | Path) -> Path:
     """A config path as given, or a bare name ('tiny') looked up in the project's configs/ folder."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if cand.is_file():
-            return cand
-    raise ConfigError(f"config file not found: {path}")
+    try:
+        p = Path(path)
+        for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+            if cand.is_file():
+                return cand
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
+        pass
+    raise ConfigError(f"config file not found: {short_repr(str(path), 120)}")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with the cost of aliases bounded.
+
+    An alias makes the composed node graph share a node instead of copying it, so a few hundred bytes can stand for
+    billions of values that only blow up later (validation, error messages, dumping). Before anything is
+    constructed, the values the document stands for are counted with aliases expanded (each shared node is counted
+    once per use, at the cost of one visit) and a document over MAX_YAML_VALUES is refused.
+    """
+
+    aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+        return super().compose_node(parent, index)
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            if self.aliases:
+                raise ConfigError(f"too many YAML aliases: they expand to over {MAX_YAML_VALUES} values (the limit)")
+            raise ConfigError(f"too many YAML values: over {MAX_YAML_VALUES} (the limit)")
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values under ``node`` with every alias expanded, counted up to just past MAX_YAML_VALUES (the walk stops
+    there); raises ConfigError on an alias inside the node it names (a cycle)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError("a YAML alias refers to a node that contains it")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_YAML_VALUES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML text to Python values through :class:`_BoundedLoader`; raises yaml.YAMLError on bad syntax and
+    ConfigError (without a source) on a document too large, too deep or with numbers too long to read."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain data only, never objects
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"a YAML value cannot be read ({one_line(err, 80)})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path.name}: cannot read ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path.name}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few kB of text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise ConfigError(f"{path.name}: not a text YAML file")
+    return text
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path.name}: 'extends' loops back to itself")
+    if len(seen) >= MAX_EXTENDS_DEPTH:
+        raise ConfigError(f"{path.name}: more than {MAX_EXTENDS_DEPTH} files in one chain of 'extends'")
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path.name}: not valid YAML ({one_line(str(err).splitlines()[0], 120)})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path.name}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: top level must be a mapping of sections")
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
-    if not parent_path.exists():
-        raise ConfigError(f"{path.name}: extends '{parent}', which does not exist")
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path.name}: extends must be a config file name, got {short_repr(parent)}")
+    try:
+        parent_path = path.parent / parent  # an absolute name replaces the folder
+        found = parent_path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"{path.name}: extends {short_repr(parent)}, which is not a file")
     return _deep_merge(_read_yaml(parent_path, (*seen, path)), data)
 
 
@@ -360,11 +501,13 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set '{item}': expected section.key=value")
+            raise ConfigError(f"--set {short_repr(item)}: expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        except ConfigError as err:
+            raise ConfigError(f"--set {one_line(key, 80)}: {err}") from None
         node = data
         *parents, leaf = key.split(".")
         for i, part in enumerate(parents):
@@ -372,7 +515,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{'.'.join(parents[: i + 1])}' is not a section")
+                raise ConfigError(f"--set {one_line(key, 80)}: '{'.'.join(parents[: i + 1])}' is not a section")
             node = child
         node[leaf] = value
     return data

@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import Config
 from .errors import HaganError
+from .io.files import read_csv_table
 from .io.nifti import read_scan
 from .io.volume import SeriesError
 from .preprocessing import decode_cache, model_input
@@ -129,7 +130,7 @@ def _listing(cfg: Config, root: Path):
             # a preprocess cache: its volumes are the manifest's ok rows (not the --nifti views beside them)
             import pandas as pd
 
-            manifest = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+            manifest = read_csv_table(root / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
             ok = manifest[manifest["status"] == "ok"]
             return [root / p for p in ok["path"]], None, _ids(ok), root / "manifest.csv"
         return sorted(p for p in root.rglob("*") if _is_volume(p)), None, None, None
@@ -138,7 +139,7 @@ def _listing(cfg: Config, root: Path):
     table_path = Path(cfg.data.table)
     if not table_path.is_file():
         raise DataError(f"data table not found: {table_path}")
-    table = pd.read_csv(table_path, dtype={"patient_id": str, "series_uid": str})
+    table = read_csv_table(table_path, "data table", dtype={"patient_id": str, "series_uid": str})
     need = [cfg.data.path_column] + ([cfg.data.label_column] if conditional else [])
     if conditional and cfg.data.label_column is None:
         raise DataError("a conditional model needs data.label_column")

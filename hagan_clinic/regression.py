@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .errors import HaganError
+from .errors import HaganError, short_repr
 
 QCT_COLUMNS = ("laa950_pct", "perc15_hu", "lung_volume_ml")
 RIDGE_ALPHAS = tuple(10.0 ** np.arange(-3, 4.5, 0.5))
@@ -36,6 +36,10 @@ RATIO_TARGETS = ("fev1_fvc",)
 PRISM = -1
 GOLD_CODES = (0, 1, 2, 3, 4, PRISM)
 GOLD_LABELS = ("0", "1", "2", "3", "4", "PRISm")
+# Feature and target values beyond this magnitude are refused: no clinical measure or latent feature comes near it,
+# and squares of larger values (R^2, scaling, ridge) overflow or swamp float64.
+MAX_ABS_VALUE = 1e12
+MAX_SEED = 2**32 - 1  # sklearn's random_state and numpy's legacy seeding take 32-bit seeds
 
 
 @contextmanager
@@ -97,8 +101,40 @@ class Dataset:
     join: dict = field(default_factory=dict)
 
 
+def check_magnitude(values: np.ndarray, what: str) -> None:
+    """Refuse finite values beyond +-MAX_ABS_VALUE in ``values`` (N,) or (N, k), naming ``what`` and one value.
+    Non-finite values are missing values and are left to the caller (dropped and counted)."""
+    big = np.isfinite(values) & (np.abs(np.nan_to_num(values)) > MAX_ABS_VALUE)
+    if big.any():
+        raise RegressionError(
+            f"{what} holds {values[big].flat[0]:g}, beyond +-{MAX_ABS_VALUE:g}: correct or remove such values"
+        )
+
+
+def constant(values: np.ndarray) -> bool:
+    """True when ``values`` (finite) have no spread that float64 arithmetic can score: R^2 is then undefined."""
+    values = np.asarray(values, float)
+    if values.size < 2:
+        return True
+    spread = float(np.ptp(values))
+    return spread == 0 or spread <= 1e-12 * float(np.max(np.abs(values)))
+
+
+def first_bad(column: pd.Series, bad: np.ndarray) -> str:
+    """A short quote of the first present value of ``column`` flagged in ``bad``, for a message ('' if none)."""
+    present = bad & column.notna().to_numpy()
+    if not present.any():
+        return ""
+    value = column.to_numpy()[present][0]
+    return f" (e.g. {short_repr(value.item() if isinstance(value, np.generic) else value, 30)})"
+
+
 def feature_columns(table: pd.DataFrame, pattern: str) -> list[str]:
-    cols = [c for c in table.columns if re.fullmatch(pattern, str(c))]
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise RegressionError(f"--feature-regex {short_repr(pattern)} is not a regular expression ({err})") from None
+    cols = [c for c in table.columns if regex.fullmatch(str(c))]
     if not cols:
         raise RegressionError(f"no feature columns match '{pattern}' (give --feature-regex)")
     return cols
@@ -126,11 +162,15 @@ def join_tables(features: pd.DataFrame, clinical: pd.DataFrame, id_column: str, 
     if merged.empty:
         raise RegressionError(f"no ID of the feature table is in the clinical table (column '{id_column}')")
     x = merged[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    for k, col in enumerate(cols):
+        check_magnitude(x[:, k], f"feature column {short_repr(str(col))}")
     keep = np.isfinite(x).all(axis=1)
     join["feature_rows_dropped"] = int((~keep).sum())  # non-numeric or missing features
     merged, x = merged[keep].reset_index(drop=True), x[keep]
     qcols = [c for c in QCT_COLUMNS if c in features.columns]
     qct = merged[qcols].apply(pd.to_numeric, errors="coerce").to_numpy(float) if qcols else None
+    for k, col in enumerate(qcols):
+        check_magnitude(qct[:, k], f"QCT column '{col}'")
     return Dataset(merged[id_column].to_numpy(str), x, cols, merged, qct, qcols, join)
 
 
@@ -152,6 +192,7 @@ def target_values(data: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, int
 def clinical_target(data: Dataset, name: str) -> tuple[np.ndarray, np.ndarray, int, str | None]:
     """(values, mask of usable rows, rows dropped, note on a unit conversion or None)."""
     values = pd.to_numeric(_clinical_column(data, name), errors="coerce").to_numpy(float)
+    check_magnitude(values, f"{short_repr(name)}")
     mask = np.isfinite(values)
     note = None
     if name in RATIO_TARGETS:
@@ -260,7 +301,7 @@ class PairedScorer:
     """
 
     def __init__(self, y: np.ndarray, fold: np.ndarray, groups: np.ndarray, seed: int, log: bool = False):
-        if len(y) < 2 or np.ptp(y) == 0:
+        if constant(y):
             raise RegressionError(f"{len(y)} rows with {len(np.unique(y))} distinct value(s): R^2 is undefined")
         self.y, self.fold, self.log = np.asarray(y, float), np.asarray(fold), log
         _, self.patient = np.unique(groups, return_inverse=True)
@@ -293,18 +334,21 @@ class PairedScorer:
         return {key: estimate, f"{key}_ci": ci, **({f"{key}_ci_note": note} if note else {})}, draws
 
     def score(self, pred: np.ndarray, pred_log: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-        """(scores, R^2 of each resample); ``pred_log`` (log-scale predictions) is needed when ``log`` is set."""
+        """(scores, R^2 of each resample); ``pred_log`` (log-scale predictions) is needed when ``log`` is set.
+        Without a fold of two or more distinct values, the per-fold R^2 is undefined: r2_fold_mean and
+        r2_fold_sd are then None."""
         from sklearn.metrics import r2_score
 
-        y, pred = self.y, np.asarray(pred, float)
+        raw = np.asarray(pred, float)
+        y, pred = _standardised(self.y, raw)  # R^2 and r are scale-free; squares of 1e-200 would underflow
         scores, draws = self._r2(y, pred, "r2")
-        folds = [k for k in np.unique(self.fold) if (self.fold == k).sum() > 1 and np.ptp(y[self.fold == k]) > 0]
+        folds = [k for k in np.unique(self.fold) if not constant(y[self.fold == k])]
         per_fold = [float(r2_score(y[self.fold == k], pred[self.fold == k])) for k in folds]
         scores["r2_fold_mean"] = float(np.mean(per_fold)) if per_fold else None
-        scores["r2_fold_sd"] = float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0
+        scores["r2_fold_sd"] = (float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0) if per_fold else None
         if self.log:
-            scores.update(self._r2(np.log(y), np.asarray(pred_log, float), "r2_log")[0])
-        scores["mae"] = float(np.mean(np.abs(y - pred)))
+            scores.update(self._r2(*_standardised(np.log(self.y), np.asarray(pred_log, float)), "r2_log")[0])
+        scores["mae"] = float(np.mean(np.abs(self.y - raw)))
         scores["pearson_r"] = float(np.corrcoef(y, pred)[0, 1]) if np.std(pred) > 0 else 0.0
         scores["n"], scores["n_patients"] = int(len(y)), int(self.counts.shape[1])
         return scores, draws
@@ -315,6 +359,13 @@ class PairedScorer:
         difference = model[0]["r2"] - baseline[0]["r2"]
         ci, note = percentile_interval(difference, model[1] - baseline[1])
         return difference, ci, note
+
+
+def _standardised(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y, pred) shifted by y's mean and divided by y's largest deviation (no squares, so no underflow)."""
+    centre = float(np.mean(y))
+    scale = float(np.max(np.abs(y - centre)))
+    return (y - centre) / scale, (pred - centre) / scale
 
 
 # ---------------------------------------------------------------- GOLD

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .io.files import Outputs
 from .io.nifti import from_model_range, write_array
 from .models.hagan import HAGAN
 
@@ -41,6 +41,7 @@ def generate_to_nifti(
     label: int | None = None,
     slab: int | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+    guard: Outputs | None = None,
 ) -> list[Path]:
     """Generate ``n`` volumes and write them as NIfTI in scanner units (HU for CT) with the contract's spacing.
 
@@ -48,6 +49,8 @@ def generate_to_nifti(
     says so, and the grid is centred on the origin ('aligned': a generated volume has no scanner position). A
     model whose grid has no defined spacing (``data.resize: reference``) gets nominal 1 mm voxels, and the file's
     description says that the spacing is unknown. Also writes ``samples.csv`` (file, index, seed, label).
+    ``guard`` checks each file before any volume is made: files of an earlier run of this command are replaced,
+    others only with ``overwrite``.
     """
     cfg = model.config
     if cfg.model.num_classes == 0 and label is not None:
@@ -62,20 +65,23 @@ def generate_to_nifti(
         spacing, spacing_note = (1.0, 1.0, 1.0), " spacing unknown (reference resize), 1 mm nominal"
     dtype = np.int16 if cfg.data.modality == "CT" else np.float32
     labels = sample_labels(n, cfg.model.num_classes, label)
+    names = [f"sample_{i:04d}" + ("" if labels[i] is None else f"_label{labels[i]}") + ".nii.gz" for i in range(n)]
+    guard = guard or Outputs("generate")
+    for name in [*names, "samples.csv"]:  # before the first volume: a refusal costs nothing
+        guard.check(out_dir / name)
     rows, paths = [], []
     for i in progress(range(n)):
         z = sample_latent(seed, i, cfg.model.latent_dim)
         lab = None if labels[i] is None else torch.tensor([labels[i]])
         volume = model.generate(z, lab, slab=slab)[0, 0].float().cpu().numpy()
-        name = f"sample_{i:04d}" + ("" if labels[i] is None else f"_label{labels[i]}") + ".nii.gz"
+        name = names[i]
         desc = f"hagan-clinic seed={seed} index={i}" + ("" if labels[i] is None else f" label={labels[i]}")
         hu = from_model_range(volume, window)
         paths.append(write_array(out_dir / name, hu, spacing, None, dtype, desc + spacing_note))
+        guard.record(paths[-1])
         rows.append({"file": name, "index": i, "seed": seed, "label": "" if labels[i] is None else labels[i]})
-    tmp = out_dir / ".samples.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with guard.target(out_dir / "samples.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "index", "seed", "label"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out_dir / "samples.csv")
     return paths

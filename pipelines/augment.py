@@ -32,6 +32,7 @@ import numpy as np
 
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
+from hagan_clinic.io.files import Outputs, read_csv_table
 
 from .cohort import atomic_write_text, write_csv
 
@@ -47,8 +48,8 @@ def load_real(cfg: Config) -> tuple[list[Path], np.ndarray, np.ndarray]:
         raise HaganError(f"augment.cache: no preprocess cache at '{a.cache}'")
     if not a.clinical or not Path(a.clinical).is_file():
         raise HaganError(f"augment.clinical: table not found: '{a.clinical}'")
-    manifest = pd.read_csv(Path(a.cache) / "manifest.csv", dtype=str, keep_default_na=False)
-    clinical = pd.read_csv(a.clinical, dtype={a.id_column: str})
+    manifest = read_csv_table(Path(a.cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
+    clinical = read_csv_table(a.clinical, "clinical table", dtype={a.id_column: str})
     for col in (a.id_column, a.label_column):
         if col not in clinical.columns:
             raise HaganError(f"{a.clinical}: no column '{col}'")
@@ -82,29 +83,36 @@ def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
     return out
 
 
-def write_split(cfg: Config, out: Path) -> tuple[Path, Path]:
+def _guard(cfg: Config, overwrite: bool) -> Outputs:
+    a = cfg.augment
+    return Outputs("augment", [a.cache and Path(a.cache) / "manifest.csv", a.checkpoint or None], overwrite)
+
+
+def write_split(cfg: Config, out: Path, overwrite: bool = False) -> tuple[Path, Path]:
     """split.csv (every labelled volume's split) and train_table.csv (the training part: the cache manifest's rows
     with the label), to train the GAN on the training patients only. Returns their paths."""
-    import pandas as pd
 
     a = cfg.augment
+    guard = _guard(cfg, overwrite)
+    for name in ("split.csv", "train_table.csv"):
+        guard.check(out / name)
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write_split_csv(out / "split.csv", paths, labels, groups, parts)
-    manifest = pd.read_csv(Path(a.cache) / "manifest.csv", dtype=str, keep_default_na=False)
+    _write_split_csv(out / "split.csv", paths, labels, groups, parts, guard)
+    manifest = read_csv_table(Path(a.cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
     train_paths = {str(p.relative_to(Path(a.cache))) for p, s in zip(paths, parts) if s == "train"}
     label_of = {str(p.relative_to(Path(a.cache))): int(y) for p, y in zip(paths, labels)}
     rows = manifest[manifest["path"].isin(train_paths)].copy()
     rows[a.label_column] = [label_of[p] for p in rows["path"]]
-    write_csv(out / "train_table.csv", rows.to_dict("records"), list(rows.columns))
+    write_csv(out / "train_table.csv", rows.to_dict("records"), list(rows.columns), guard)
     return out / "split.csv", out / "train_table.csv"
 
 
-def _write_split_csv(path: Path, paths, labels, groups, parts) -> None:
+def _write_split_csv(path: Path, paths, labels, groups, parts, guard: Outputs) -> None:
     write_csv(path, [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
                      for p, y, g, s in zip(paths, labels, groups, parts)],
-              ["patient_id", "path", "label", "split"])  # fmt: skip
+              ["patient_id", "path", "label", "split"], guard)  # fmt: skip
 
 
 def _same_id(value) -> str:
@@ -115,7 +123,6 @@ def _same_id(value) -> str:
 def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray, paths=(), cache=None) -> None:
     """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw. Overlap is looked for
     three ways: patient IDs (as ``_same_id`` compares them), series UIDs, and the volume files themselves."""
-    import pandas as pd
 
     from hagan_clinic.checkpoint import training_record
 
@@ -135,7 +142,7 @@ def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray,
     seen_series = set(record.get("series_uids") or []) - {""}
     series_of: dict = {}
     if cache is not None and (Path(cache) / "manifest.csv").is_file():
-        manifest = pd.read_csv(Path(cache) / "manifest.csv", dtype=str, keep_default_na=False)
+        manifest = read_csv_table(Path(cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
         series_of = {str((Path(cache) / p).resolve()): u for p, u in zip(manifest["path"], manifest["series_uid"])}
     volumes = [str(Path(p).resolve()) for p, h in zip(paths, held) if h]
     seen_volumes = [v for v in volumes if v in seen_files or series_of.get(v, "") in seen_series]
@@ -147,7 +154,9 @@ def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray,
         )
 
 
-def synthesize(cfg: Config, counts: dict[int, int], out: Path) -> tuple[np.ndarray, np.ndarray]:
+def synthesize(
+    cfg: Config, counts: dict[int, int], out: Path, guard: Outputs | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``counts[c]`` volumes of class c from the conditional checkpoint, cached in out/synthetic.npz."""
     import torch
 
@@ -156,10 +165,15 @@ def synthesize(cfg: Config, counts: dict[int, int], out: Path) -> tuple[np.ndarr
 
     cache = out / "synthetic.npz"
     key = json.dumps({"checkpoint": cfg.augment.checkpoint, "counts": counts, "seed": cfg.seed}, sort_keys=True)
+    guard = guard or Outputs("augment")
+    guard.check(cache)
     if cache.is_file():
-        with np.load(cache, allow_pickle=False) as data:
-            if str(data["key"]) == key:
-                return data["x"], data["y"]
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                if str(data["key"]) == key:
+                    return data["x"], data["y"]
+        except (OSError, ValueError, KeyError):  # a damaged cache is made again
+            pass
     if not cfg.augment.checkpoint or not Path(cfg.augment.checkpoint).is_file():
         raise HaganError(f"augment.checkpoint: not found: '{cfg.augment.checkpoint}'")
     model = load_checkpoint(cfg.augment.checkpoint)
@@ -176,7 +190,8 @@ def synthesize(cfg: Config, counts: dict[int, int], out: Path) -> tuple[np.ndarr
                 xs.append(model.generate(z, torch.tensor([c]))[0, 0].numpy().astype(np.float16))
             ys.append(c)
     x, y = np.stack(xs), np.asarray(ys)
-    np.savez(cache, x=x, y=y, key=np.array(key))
+    with guard.target(cache, ".npz") as tmp:
+        np.savez(tmp, x=x, y=y, key=np.array(key))
     return x, y
 
 
@@ -351,24 +366,28 @@ def _examples_png(path: Path, data: dict) -> None:
     mid_slices_png(rows, path, "real and synthetic training volumes per class")
 
 
-def run(cfg: Config, out: Path, tracker=None, device: str = "cpu") -> list[dict]:
+def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bool = False) -> list[dict]:
     from hagan_clinic.preprocessing import decode_cache
     from hagan_clinic.tracking import NullTracker
 
     tracker = tracker or NullTracker()
     a = cfg.augment
+    guard = _guard(cfg, overwrite)
+    for name in ("split.csv", "results.csv", "comparison.json", "examples.png", "synthetic.npz"):
+        guard.check(out / name)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
     if any("synthetic" in arm for arm in a.arms):
         check_no_leak(a.checkpoint, groups, parts, paths, a.cache)  # before any work: a leak invalidates every number
-    _write_split_csv(out / "split.csv", paths, labels, groups, parts)
+    _write_split_csv(out / "split.csv", paths, labels, groups, parts, guard)
     vols = np.stack([decode_cache(np.load(p)).astype(np.float16) for p in paths])
     data = {f"{s}_{k}": v[parts == s] for s in ("train", "val", "test") for k, v in (("x", vols), ("y", labels))}
     if any("synthetic" in arm for arm in a.arms):
         counts = {int(c): int(round(a.synthetic_ratio * (data["train_y"] == c).sum())) for c in np.unique(labels)}
-        data["syn_x"], data["syn_y"] = synthesize(cfg, counts, out)
+        data["syn_x"], data["syn_y"] = synthesize(cfg, counts, out, guard)
     _examples_png(out / "examples.png", data)
+    guard.record(out / "examples.png")
     f = a.downsample
     if f > 1:  # a coarser classifier input: the same volumes, block-averaged (cheaper on a CPU)
         if cfg.model.size % f:
@@ -393,8 +412,8 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu") -> list[dict]
                                      a.split_seed)  # fmt: skip
         table = compare(results, a.arms, boot)
         write_csv(out / "results.csv", results, ["arm", "seed", *METRICS, "val_balanced_accuracy", "train_volumes",
-                                                  "synthetic_volumes"])  # fmt: skip
-        atomic_write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n")
+                                                  "synthetic_volumes"], guard)  # fmt: skip
+        atomic_write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n", guard)
         for row in table:
             name = row["arm"].replace("+", "_")  # MLflow metric names take no '+'
             tracker.log_metrics({f"{name}.{k}": v for k, v in row.items() if isinstance(v, float)})

@@ -11,31 +11,40 @@ import csv
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord
-from hagan_clinic.io.files import atomic_target
+from hagan_clinic.io.files import Outputs, atomic_target, csv_safe, regular_file
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+def atomic_write_text(path: Path, text: str, guard: Outputs | None = None) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename (checked and recorded by
+    ``guard`` when given: a command's user-facing outputs)."""
+    if guard is not None:
+        guard.write_text(path, text)
+        return
     with atomic_target(path) as tmp:
         Path(tmp).write_text(text, newline="")
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """A CSV with exactly ``columns`` (missing values empty), written atomically."""
+def write_csv(path: Path, rows: list[dict], columns: list[str], guard: Outputs | None = None) -> None:
+    """A CSV with exactly ``columns`` (missing values empty), written atomically. Text cells that a spreadsheet
+    would run as a formula (an ID such as ``=HYPERLINK(...)``) are written with a leading apostrophe."""
     import io
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    atomic_write_text(path, buf.getvalue())
+        writer.writerow({c: "" if row.get(c) is None else csv_safe(row.get(c)) for c in columns})
+    atomic_write_text(path, buf.getvalue(), guard)
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
@@ -47,6 +56,9 @@ def status_counts(rows: list[dict]) -> dict[str, int]:
 
 
 def _init_worker(threads: int) -> None:
+    from hagan_clinic.io.logs import quiet_readers
+
+    quiet_readers()
     try:
         import torch
 
@@ -55,14 +67,150 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+# ---------------------------------------------------------------- worker processes that survive a death
+WORKER_DIED = "worker process died while reading it (killed or out of memory)"
+
+
+def spawn_pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    """``workers`` fresh processes of ``threads`` torch threads each (spawned: no copy of the parent's threads)."""
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (threads,))
+
+
+class WorkerDied(Exception):
+    """The task killed the worker process that ran it, even alone (a signal, out of memory, a native crash)."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One call submitted to a :class:`WorkerPool`; ``future`` is None once a run on its own settled it."""
+
+    fn: Callable
+    args: tuple
+    future: Future | None = None
+    value: Any = None
+    error: BaseException | None = None
+    died: bool = False
+
+    def outcome(self) -> Any:
+        if self.future is not None:
+            return self.future.result()
+        if self.died:
+            raise WorkerDied(WORKER_DIED)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _lost(future: Future) -> bool:
+    """Whether a future of a broken pool holds no outcome of its own task (the task must run again)."""
+    return not future.done() or future.cancelled() or isinstance(future.exception(), BrokenProcessPool)
+
+
+class WorkerPool:
+    """Worker processes that go on when one of them dies.
+
+    A worker killed mid-task (out of memory, a signal, a crash in a native decoder) breaks a ProcessPoolExecutor:
+    every unfinished future fails with BrokenProcessPool, so the pool cannot tell whose task killed it. Every
+    unfinished task is therefore a suspect and runs again alone in a fresh one-worker pool: the one that kills that
+    worker too raises :class:`WorkerDied` when collected, the others give their results, and a new pool takes the
+    tasks submitted after. A task runs at most twice, so a cohort of killers ends.
+    """
+
+    def __init__(self, workers: int, threads: int) -> None:
+        self.workers, self.threads = workers, threads
+        self._pool: ProcessPoolExecutor | None = None
+        self._live: dict[Task, None] = {}  # tasks on the current pool not yet collected, in submission order
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def submit(self, fn: Callable, *args: Any) -> Task:
+        task = Task(fn, args)
+        try:
+            task.future = self._executor().submit(fn, *args)
+        except BrokenProcessPool:  # a worker died since the last look
+            self._recover()
+            task.future = self._executor().submit(fn, *args)
+        self._live[task] = None
+        return task
+
+    def wait(self, tasks: list[Task]) -> list[Task]:
+        """Block until one of ``tasks`` is finished; the finished ones (collecting them does not block)."""
+        futures = [t.future for t in tasks if t.future is not None]
+        if len(futures) == len(tasks) and not any(f.done() for f in futures):
+            wait(futures, return_when=FIRST_COMPLETED)
+        if any(t.future is not None and t.future.done() and _lost(t.future) for t in tasks):
+            self._recover()
+        return [t for t in tasks if t.future is None or t.future.done()]
+
+    def result(self, task: Task) -> Any:
+        """What the task returned, or its exception raised; WorkerDied when it killed its worker even alone."""
+        if task.future is not None:
+            wait([task.future])
+            if _lost(task.future):
+                self._recover()
+        self._live.pop(task, None)
+        return task.outcome()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = spawn_pool(self.workers, self.threads)
+        return self._pool
+
+    def _recover(self) -> None:
+        """Close the broken pool, then settle each of its unfinished tasks alone in a fresh one-worker pool."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        suspects = [t for t in self._live if t.future is not None and _lost(t.future)]
+        self._live = {}
+        solo: ProcessPoolExecutor | None = None
+        try:
+            for task in suspects:
+                task.future = None
+                solo = solo or spawn_pool(1, self.threads)
+                try:
+                    task.value = solo.submit(task.fn, *task.args).result()
+                except BrokenProcessPool:  # alone, it killed its worker again: its own input is the cause
+                    task.died = True
+                    solo.shutdown(wait=True)
+                    solo = None
+                except Exception as err:  # the task's own exception, raised when it is collected
+                    task.error = err
+        finally:
+            if solo is not None:
+                solo.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- one function over a cohort
 def _failure(record: SeriesRecord, err: BaseException) -> dict:
     reason = str(err) if isinstance(err, HaganError) else f"{type(err).__name__}: {err}"
     return {**record.row(), "status": "failed", "reason": " ".join(reason.split())[:300]}
 
 
+class OutputFailed(HaganError):
+    """An output could not be written (a full or read-only disk): the run stops, since every further series would
+    fail the same way, and what is done is kept for the next run."""
+
+
+_STOP = "__stop__"
+
+
 def _call(fn: Callable[[SeriesRecord], dict], record: SeriesRecord) -> dict:
     try:
         return {**record.row(), **fn(record)}
+    except OutputFailed as err:  # not the series' fault: the whole run stops (in the main process)
+        return {_STOP: str(err)}
     except Exception as err:  # one bad series is reported and the cohort goes on
         return _failure(record, err)
 
@@ -84,13 +232,12 @@ def run_series(
 
     records = list(records)
     state_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {}  # by digest: the files and the state of a series are named by its content
     todo = []
     for r in records:
-        done = state_dir / f"{r.digest}.json"
-        row = json.loads(done.read_text()) if done.is_file() else None
-        if row is not None and row.get("status") == "ok":
-            rows[r.key] = row
+        row = _finished_row(state_dir / f"{r.digest}.json")
+        if row is not None:
+            rows[r.digest] = row
         else:
             todo.append(r)
     quiet = None if progress else True  # None: a bar on terminals only, none in logs
@@ -99,10 +246,12 @@ def run_series(
 
     def finish(record: SeriesRecord, row: dict) -> None:
         nonlocal failed
+        if _STOP in row:
+            raise OutputFailed(row[_STOP])
         row.setdefault("status", "ok")
         failed += row["status"] == "failed"
         atomic_write_text(state_dir / f"{record.digest}.json", json.dumps(row))
-        rows[record.key] = row
+        rows[record.digest] = row
         bar.update(1)
         bar.set_postfix(failed=failed, refresh=False)
 
@@ -111,19 +260,36 @@ def run_series(
             for r in todo:
                 finish(r, _call(fn, r))
         else:
-            import multiprocessing as mp
-
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (threads,)) as pool:
-                pending = {pool.submit(_call, fn, r): r for r in todo}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        record = pending.pop(fut)
-                        try:
-                            finish(record, fut.result())
-                        except Exception as err:  # a worker that died (memory) fails its series only
-                            finish(record, _failure(record, err))
+            _in_workers(todo, fn, workers, finish)
     finally:
         bar.close()
-    return [rows[r.key] for r in records if r.key in rows]
+    return [rows[r.digest] for r in records if r.digest in rows]
+
+
+def _finished_row(path: Path) -> dict | None:
+    """The ok row a finished series left; None when there is none or the file is damaged (the series runs again)."""
+    try:
+        row = json.loads(regular_file(path, "state file", 2**20).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON, a FIFO (HaganError is a ValueError)
+        return None
+    return row if isinstance(row, dict) and row.get("status") == "ok" else None
+
+
+def _in_workers(todo: list[SeriesRecord], fn: Callable, workers: int, finish: Callable) -> None:
+    """``finish(record, row)`` for each record of ``todo``, read by ``workers`` processes; a worker that dies fails
+    the series it held only (see :class:`WorkerPool`)."""
+    queue, pending = deque(todo), {}
+    with WorkerPool(workers, max(1, (os.cpu_count() or 1) // workers)) as pool:
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:  # a few in flight: few to run again after a death
+                record = queue.popleft()
+                pending[pool.submit(_call, fn, record)] = record
+            for task in pool.wait(list(pending)):
+                record = pending.pop(task)
+                try:
+                    row = pool.result(task)
+                except WorkerDied as err:
+                    row = {**record.row(), "status": "failed", "reason": str(err)}
+                except Exception as err:  # e.g. a result that could not be sent back
+                    row = _failure(record, err)
+                finish(record, row)

@@ -35,11 +35,12 @@ def grid_lung_density(cache: Path, manifest: Path, cfg):
     NaN where no lung is found there: a measure of what the grid itself can see. A pandas DataFrame."""
     import pandas as pd
 
+    from hagan_clinic.io.files import read_csv_table
     from hagan_clinic.io.nifti import from_model_range
     from hagan_clinic.preprocessing import decode_cache
     from hagan_clinic.qct import QCTError, measure_with_mask
 
-    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    rows = read_csv_table(manifest, "manifest", dtype=str, keep_default_na=False)
     rows = rows[rows["status"] == "ok"]
     values = []
     for pid, rel in zip(rows["patient_id"], rows["path"]):

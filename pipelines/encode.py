@@ -15,9 +15,8 @@ same state folder; whichever process finds every batch done writes the table and
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from hagan_clinic.config import Config
-from hagan_clinic.errors import HaganError
+from hagan_clinic.errors import HaganError, short_repr
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import atomic_target
+from hagan_clinic.io.files import Outputs, atomic_target, csv_safe_frame, regular_file
 
-from .cohort import atomic_write_text, status_counts, write_csv
+from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, atomic_write_text, status_counts, write_csv
+from .privacy import Scrubber, keyed, pseudonym, series_names
 
 ID_COLUMNS = ["patient_id", "study_uid", "series_uid", "kernel", "slice_thickness_mm"]
 QCT_COLUMNS = ["lung_volume_ml", "laa950_pct", "perc15_hu", "qct_warning"]
@@ -40,6 +40,9 @@ REPORT_COLUMNS = [
     "status", "reason", "notes",
 ]  # fmt: skip
 PSEUDONYMISED = ("patient_id", "study_uid", "series_uid", "source")
+NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
+SALT_CHECK = "hagan-clinic pseudonym salt check"  # its keyed digest tells salts apart without storing one
+Others = list[tuple[dict, set[str]]]  # report rows of the series not encoded, with the file names each may mention
 
 
 @dataclass
@@ -55,6 +58,16 @@ class EncodeOptions:
     qct: bool = False
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
+    overwrite: bool = False
+
+    def outputs(self, src: Path) -> Outputs:
+        """The guard of the table and the report: never over SRC (a file), the checkpoint, or a file that an
+        earlier encode did not write, unless ``overwrite``."""
+        return Outputs("encode", [src if src.is_file() else None, self.checkpoint], self.overwrite)
+
+    @property
+    def report_path(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}.report.csv")
 
 
 @dataclass
@@ -65,25 +78,18 @@ class EncodeResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def pseudonym(salt: str, value: str) -> str:
-    """A salted hash standing in for an identifier: same salt and value, same pseudonym; empty stays empty."""
-    if value in ("", None):
-        return ""
-    return hmac.new(salt.encode(), str(value).encode(), hashlib.sha256).hexdigest()[:20]
-
-
 # ---------------------------------------------------------------- listing the series
-def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord], list[dict]]:
-    """The ok series of a preprocess cache, and the report rows of the others."""
-    import pandas as pd
+def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord], Others]:
+    """The ok series of a preprocess cache, and the report rows of the others. Any file of the cache may be damaged
+    or hostile: cache.json and the manifest as a whole are checked here (HaganError), each row in
+    :func:`~pipelines.preprocess.manifest_record` and each volume when it is read (that series failed)."""
+    from .preprocess import cache_settings, manifest_record, read_cache_settings, read_manifest
 
-    from .preprocess import cache_settings
-
-    settings = json.loads((src / "cache.json").read_text())
+    settings = read_cache_settings(src)
     if settings.get("contract") != cfg.data_contract():
         raise HaganError(
-            f"{src} was preprocessed for {settings.get('contract')}, but the checkpoint's data contract is "
-            f"{cfg.data_contract()}: preprocess again, or give the DICOM/NIfTI folder"
+            f"{src} was preprocessed for {short_repr(settings.get('contract'), 200)}, but the checkpoint's data "
+            f"contract is {cfg.data_contract()}: preprocess again, or give the DICOM/NIfTI folder"
         )
     wanted = cache_settings(cfg)
     differ = sorted(k for k in wanted if k not in ("cache_dtype", "min_slices") and settings.get(k) != wanted[k])
@@ -94,41 +100,31 @@ def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord
         )
     if qct:
         raise HaganError("--qct needs the scans themselves (a DICOM or NIfTI folder), not a preprocess cache")
-    manifest = pd.read_csv(src / "manifest.csv", dtype=str, keep_default_na=False)
     ok, others = [], []
-    for row in manifest.to_dict("records"):
-        if row.get("status") != "ok":
-            others.append(row)
-            continue
-        thickness = float(row["slice_thickness_mm"]) if row.get("slice_thickness_mm") else None
-        ok.append(
-            SeriesRecord(
-                key=f"cache:{row['path']}",
-                kind="cache",
-                paths=(src / row["path"],),
-                folder=row.get("source", ""),
-                status="ok",
-                patient_id=row["patient_id"],
-                study_uid=row["study_uid"],
-                series_uid=row["series_uid"],
-                modality=row.get("modality", ""),
-                kernel=row.get("kernel", ""),
-                slice_thickness_mm=thickness,
-                n_slices=int(row["n_slices"]) if row.get("n_slices") else 0,
-            )  # fmt: skip
-        )
+    for row in read_manifest(src):
+        names = series_names((), row.get("source", ""), src)
+        if row["status"] not in ("ok", "skipped", "failed"):
+            row = {**row, "status": "failed", "reason": f"manifest status {short_repr(row['status'])} is unknown"}
+        record = manifest_record(src, row) if row["status"] == "ok" else None
+        if isinstance(record, SeriesRecord):
+            ok.append(record)
+        else:
+            others.append(({**row, "status": "failed", "reason": record} if record else row, names))
     return ok, others
 
 
-def list_series(src: Path, cfg: Config, qct: bool, progress: bool) -> tuple[list[SeriesRecord], list[dict]]:
+def list_series(src: Path, cfg: Config, qct: bool, progress: bool) -> tuple[list[SeriesRecord], Others]:
+    """The series to encode, and the report rows of the others with the file names each may mention."""
     if not src.exists():
         raise HaganError(f"source not found: {src}")
-    if (src / "cache.json").is_file() and (src / "manifest.csv").is_file():
+    if (src / "cache.json").exists():  # a preprocess cache, whole or damaged
         ok, others = _cache_records(src, cfg, qct)
     else:
         d = cfg.data
         found = discover(src, d.modality, d.min_slices, d.irregular, progress=progress)
-        ok, others = found.ok, [r.row() for r in found.records if r.status != "ok"]
+        base = src.parent if src.is_file() else src
+        ok = found.ok
+        others = [(r.row(), series_names(r.paths, r.folder, base)) for r in found.records if r.status != "ok"]
     if not ok and not others:
         raise HaganError(f"{src}: no DICOM series, NIfTI files or preprocess cache found")
     return ok, others
@@ -137,73 +133,107 @@ def list_series(src: Path, cfg: Config, qct: bool, progress: bool) -> tuple[list
 # ---------------------------------------------------------------- one series (in a worker process)
 def prepare_one(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
     """Read and preprocess one series: {'grid': float16 (S, S, S) or None, 'row': ..., 'read_s', 'prep_s'}."""
-    from hagan_clinic.preprocessing import decode_cache, encode_cache, to_model_grid
+    from hagan_clinic.preprocessing import encode_cache, to_model_grid
+
+    from .preprocess import load_cached_grid, require_finite
 
     cfg = Config.from_dict(cfg_dict)
     row = {"status": "ok", "reason": "", "notes": ""}
     t0 = time.perf_counter()
     try:
         if record.kind == "cache":
-            grid = encode_cache(decode_cache(np.load(record.paths[0])), "float16")
+            name = record.key.removeprefix("cache:")
+            grid = encode_cache(load_cached_grid(record.paths[0], cfg.model.size, name), "float16")
             return {"grid": grid, "row": row, "read_s": time.perf_counter() - t0, "prep_s": 0.0}
         volume = load_series(record, cfg.data.modality, cfg.data.irregular)
         t1 = time.perf_counter()
         grid, info = to_model_grid(volume, cfg)
+        require_finite(grid)
         t2 = time.perf_counter()
-    except HaganError as err:
-        return {"grid": None, "row": {**row, "status": "failed", "reason": " ".join(str(err).split())[:300]}}
+    except HaganError as err:  # the reason is cut to length once file names are out of it (Scrubber.row)
+        return {"grid": None, "row": {**row, "status": "failed", "reason": " ".join(str(err).split())}}
     meta = volume.meta
     row.update(kernel=meta.get("kernel") or record.kernel, slice_thickness_mm=meta.get("slice_thickness_mm"))
     row["notes"] = "; ".join(n for n in (meta.get("notes", ""), *info.notes) if n)
     if qct:
-        from hagan_clinic.qct import measure
-
-        try:
-            values = measure(volume.hu.astype(np.float32, copy=False), volume.spacing, volume.valid,
-                             kernel=row["kernel"], slice_thickness_mm=row["slice_thickness_mm"])  # fmt: skip
-            row.update({k: round(float(values[k]), 3) for k in QCT_COLUMNS[:3]}, qct_warning=values["warning"])
-        except HaganError as err:  # no lung found: the features are still valid
-            row["qct_warning"] = " ".join(str(err).split())[:200]
+        row.update(_qct_cells(volume, row["kernel"], row["slice_thickness_mm"]))
     return {"grid": encode_cache(grid, "float16"), "row": row, "read_s": t1 - t0, "prep_s": t2 - t1}
+
+
+def _qct_cells(volume, kernel: str, thickness: float | None) -> dict:
+    """The --qct columns of one series: the measures, or none and the reason in ``qct_warning`` (the features
+    are valid either way). A measure that is NaN or infinite (NaN/inf voxels in the lungs) is never reported."""
+    from hagan_clinic.qct import measure
+
+    try:
+        values = measure(volume.hu.astype(np.float32, copy=False), volume.spacing, volume.valid,
+                         kernel=kernel, slice_thickness_mm=thickness)  # fmt: skip
+    except HaganError as err:  # no lung found
+        return {"qct_warning": " ".join(str(err).split())}
+    measured = {k: float(values[k]) for k in QCT_COLUMNS[:3]}
+    bad = [k for k, v in measured.items() if not math.isfinite(v)]
+    if bad:
+        note = f"no QCT measure: {', '.join(bad)} not finite (NaN/inf voxels in the lungs?)"
+        return {"qct_warning": "; ".join(w for w in (note, values.get("warning", "")) if w)}
+    return {**{k: round(v, 3) for k, v in measured.items()}, "qct_warning": values["warning"]}
 
 
 def _safe_prepare(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
     try:
         return prepare_one(record, cfg_dict, qct)
     except Exception as err:  # an unexpected failure in one series is that series' failure
-        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
         return {"grid": None, "row": {"status": "failed", "reason": reason, "notes": ""}}
 
 
+def _collect(pool: WorkerPool, task: Task) -> dict:
+    """A worker's prepared series; a worker that died while reading it fails that series only."""
+    try:
+        return pool.result(task)
+    except WorkerDied as err:
+        reason = str(err)
+    except Exception as err:  # a result that could not be sent back
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    return {"grid": None, "row": {"status": "failed", "reason": reason, "notes": ""}}
+
+
 # ---------------------------------------------------------------- the run
-def _settings(opts: EncodeOptions, src: Path, checkpoint_sha: str, keys: list[str]) -> dict:
+def _settings(opts: EncodeOptions, src: Path, checkpoint_sha: str, digests: list[str]) -> dict:
+    """What a state folder's batches were made with. Series by their digests (content, not only UIDs: another
+    cohort with the same UIDs must not reuse the batches). With a salt nothing here names the source: keyed digests
+    only, and never the salt nor a plain hash of it."""
+    salt = opts.pseudonymize or None
+    source = str(src.resolve())
     return {
         "checkpoint_sha256": checkpoint_sha,
-        "source": str(src.resolve()),
-        "series": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
+        "source": keyed(salt, source) if salt else source,
+        "series": keyed(salt, "\n".join(digests)),
         "batch_size": opts.batch_size,
         "precision": opts.precision,
         "device": opts.device,
         "qct": opts.qct,
-        "pseudonym_salt_sha256": hashlib.sha256(opts.pseudonymize.encode()).hexdigest() if opts.pseudonymize else "",
+        "pseudonym_salt_check": keyed(salt, SALT_CHECK) if salt else "",
     }
 
 
 def _check_state(state: Path, settings: dict) -> None:
     path = state / "settings.json"
-    if path.is_file() and (state / "complete").is_file() and json.loads(path.read_text()) != settings:
-        import shutil
+    if path.exists():
+        try:
+            old = json.loads(regular_file(path, "state file", 2**20).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged: the settings its batches were made with are unknown
+            old = None
+        if old != settings and (state / "complete").exists():
+            import shutil
 
-        shutil.rmtree(state)  # a finished run's state: a new run with other settings starts afresh
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            diff = ", ".join(sorted(k for k in settings if old.get(k) != settings[k]))
+            shutil.rmtree(state)  # a finished run's state: a new run with other settings starts afresh
+        elif old != settings:
+            diff = ", ".join(sorted(k for k in settings if old.get(k) != settings[k])) if isinstance(old, dict) else ""
             raise HaganError(
-                f"{state} holds an unfinished encode with other settings ({diff}); "
+                f"{state} holds an unfinished encode with other settings ({diff or 'settings.json unreadable'}); "
                 "use the same arguments, another --out, or delete that folder"
             )
-    else:
+    if not path.exists():
         state.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
@@ -212,13 +242,32 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _report_row(record_row: dict, result_row: dict, salt: str | None) -> dict:
+def _report_row(record_row: dict, result_row: dict, scrub: Scrubber, names: set[str] = frozenset()) -> dict:
+    """A report row; with a salt its identifiers pseudonymised and its free text rid of the series' file names
+    (``names``) and of every path, without one its paths made relative to the source."""
     row = {k: _plain(record_row.get(k)) for k in REPORT_COLUMNS + QCT_COLUMNS if k in record_row}
     row.update({k: _plain(v) for k, v in result_row.items()})
-    if salt:
+    scrub.row(row, names)
+    if scrub.salt:
         for k in PSEUDONYMISED:
-            row[k] = pseudonym(salt, row.get(k) or "")
+            row[k] = pseudonym(scrub.salt, row.get(k) or "")
     return row
+
+
+def _batch_rows(batch: list[SeriesRecord], results: list[dict], z: np.ndarray, scrub: Scrubber) -> list[dict]:
+    """The report rows of an encoded batch, each with the index of its features in ``z`` (-1: none). Features
+    that are not all finite (a damaged checkpoint) are never 'ok'."""
+    rows, index = [], 0
+    for record, res in zip(batch, results):
+        result_row, z_index = res["row"], -1
+        if res["grid"] is not None:
+            if np.isfinite(z[index]).all():
+                z_index = index
+            else:
+                result_row = {**result_row, "status": "failed", "reason": NON_FINITE_FEATURES}
+            index += 1
+        rows.append({**_report_row(record.row(), result_row, scrub, scrub.names(record)), "z_index": z_index})
+    return rows
 
 
 def _encode_batch(model, grids: list[np.ndarray], device: str, precision: str) -> np.ndarray:
@@ -237,11 +286,35 @@ def _save_batch(path: Path, z: np.ndarray, rows: list[dict]) -> None:
 
 
 def _load_batch(path: Path) -> tuple[np.ndarray, list[dict]]:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(regular_file(path, "state file"), allow_pickle=False) as data:
         return data["z"], json.loads(str(data["rows"]))
 
 
-def _write_outputs(opts: EncodeOptions, state: Path, n_batches: int, others: list[dict], latent: int):
+def _batch_done(path: Path, latent: int) -> list[dict] | None:
+    """The rows of a finished batch; None when there is none, or it is damaged (it is encoded again)."""
+    try:
+        z, rows = _load_batch(path)
+        fits = z.ndim == 2 and z.shape[1] == latent
+        fits = fits and all(r["status"] != "ok" or 0 <= r["z_index"] < len(z) for r in rows)
+    except Exception:  # missing, truncated, not an archive, not JSON, not our rows: any of them means not done
+        return None
+    return rows if fits else None
+
+
+def _to_encode(state: Path, batches: list[int], latent: int) -> list[int]:
+    """The batches of ``batches`` to encode: those not done, and those where a series' worker process died (a
+    re-run tries them again: the death may have been a lack of memory at the time)."""
+    todo = []
+    for k in batches:
+        rows = _batch_done(state / f"batch_{k:06d}.npz", latent)
+        if rows is None or any(r.get("reason") == WORKER_DIED for r in rows):
+            todo.append(k)
+    return todo
+
+
+def _write_outputs(
+    opts: EncodeOptions, src: Path, state: Path, n_batches: int, others: Others, latent: int, scrub: Scrubber
+):
     import pandas as pd
 
     table_rows, report, latents = [], [], []
@@ -253,18 +326,18 @@ def _write_outputs(opts: EncodeOptions, state: Path, n_batches: int, others: lis
                 table_rows.append({c: row.get(c) for c in ID_COLUMNS + (QCT_COLUMNS if opts.qct else [])})
                 latents.append(z[row.pop("z_index")])
             row.pop("z_index", None)
-    report += [_report_row(r, {}, opts.pseudonymize) for r in others]
+    report += [_report_row(r, {}, scrub, names) for r, names in others]
     meta = pd.DataFrame(table_rows, columns=ID_COLUMNS + (QCT_COLUMNS if opts.qct else []))
     feats = pd.DataFrame(np.asarray(latents, np.float32).reshape(-1, latent), columns=[f"z{i}" for i in range(latent)])
     table = pd.concat([meta, feats], axis=1)
-    out = opts.out
-    with atomic_target(out, out.suffix) as tmp:
+    out, guard = opts.out, opts.outputs(src)
+    with guard.target(out, out.suffix) as tmp:
         if opts.fmt == "parquet":
             table.to_parquet(tmp, index=False)
         else:
-            table.to_csv(tmp, index=False, float_format="%.9g")
-    report_path = out.with_name(f"{out.stem}.report.csv")
-    write_csv(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []))
+            csv_safe_frame(table).to_csv(tmp, index=False, float_format="%.9g")
+    report_path = opts.report_path
+    write_csv(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []), guard)
     counts = status_counts(report)
     return report_path, counts
 
@@ -279,16 +352,22 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
     src, out = Path(src), opts.out
     if not opts.checkpoint.is_file():
         raise HaganError(f"checkpoint not found: {opts.checkpoint}")
-    model = load_checkpoint(opts.checkpoint, device=opts.device, ema=False)
+    guard = opts.outputs(src)
+    state = out.parent / f".{out.name}.state"
+    for target in (out, opts.report_path):  # before any work: a refusal at the end would waste the run
+        if (state / "settings.json").is_file():  # an earlier encode's state: the table beside it is its output
+            guard.adopt(target)
+        guard.check(target)
+    model = load_checkpoint(opts.checkpoint, device=opts.device, ema=False, require=("EH", "EG"))
     cfg, latent = model.config, model.config.model.latent_dim
     ok, others = list_series(src, cfg, opts.qct, opts.progress)
     sha = file_sha256(opts.checkpoint)
-    state = out.parent / f".{out.name}.state"
-    _check_state(state, _settings(opts, src, sha, [r.key for r in ok]))
+    _check_state(state, _settings(opts, src, sha, [r.digest for r in ok]))
+    scrub = Scrubber(src, opts.pseudonymize or None)
     batches = [ok[i : i + opts.batch_size] for i in range(0, len(ok), opts.batch_size)]
     shard, n_shards = opts.shard
     mine = [k for k in range(len(batches)) if k % n_shards == shard]
-    todo = [k for k in mine if not (state / f"batch_{k:06d}.npz").is_file()]
+    todo = _to_encode(state, mine, latent)
     done_series = sum(len(batches[k]) for k in mine if k not in todo)
     seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0}
     name = "encode" if n_shards == 1 else f"encode shard {shard}/{n_shards}"
@@ -307,14 +386,9 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         prepare = partial(_safe_prepare, cfg_dict=cfg.to_dict(), qct=opts.qct)
         pool = None
         if opts.workers > 0 and todo:
-            import multiprocessing as mp
             import os
-            from concurrent.futures import ProcessPoolExecutor
 
-            from .cohort import _init_worker
-
-            threads = max(1, (os.cpu_count() or 1) // (opts.workers + 1))
-            pool = ProcessPoolExecutor(opts.workers, mp.get_context("spawn"), _init_worker, (threads,))
+            pool = WorkerPool(opts.workers, max(1, (os.cpu_count() or 1) // (opts.workers + 1)))
         try:
             queue: deque = deque()
 
@@ -324,22 +398,18 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             for k in todo[:2]:  # reading one batch ahead of the encoder
                 submit(k)
             for i, k in enumerate(todo):
-                futures = queue.popleft()
+                tasks = queue.popleft()
                 if i + 2 < len(todo):
                     submit(todo[i + 2])
-                results = [f.result() if f else prepare(r) for f, r in zip(futures, batches[k])]
+                results = [_collect(pool, t) if t else prepare(r) for t, r in zip(tasks, batches[k])]
                 grids = [res["grid"] for res in results if res["grid"] is not None]
                 t = time.perf_counter()
                 z = _encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
                 seconds["encode"] += time.perf_counter() - t
-                rows, index = [], 0
-                for record, res in zip(batches[k], results):
-                    row = _report_row(record.row(), res["row"], opts.pseudonymize)
-                    row["z_index"] = index if res["grid"] is not None else -1
-                    index += res["grid"] is not None
+                for res in results:
                     seconds["read"] += res.get("read_s", 0.0)
                     seconds["preprocess"] += res.get("prep_s", 0.0)
-                    rows.append(row)
+                rows = _batch_rows(batches[k], results, z, scrub)
                 _save_batch(state / f"batch_{k:06d}.npz", z, rows)
                 encoded += len(rows)
                 bar.update(len(rows))
@@ -347,13 +417,13 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         finally:
             bar.close()
             if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                pool.close()
         if encoded:
             per = {f"{k}_s_per_series": v / encoded for k, v in seconds.items()}
             tracker.log_metrics({**per, "series_per_min": 60 * encoded / (time.perf_counter() - start)})
-        if not all((state / f"batch_{k:06d}.npz").is_file() for k in range(len(batches))):
+        if any(_batch_done(state / f"batch_{k:06d}.npz", latent) is None for k in range(len(batches))):
             return EncodeResult(None, None, {"encoded_here": encoded}, seconds)  # other shards still at work
-        report, counts = _write_outputs(opts, state, len(batches), others, latent)
+        report, counts = _write_outputs(opts, src, state, len(batches), others, latent, scrub)
         atomic_write_text(state / "complete", "")
         tracker.log_metrics({f"series_{k}": float(v) for k, v in counts.items()})
         tracker.log_artifact(report)

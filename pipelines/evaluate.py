@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hagan_clinic.errors import HaganError
+from hagan_clinic.errors import HaganError, short_repr
+from hagan_clinic.io.files import Outputs, atomic_target
 
 from .cohort import atomic_write_text
 
@@ -39,18 +40,32 @@ class EvaluateOptions:
     measure: str = "laa950_pct"
     slab: int | None = None
     train: Path | None = None  # the model's training volumes; default: the checkpoint's training record
+    overwrite: bool = False
 
 
-def real_volumes(folder: Path, size: int, window) -> list[Path]:
-    """The real volumes: a preprocess cache's ok rows, else every .npy (on the grid) and NIfTI scan under ``folder``
-    (each checked when it is loaded)."""
-    import pandas as pd
+OUTPUT_NAMES = ("metrics.json", "samples.png", "latent_direction.png")
+
+
+def real_volumes(folder: Path, contract: dict) -> list[Path]:
+    """The real volumes: a preprocess cache's ok rows (the cache made under the model's data ``contract``), else
+    every .npy (on the grid) and NIfTI scan under ``folder`` (each checked when it is loaded)."""
+    from .preprocess import cached_file, read_cache_settings, read_manifest
 
     if not folder.is_dir():
         raise HaganError(f"real volumes not found: {folder}")
-    if (folder / "manifest.csv").is_file():
-        manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
-        files = [folder / p for p in manifest.loc[manifest["status"] == "ok", "path"]]
+    if (folder / "manifest.csv").exists() or (folder / "cache.json").exists():  # a preprocess cache
+        made_for = read_cache_settings(folder).get("contract")
+        if made_for != contract:
+            raise HaganError(
+                f"{folder} was preprocessed for {short_repr(made_for, 200)}, but the checkpoint's data contract is "
+                f"{contract}: preprocess the scans again with the checkpoint's config"
+            )
+        files = []
+        for row in (r for r in read_manifest(folder) if r["status"] == "ok"):
+            path = cached_file(folder, row["path"])
+            if path is None:
+                raise HaganError(f"{folder}: manifest path {short_repr(row['path'])} is not a file in the cache")
+            files.append(path)
     else:
         files = sorted(p for p in folder.rglob("*") if p.name.endswith((".npy", ".nii", ".nii.gz")))
     if len(files) < 2:
@@ -58,11 +73,11 @@ def real_volumes(folder: Path, size: int, window) -> list[Path]:
     return files
 
 
-def training_volumes(opts: EvaluateOptions, size: int, window) -> tuple[list[Path], str]:
+def training_volumes(opts: EvaluateOptions, contract: dict) -> tuple[list[Path], str]:
     """The model's training volumes for the memorisation check: ``--train``, else the checkpoint's training
     record (its data folder and files). ([], reason) when neither is at hand."""
     if opts.train is not None:
-        return real_volumes(opts.train, size, window), f"--train {opts.train}"
+        return real_volumes(opts.train, contract), f"--train {opts.train}"
     from hagan_clinic.checkpoint import training_record
 
     record = training_record(opts.checkpoint)
@@ -80,14 +95,17 @@ def load_real(path: Path, cfg) -> np.ndarray:
     """One real volume on the model's grid: a cache array as stored, a NIfTI scan preprocessed as encode does."""
     from hagan_clinic.io.nifti import read_scan
     from hagan_clinic.io.volume import SeriesError
-    from hagan_clinic.preprocessing import decode_cache, model_input
+    from hagan_clinic.preprocessing import model_input
+
+    from .preprocess import load_cached_grid, require_finite
 
     size = cfg.model.size
     try:
-        if path.suffix == ".npy":
-            vol = decode_cache(np.load(path))
+        if path.suffix == ".npy":  # checked before it is read: no pickles, the grid's shape, finite values
+            vol = load_cached_grid(path, size, path.name)
         else:
             vol = model_input(read_scan(path, cfg.data.modality), cfg)
+            require_finite(vol)
     except SeriesError as err:
         raise HaganError(f"{path}: {err}") from None
     if vol.shape != (size,) * 3:
@@ -129,7 +147,7 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
 
     from hagan_clinic.metrics import memorisation_check
 
-    train_files, source = training_volumes(opts, cfg.model.size, cfg.data.window)
+    train_files, source = training_volumes(opts, cfg.data_contract())
     if not train_files:
         return {"skipped": source}
     from hagan_clinic.checkpoint import file_sha256
@@ -157,10 +175,10 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
 
 def _trained_by_record(opts) -> set:
     """The --real cache files whose patient or series the checkpoint's training record names."""
-    import pandas as pd
-
     from hagan_clinic.checkpoint import training_record
     from pipelines.augment import _same_id
+
+    from .preprocess import read_manifest
 
     record = training_record(opts.checkpoint)
     manifest = opts.real / "manifest.csv"
@@ -168,9 +186,8 @@ def _trained_by_record(opts) -> set:
         return set()
     patients = {_same_id(p) for p in record.get("patient_ids") or []}
     series = set(record.get("series_uids") or []) - {""}
-    rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    return {opts.real / p for p, pid, uid in zip(rows["path"], rows["patient_id"], rows["series_uid"])
-            if _same_id(pid) in patients or uid in series}  # fmt: skip
+    return {opts.real / row["path"] for row in read_manifest(opts.real)
+            if _same_id(row.get("patient_id", "")) in patients or row.get("series_uid", "") in series}  # fmt: skip
 
 
 def _pairwise_ms_ssim(vols: list[np.ndarray]) -> float | None:
@@ -233,7 +250,8 @@ def _montage(path: Path, vols, steps, values, measure: str) -> None:
         for ax in axes[:, k]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_target(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -250,13 +268,16 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     tracker = tracker or NullTracker()
     if not opts.checkpoint.is_file():
         raise HaganError(f"checkpoint not found: {opts.checkpoint}")
+    guard = Outputs("evaluate", [opts.checkpoint, opts.real if opts.real.is_file() else None], opts.overwrite)
+    for name in OUTPUT_NAMES:  # before any work
+        guard.check(opts.out / name)
     gen_model = load_checkpoint(opts.checkpoint, opts.device, ema=True)
-    rec_model = load_checkpoint(opts.checkpoint, opts.device, ema=False)  # the encoders were trained with raw G
+    rec_model = load_checkpoint(opts.checkpoint, opts.device, ema=False, require=("EH", "EG"))  # trained with raw G
     cfg, sha = gen_model.config, file_sha256(opts.checkpoint)
-    contract, size, latent = cfg.data_contract(), cfg.model.size, cfg.model.latent_dim
+    contract, latent = cfg.data_contract(), cfg.model.latent_dim
     if contract["spacing_mm"] is None and opts.measure != "mean_hu":
         measure_volume(np.zeros((1, 1, 1), np.float32), contract, opts.measure)  # the one-line refusal, up front
-    files = real_volumes(opts.real, size, cfg.data.window)
+    files = real_volumes(opts.real, contract)
     net = hagan_encoder(rec_model, sha) if opts.feature_net == "encoder" else medicalnet(opts.feature_net, opts.device)
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +344,10 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
         (f"real {i}", v) for i, v in enumerate(real_kept[:3])
     ]
     mid_slices_png(rows, out / "samples.png", "generated (top) and real (bottom)")
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+    for name in ("latent_direction.png", "samples.png"):
+        if (out / name).is_file():
+            guard.record(out / name)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", guard)
     with tracker.run("evaluate", tags={"stage": "evaluate"}):
         tracker.log_params({"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n,
                             "n_real": len(files), "seed": opts.seed, "measure": opts.measure})  # fmt: skip
@@ -332,7 +356,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
                      if isinstance(v, (int, float))})  # fmt: skip
         flat.update({f"reconstruction.{k}": v for k, v in metrics["reconstruction"].items()})
         tracker.log_metrics({k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)})
-        for path in sorted(out.glob("*")):
-            if path.is_file():
-                tracker.log_artifact(path, "evaluate")
+        for name in OUTPUT_NAMES:  # what this run wrote, never other files in the folder
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "evaluate")
     return metrics

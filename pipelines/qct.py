@@ -25,9 +25,11 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
+from hagan_clinic.io.files import Outputs, regular_file
 from hagan_clinic.io.volume import Volume
 
-from .cohort import atomic_write_text, run_series, status_counts, write_csv
+from .cohort import OutputFailed, atomic_write_text, run_series, status_counts, write_csv
+from .privacy import Scrubber
 
 COLUMNS = [
     "patient_id", "study_uid", "series_uid", "status", "reason", "lung_volume_ml", "laa950_pct", "perc15_hu",
@@ -88,7 +90,13 @@ def measure_one(
     values, mask = measure_with_mask(volume.hu, volume.spacing, volume.valid, kernel, thickness, mask=external)
     if masks is not None:
         lung = Volume(hu=mask.astype(np.uint8), spacing=volume.spacing, origin=volume.origin)
-        write_scan(masks / f"{name}.nii.gz", lung, dtype=np.uint8, description="hagan-clinic lung mask")
+        try:
+            write_scan(masks / f"{name}.nii.gz", lung, dtype=np.uint8, description="hagan-clinic lung mask")
+        except OSError as err:  # a full or read-only disk: not this series' fault
+            raise OutputFailed(f"cannot write the mask {name}.nii.gz: {err.strerror or err}") from None
+    bad = [k for k in MEASURES if not np.isfinite(values[k])]
+    if bad:  # NaN/inf voxels in the lungs: a number that is no measure is never reported as one
+        raise HaganError(f"no QCT measure: {', '.join(bad)} not finite (NaN or infinite voxels in the lungs?)")
     row = {k: round(float(values[k]), 3) for k in MEASURES}
     notes = [n for n in (values.get("warning", ""), volume.meta.get("notes", "")) if n]
     if external_masks is not None and external is None:
@@ -103,7 +111,11 @@ def _check_state(state: Path, settings: dict) -> None:
     import json
 
     path = state / "run_options"  # not *.json: those are the finished series
-    if state.is_dir() and (not path.is_file() or json.loads(path.read_text()) != settings):
+    try:
+        old = json.loads(regular_file(path, "state file", 2**20).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or damaged: nothing in the state folder can be trusted
+        old = None
+    if state.is_dir() and old != settings:
         shutil.rmtree(state)  # other options, or a state from a version that did not record them
     if not path.is_file():
         atomic_write_text(path, json.dumps(settings, sort_keys=True) + "\n")
@@ -124,6 +136,7 @@ def run(
     progress: bool = True,
     masks: str | Path | None = None,
     external_masks: str | Path | None = None,
+    overwrite: bool = False,
 ) -> QCTResult:
     """Measure every CT series under ``src`` into the CSV ``out``; ``masks``: a folder to write each lung mask
     to; ``external_masks``: a folder of the user's lung masks to measure instead of ours (see the module)."""
@@ -132,6 +145,8 @@ def run(
         raise HaganError(f"source not found: {src}")
     if out.suffix.lower() != ".csv":
         raise HaganError(f"--out must be a .csv file, got '{out}'")
+    guard = Outputs("qct", [src if src.is_file() else None], overwrite)
+    guard.check(out)  # before any work
     options = {}
     if external_masks is not None:
         if not Path(external_masks).is_dir():
@@ -150,9 +165,10 @@ def run(
     _check_state(state, {"irregular": d.irregular, **{k: str(Path(v).resolve()) for k, v in options.items()}})
     fn = partial(measure_one, irregular=d.irregular, **options)
     done = run_series(found.ok, fn, state, workers, progress, desc="qct")
-    by_key = {r.key: row for r, row in zip(found.ok, done)}
-    rows = [by_key.get(r.key, r.row()) for r in found.records]
-    write_csv(out, rows, COLUMNS)
+    by_digest = {r.digest: row for r, row in zip(found.ok, done)}
+    scrub = Scrubber(src, None)  # reasons name files relative to the source, as the source column does
+    rows = [scrub.row(by_digest.get(r.digest, r.row())) for r in found.records]
+    write_csv(out, rows, COLUMNS, guard)
     shutil.rmtree(state, ignore_errors=True)
     counts = status_counts(rows)
     return QCTResult(out, counts, rows)

@@ -8,19 +8,26 @@ model.joblib (every model refitted on all rows; a pickle: load only files you ma
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from hagan_clinic.errors import short_repr
+from hagan_clinic.io.files import Outputs, csv_safe_frame, read_csv_table, regular_file
 from hagan_clinic.regression import (
+    MAX_SEED,
     Dataset,
     MeanModel,
     PairedScorer,
     RegressionError,
+    check_magnitude,
     check_patients,
     clinical_target,
+    constant,
+    first_bad,
     fit_classifier,
     fit_regressor,
     gold_from_spirometry,
@@ -45,17 +52,20 @@ class RegressOptions:
     folds: int = 5
     seed: int = 0
     feature_regex: str = r"z\d+"
+    overwrite: bool = False
 
 
 def read_table(path: str | Path, what: str, id_column: str | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise RegressionError(f"{what} table not found: {path}")
+    regular_file(path, f"{what} table")
     try:
         if path.suffix.lower() == ".parquet":
             return pd.read_parquet(path)
         head = pd.read_csv(path, nrows=0).columns
-        return pd.read_csv(path, dtype={id_column: str} if id_column in head else None)  # IDs keep leading zeros
+        # IDs keep leading zeros; cells neutralised for spreadsheets read back as written
+        return read_csv_table(path, f"{what} table", dtype={id_column: str} if id_column in head else None)
     except Exception as err:  # pandas and pyarrow raise many types for damaged files
         raise RegressionError(f"{path}: not a readable table ({' '.join(str(err).split())[:100]})") from None
 
@@ -79,7 +89,12 @@ def r2_text(scores: dict, key: str = "r2") -> str:
     return f"{key} {scores[key]:.3f}{interval}"
 
 
-def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, scores: dict) -> None:
+def _plot_name(target: str) -> str:
+    """The scatter plot's file name: a column name may hold any character, a file name may not."""
+    return "pred_vs_true_" + re.sub(r"[^A-Za-z0-9_.-]", "_", target)[:100] + ".png"
+
+
+def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, scores: dict, guard: Outputs) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,11 +108,12 @@ def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, scores: dic
     ax.set(xlabel=f"{name} (true)", ylabel=f"{name} (out-of-fold prediction)", title=title)
     ax.text(0.02, 0.98, f"n {scores['n']}, {scores['n_patients']} patients", transform=ax.transAxes, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Title": title})  # the title in the file too, for anyone checking it
+    with guard.target(path, ".png") as tmp:  # the title in the file too, for anyone checking it
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Title": title})
     plt.close(fig)
 
 
-def _confusion_png(path: Path, scores: dict[str, dict]) -> None:
+def _confusion_png(path: Path, scores: dict[str, dict], guard: Outputs) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +128,8 @@ def _confusion_png(path: Path, scores: dict[str, dict]) -> None:
         ax.set(xlabel="predicted GOLD", ylabel="true GOLD", xticks=range(len(labels)), yticks=range(len(labels)),
                xticklabels=labels, yticklabels=labels, title=f"{name}: kappa {s['quadratic_kappa']:.2f}")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with guard.target(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -148,8 +165,11 @@ def _regress_target(data: Dataset, opts: RegressOptions, name: str, fold: np.nda
             metrics["baselines"]["qct"][name] = {"skipped": why, "n": int((rows & np.isfinite(data.qct).all(1)).sum())}
         else:
             scored, scored_on = qrows, "rows with a value and every QCT column (those the QCT baseline can score)"
-    if np.ptp(y[scored]) == 0:
-        raise RegressionError(f"'{name}' has one value on every row scored ({int(scored.sum())}): R^2 is undefined")
+    if constant(y[scored]):
+        raise RegressionError(
+            f"'{name}' is a constant target on the {int(scored.sum())} rows scored: R^2 is undefined "
+            "(leave it out of --targets)"
+        )
 
     # the model and every baseline are fitted on the model's scale and scored on both; the mean baseline of the
     # original scale is the arithmetic training mean of y (the exp of a log-scale mean would be a geometric mean)
@@ -164,6 +184,11 @@ def _regress_target(data: Dataset, opts: RegressOptions, name: str, fold: np.nda
     scorer = PairedScorer(y[scored], fold[scored], groups[scored], seed, log=log)
     results = {kind: scorer.score(pred[scored], pred_log[scored]) for kind, (pred, pred_log) in predictions.items()}
     model = results.pop("model")
+    if model[0]["r2_fold_mean"] is None:  # e.g. as many folds as patients: one patient per fold
+        metrics["notes"][f"{name}.r2_fold_mean"] = (
+            f"'{name}': R^2 per fold is undefined (no fold holds two distinct values; --folds {opts.folds}); "
+            "the pooled R^2 of all out-of-fold predictions is reported"
+        )
     target = {**model[0], "n_with_value": int(rows.sum()), "scored_on": scored_on}
     for kind, result in results.items():
         gain, ci, gain_note = PairedScorer.gain(model, result)
@@ -203,16 +228,30 @@ def _gold(data: Dataset, opts: RegressOptions, fold, preds: pd.DataFrame, metric
         return
     codes, metrics["dropped_rows"][column] = gold_values(data, column)
     rows = np.isfinite(codes)
-    if metrics["dropped_rows"][column]:  # rows lost to values that are no GOLD stage must be seen, not just counted
-        metrics["notes"][column] = (f"{metrics['dropped_rows'][column]} of {len(codes)} rows of '{column}' hold no "
-                                    "GOLD stage (0-4, PRISm or -1) and are left out of the GOLD scores")  # fmt: skip
+    example = first_bad(data.clinical[column], ~rows)
+    if not rows.any():
+        raise RegressionError(f"'{column}' holds no GOLD stage (0-4, PRISm or -1) on any row{example}")
+    dropped = metrics["dropped_rows"][column]
+    if dropped:  # rows lost to values that are no GOLD stage must be seen, not just counted
+        metrics["notes"][column] = (
+            f"{dropped} of {len(codes)} rows of '{column}' hold no GOLD stage (0-4, PRISm or -1){example} and are "
+            "left out of the GOLD scores"
+        )
+    check_patients(len(np.unique(groups[rows])), opts.folds, f"'{column}' is known for")
+    if len(np.unique(codes[rows])) < 2:
+        raise RegressionError(f"'{column}' holds one GOLD stage on every usable row: there is nothing to classify")
     g = np.where(rows, codes, 0).astype(int)
     pred, majority = np.full(len(g), np.nan), np.full(len(g), np.nan)
     for k in np.unique(fold[rows]):
         train, test = rows & (fold != k), rows & (fold == k)
         if len(np.unique(g[train])) < 2:
             raise RegressionError("a training fold holds only one GOLD stage; use fewer --folds")
-        pred[test] = fit_classifier(x[train], g[train], groups[train], seed).predict(x[test])
+        try:
+            pred[test] = fit_classifier(x[train], g[train], groups[train], seed).predict(x[test])
+        except ValueError:  # sklearn: every inner fit failed (an inner fold with one stage): too few patients
+            raise RegressionError(
+                f"'{column}': too few patients per GOLD stage to fit the classifier in every fold; use fewer --folds"
+            ) from None
         stages, counts = np.unique(g[train], return_counts=True)
         majority[test] = stages[counts.argmax()]
     metrics["gold"]["classifier"] = gold_scores(g[rows], pred[rows])
@@ -248,6 +287,19 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
+def _check_finite(value, where: str = "metrics") -> None:
+    """No NaN or inf in a result that is written as ok (json.dumps would write NaN, which is no JSON): an
+    undefined score is refused with its name instead of being printed as a number."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(item, where)
+    elif isinstance(value, float) and not np.isfinite(value):
+        raise RegressionError(f"{where} is {value}: the values are too extreme or too few to score")
+
+
 def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dict:
     import joblib
 
@@ -258,6 +310,8 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         raise RegressionError("no --targets given")
     if opts.folds < 2:
         raise RegressionError("--folds must be at least 2")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise RegressionError(f"--seed must be from 0 to {MAX_SEED}, got {opts.seed}")
     features = read_table(features_path, "feature", opts.id_column)
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
@@ -266,6 +320,11 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
     if opts.gold_required:
         gold_values(data, opts.gold_column)
     out = opts.out
+    guard = Outputs("regress", [features_path, clinical_path], opts.overwrite)
+    names = ["metrics.json", "predictions.csv", "model.joblib", "gold_confusion.png"]
+    names += [_plot_name(name) for name in opts.targets]
+    for name in names:  # before hours of fitting
+        guard.check(out / name)
     out.mkdir(parents=True, exist_ok=True)
     with tracker.run("regress", tags={"stage": "regress"}):
         tracker.log_params({
@@ -278,25 +337,29 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         metrics["join"] = data.join
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
                                "patients": int(len(np.unique(data.ids)))}  # fmt: skip
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        preds.to_csv(out / "predictions.csv", index=False)
+        _check_finite(metrics)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
+        atomic_write_text(out / "predictions.csv", csv_safe_frame(preds).to_csv(index=False), guard)
         for name, s in metrics["targets"].items():  # the rows the title's R^2 is computed on
-            _scatter(out / f"pred_vs_true_{name}.png", name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
-                     preds.loc[scored[name], f"{name}_pred"].to_numpy(), s)  # fmt: skip
+            _scatter(out / _plot_name(name), name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
+                     preds.loc[scored[name], f"{name}_pred"].to_numpy(), s, guard)  # fmt: skip
         gold_plots = {k: v for k, v in metrics["gold"].items() if k != "majority_baseline"}
         if gold_plots:
-            _confusion_png(out / "gold_confusion.png", gold_plots)
+            _confusion_png(out / "gold_confusion.png", gold_plots, guard)
         bundle = {"models": models, "feature_columns": data.feature_columns, "id_column": opts.id_column,
                   "log_targets": opts.log_targets, "targets": opts.targets}  # fmt: skip
-        joblib.dump(bundle, out / "model.joblib")
+        with guard.target(out / "model.joblib", ".joblib") as tmp:
+            joblib.dump(bundle, tmp)
         tracker.log_metrics(mlflow_metrics(metrics))
-        for path in sorted(out.iterdir()):
-            if path.is_file():
-                tracker.log_artifact(path, "regress")
+        for name in names:  # what this run wrote, never other files in the folder
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "regress")
     return metrics
 
 
-def predict(model_path: str | Path, features_path: str | Path, out: str | Path) -> tuple[pd.DataFrame, list[str]]:
+def predict(
+    model_path: str | Path, features_path: str | Path, out: str | Path, overwrite: bool = False
+) -> tuple[pd.DataFrame, list[str]]:
     """Apply a model.joblib written by ``regress`` to a feature table; writes CSV with one prediction per target.
 
     Returns the table and notes: a ratio target (FEV1/FVC) predicted in percent, by a model fitted on percentages,
@@ -306,6 +369,8 @@ def predict(model_path: str | Path, features_path: str | Path, out: str | Path) 
     model_path = Path(model_path)
     if not model_path.is_file():
         raise RegressionError(f"model not found: {model_path}")
+    guard = Outputs("predict", [model_path, features_path], overwrite)
+    guard.check(out)
     try:
         bundle = joblib.load(model_path)
         models, columns, id_column = bundle["models"], bundle["feature_columns"], bundle["id_column"]
@@ -318,6 +383,8 @@ def predict(model_path: str | Path, features_path: str | Path, out: str | Path) 
     if missing:
         raise RegressionError(f"feature table lacks column '{missing[0]}' ({len(missing)} missing)")
     x = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    for k, column in enumerate(columns):
+        check_magnitude(x[:, k], f"feature column {short_repr(str(column))}")
     ok = np.isfinite(x).all(axis=1)
     result, notes = pd.DataFrame({id_column: table[id_column].astype(str)}), []
     for name, model in models.items():
@@ -332,6 +399,5 @@ def predict(model_path: str | Path, features_path: str | Path, out: str | Path) 
     if {"fev1pp", "fev1_fvc"} <= set(models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
         result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
-    out = Path(out)
-    atomic_write_text(out, result.to_csv(index=False))
+    atomic_write_text(Path(out), csv_safe_frame(result).to_csv(index=False), guard)
     return result, notes

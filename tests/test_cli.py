@@ -12,6 +12,7 @@ import torch
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
+from hagan_clinic.io.files import LEDGER_NAME
 from hagan_clinic.models.hagan import HAGAN
 
 
@@ -90,7 +91,7 @@ def test_generate_writes_nifti_in_hu_with_spacing(capsys, checkpoint, tmp_path):
     data = np.asarray(img.dataobj)
     assert data.min() >= -1024 and data.max() <= 600
     assert (out_dir / "samples.csv").read_text().splitlines()[0] == "file,index,seed,label"
-    assert not list(out_dir.glob(".*"))  # no temporary files left
+    assert [p.name for p in out_dir.glob(".*")] == [LEDGER_NAME]  # no temporary files left, only the ledger
 
 
 def test_generate_same_seed_same_volumes_and_slab_matches(capsys, checkpoint, tmp_path):

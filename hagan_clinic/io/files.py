@@ -39,3 +39,177 @@ def atomic_target(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------- spreadsheet-safe text cells
+#: Spreadsheets execute a cell that starts with one of these (CSV injection); a leading apostrophe makes it text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_safe(value):
+    """``value`` as a CSV cell that no spreadsheet runs as a formula: text starting with = + - @ tab or CR gets a
+    leading apostrophe (numbers, such as -1.5, are left as they are)."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def csv_safe_frame(table):
+    """A copy of a pandas DataFrame whose text cells pass through :func:`csv_safe`."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    table = table.copy()
+    for column in table.columns:
+        if is_object_dtype(table[column]) or is_string_dtype(table[column]):
+            table[column] = table[column].map(csv_safe)
+    return table
+
+
+def from_csv_cell(value):
+    """The inverse of :func:`csv_safe` for tables this tool wrote: an ID ``'=x`` reads back as ``=x``."""
+    if isinstance(value, str) and len(value) > 1 and value[0] == "'" and value[1] in "".join(FORMULA_START):
+        return value[1:]
+    return value
+
+
+# ---------------------------------------------------------------- input files that cannot block or flood memory
+#: Tables and small JSON files read whole: far above any cohort's manifest or feature table.
+MAX_TABLE_BYTES = 2**30
+
+
+def regular_file(path: str | os.PathLike, what: str, limit: int = MAX_TABLE_BYTES) -> Path:
+    """``path`` when it is a regular file (links followed) of at most ``limit`` bytes, else HaganError: a FIFO or
+    a link to /dev/zero put where a table is expected would block the reader or fill the memory."""
+    import stat
+
+    from hagan_clinic.errors import HaganError
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise HaganError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise HaganError(f"{what} {path} cannot be read ({err.strerror or type(err).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HaganError(f"{what} {path} is not a regular file (a folder, FIFO or device): not read")
+    if st.st_size > limit:
+        raise HaganError(f"{what} {path} is {st.st_size / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB read")
+    return path
+
+
+def read_csv_table(path: str | os.PathLike, what: str, **kwargs):
+    """A CSV table as a pandas DataFrame, read after :func:`regular_file`, with the text cells that :func:`csv_safe`
+    neutralised read back as they were (so IDs join). ``kwargs`` go to ``pandas.read_csv``."""
+    import pandas as pd
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    table = pd.read_csv(regular_file(path, what), **kwargs)
+    for column in table.columns:
+        if is_object_dtype(table[column]) or is_string_dtype(table[column]):
+            table[column] = table[column].map(from_csv_cell)
+    return table
+
+
+# ---------------------------------------------------------------- outputs that never replace what they should not
+LEDGER_NAME = ".hagan-clinic-outputs.json"
+
+
+def _ledger_path(path: Path) -> Path:
+    return path.parent / LEDGER_NAME
+
+
+def _read_ledger(folder_file: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(folder_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class Outputs:
+    """The files one command writes, checked before they are written.
+
+    A command never writes over one of its own inputs, nor over an existing file that it did not write itself,
+    unless ``overwrite`` is set. What a command wrote is recorded (name, size, modification time) in a small ledger
+    beside the file, so that running the same command again may replace its own earlier output, but not a file
+    that was put there by anything else, or changed since.
+    """
+
+    def __init__(self, command: str, inputs=(), overwrite: bool = False) -> None:
+        self.command = command
+        self.inputs = [Path(p) for p in inputs if p]
+        self.overwrite = overwrite
+
+    def check(self, path: str | os.PathLike) -> None:
+        """Raise HaganError when writing ``path`` is not allowed."""
+        from hagan_clinic.errors import HaganError
+
+        path = Path(path)
+        if not self.overwrite and any(_same_file(path, p) for p in self.inputs):
+            raise HaganError(f"{path} is an input of this command; it would be overwritten: write elsewhere")
+        if not os.path.lexists(path):
+            return
+        if path.is_dir() or not path.is_file():
+            raise HaganError(f"{path} exists and is not a regular file: write elsewhere")
+        if self.overwrite or self._wrote(path):
+            return
+        raise HaganError(
+            f"{path} exists and was not written by hagan-clinic {self.command}: "
+            "give another output name, or --overwrite to replace it"
+        )
+
+    def _wrote(self, path: Path) -> bool:
+        entry = _read_ledger(_ledger_path(path)).get(path.name)
+        if not isinstance(entry, dict) or entry.get("command") != self.command:
+            return False
+        st = path.stat()
+        return entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+
+    def record(self, path: str | os.PathLike) -> None:
+        """Note ``path`` (just written) in its folder's ledger."""
+        import json
+
+        path = Path(path)
+        ledger = _ledger_path(path)
+        entries = _read_ledger(ledger)
+        st = path.stat()
+        entries[path.name] = {"command": self.command, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        with atomic_target(ledger) as tmp:
+            Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+    def adopt(self, path: str | os.PathLike) -> None:
+        """Take an existing ``path`` as this command's own output (one its own state shows it wrote, e.g. before
+        outputs were recorded, or copied along with that state); an input of the command never is."""
+        path = Path(path)
+        if path.is_file() and not any(_same_file(path, p) for p in self.inputs):
+            self.record(path)
+
+    @contextmanager
+    def target(self, path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+        """Like :func:`atomic_target`, after :meth:`check`, and recorded once published."""
+        self.check(path)
+        with atomic_target(path, suffix) as tmp:
+            yield tmp
+        self.record(path)
+
+    def write_text(self, path: str | os.PathLike, text: str) -> None:
+        with self.target(path) as tmp:
+            Path(tmp).write_text(text, newline="")

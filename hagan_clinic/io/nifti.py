@@ -11,11 +11,14 @@ file written here reads back as the same array, and a file from any other tool r
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from .files import atomic_target
 from .volume import SeriesError, Volume
@@ -23,6 +26,15 @@ from .volume import SeriesError, Volume
 OUTSIDE_FOV_HU = -1500.0  # CT values below this are padding (-2048, -3024), not air
 XFORM_CODES = {"scanner": 1, "aligned": 2}  # NIfTI xform codes: scanner-based, or aligned to another scan
 LPS_AXCODES = ("L", "P", "S")
+# Plausibility bounds for files read as scans. CT spans -1024 to about 30000 HU even with metal, so a magnitude
+# over 1e6 is a damaged or foreign file; other modalities store arbitrary units, bounded only where float32
+# sums over a volume would overflow.
+MAX_ABS_VALUE = {"CT": 1e6}
+MAX_ABS_VALUE_OTHER = 1e12
+#: The top of the standard 12-bit HU range: bone and contrast lie below it; only metal lies above.
+CT_MAX_TISSUE_HU = 3071
+MAX_VOXELS = 2**31  # a whole-body CT is 8e8 voxels; a larger shape is a damaged header, not read into memory
+MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-3, 1e3  # micro-CT reaches micrometres; no scan has metre-sized voxels
 
 
 def to_model_range(values: np.ndarray, window: Sequence[float]) -> np.ndarray:
@@ -114,25 +126,85 @@ def _canonical(img) -> tuple[np.ndarray, np.ndarray]:
 
 def header_shape(path: str | Path) -> tuple[int, ...]:
     """The stored shape of a NIfTI file, from its header alone (SeriesError when it cannot be read)."""
+    _probe(path)
     try:
         return tuple(int(n) for n in nib.load(str(path)).shape)
     except Exception as err:  # nibabel raises many types for damaged files
-        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+        raise _unreadable(err, path) from None
 
 
 def _open(path: str | Path):
     """(image, ornt transform to LPS, affine of the reoriented array) of a 3D NIfTI file, header only; SeriesError
-    with the reason for a damaged, non-3D or mirrored (version 0.1) file."""
+    with the reason for a damaged, non-3D, implausible or mirrored (version 0.1) file."""
+    _probe(path)
     try:
         img = nib.squeeze_image(nib.load(str(path)))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
+        if int(np.prod(img.shape, dtype=np.float64)) > MAX_VOXELS:
+            raise SeriesError(f"shape {img.shape} is over {MAX_VOXELS} voxels (damaged header)")
+        _refuse_bad_affine(img)
         _refuse_mirrored(img)
         return (img, *_canonical(img))
     except SeriesError:
         raise
     except Exception as err:  # nibabel raises many types for damaged files
-        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+        raise _unreadable(err, path) from None
+
+
+def _stored_header(path: str | Path):
+    """The header as stored, or None when it cannot be read (nibabel's own load then says why). nibabel's load
+    silently reads a pixdim of 0 as 1 mm and a negative one as its magnitude, or fails on NaN in its affine."""
+    try:
+        with ImageOpener(str(path)) as f:
+            size = f.read(4)
+            f.seek(0)
+            nifti2 = size in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr 540, either byte order
+            return (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(f, check=False)
+    except Exception:  # a damaged or truncated file: reported by the load that follows
+        return None
+
+
+def _refuse_bad_pixdim(path: str | Path) -> None:
+    """The stored voxel size (pixdim of the axes longer than 1) must be finite and positive."""
+    raw = _stored_header(path)
+    if raw is None:
+        return
+    dims = [int(n) for n in raw["dim"][1 : 1 + min(max(int(raw["dim"][0]), 0), 7)]]
+    axes = [i for i, n in enumerate(dims) if n > 1][:3]  # the three axes the squeezed volume keeps
+    pixdim = tuple(float(raw["pixdim"][1 + i]) for i in axes)
+    if not all(np.isfinite(v) and v > 0 for v in pixdim):
+        shown = ", ".join(f"{v:g}" for v in pixdim)
+        raise SeriesError(f"pixdim ({shown}) is not a finite positive voxel size in mm: fix the file's header")
+
+
+def _refuse_bad_affine(img) -> None:
+    """The voxel size the image is read with (its affine's column lengths) must be finite, positive and plausible."""
+    sizes = np.linalg.norm(img.affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(img.affine)):
+        raise SeriesError("the affine (sform/qform) holds values that are not finite: fix the header")
+    if not (np.all(sizes >= MIN_VOXEL_MM) and np.all(sizes <= MAX_VOXEL_MM)):
+        shown = ", ".join(f"{s:g}" for s in sizes)
+        raise SeriesError(f"the affine (sform/qform) gives voxel sizes ({shown}) mm, not plausible: fix the header")
+
+
+def _probe(path: str | Path) -> None:
+    """SeriesError for a path that is not a readable regular file (nibabel reports a permission problem as a file
+    it cannot read, and would block on a FIFO), or whose stored pixdim is not a voxel size."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SeriesError("not a regular file (not read)")
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise _unreadable(err, path) from None
+    _refuse_bad_pixdim(path)
+
+
+def _unreadable(err: BaseException, path: str | Path) -> SeriesError:
+    if isinstance(err, PermissionError):
+        return SeriesError("file cannot be read (permission denied)")
+    return SeriesError(f"unreadable NIfTI file ({_reason(err, path)})")
 
 
 def read_shape(path: str | Path) -> tuple[int, int, int]:
@@ -142,8 +214,12 @@ def read_shape(path: str | Path) -> tuple[int, int, int]:
     return (z, y, x)
 
 
-def _reason(err: Exception) -> str:
-    return " ".join(str(err).split())[:100] or type(err).__name__
+def _reason(err: BaseException, path: str | Path) -> str:
+    """The exception's type and plain cause, one line, without the file's path (nibabel's messages carry it)."""
+    text = " ".join(str(err).split())
+    for quoted in (f"'{path}'", f'"{path}"', str(path)):
+        text = text.replace(quoted, "the file")
+    return f"{type(err).__name__}: {text[:100]}" if text else type(err).__name__
 
 
 def _refuse_mirrored(img) -> None:
@@ -158,19 +234,52 @@ def _refuse_mirrored(img) -> None:
         )
 
 
+def refuse_implausible_values(data: np.ndarray, modality: str) -> None:
+    """SeriesError for a volume that is not a measurement: no or mostly non-finite voxels, finite values beyond any
+    scanner's range (3e38 is a float's limit, not an intensity), or a CT whose voxels are mostly above the densest
+    tissue (a rescale that does not give HU). Used for NIfTI and DICOM alike."""
+    limit = MAX_ABS_VALUE.get(modality, MAX_ABS_VALUE_OTHER)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        count = int(finite.sum())
+        if count == 0:
+            raise SeriesError("no finite voxels (all NaN or inf)")
+        if count * 2 < data.size:
+            raise SeriesError(f"mostly non-finite voxels ({data.size - count} of {data.size} are NaN or inf)")
+        values = data[finite] if count < data.size else data
+        peak = max(abs(float(values.min())), abs(float(values.max())))
+    else:  # integers are finite; int16 (nearly all CT) cannot exceed any limit
+        peak = 0.0 if data.dtype.itemsize <= 2 else max(abs(float(data.min())), abs(float(data.max())))
+    if peak > limit:
+        raise SeriesError(f"voxel value of magnitude {peak:.3g} is beyond any scanner's range ({limit:g}, {modality})")
+    if modality == "CT":
+        sample = data[(slice(None, None, 4),) * data.ndim]  # a majority is one on every 4th voxel per axis too
+        dense = float(np.mean(sample > CT_MAX_TISSUE_HU))
+        if dense > 0.5:
+            raise SeriesError(
+                f"{dense:.0%} of the voxels lie above {CT_MAX_TISSUE_HU} HU (denser than bone): not HU; check "
+                "RescaleSlope/RescaleIntercept"
+            )
+
+
 def read_scan(path: str | Path, modality: str = "CT") -> Volume:
     """A NIfTI file in scanner units (HU for CT) as a canonical Volume, whatever its stored orientation.
 
     The affine's rotation is rounded to the nearest patient axes (nibabel's io_orientation); an oblique affine is
     read on that nearest grid and noted. CT values below -1500 HU and non-finite values (NaN, inf) are marked
-    invalid (no measurement), and the latter are noted.
+    invalid (no measurement), and the latter are noted; a file that is mostly non-finite, or holds values beyond
+    any scanner's range (MAX_ABS_VALUE), is refused (SeriesError).
     """
     path = Path(path)
     img, ornt, affine = _open(path)
+    stored = img.get_data_dtype()
+    if stored.kind not in "iuf" or (stored.fields is not None):  # complex or RGB: not one scanner intensity per voxel
+        raise SeriesError(f"voxels stored as {stored} (complex or colour), not scanner intensities")
     try:
         data = nib.orientations.apply_orientation(np.asarray(img.dataobj, dtype=np.float32), ornt)
     except Exception as err:  # nibabel raises many types for damaged files
-        raise SeriesError(f"unreadable NIfTI file ({_reason(err)})") from None
+        raise _unreadable(err, path) from None
+    refuse_implausible_values(data, modality)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # RAS -> LPS
     spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0))
     notes = ""

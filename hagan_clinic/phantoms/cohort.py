@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,7 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .params import CLINICAL_COLUMNS, DEFAULT_SHAPE, PatientParams, PhantomError, draw_patient, gold_stage
+from ..config import MAX_SEED
+from ..errors import short_repr
+from ..io.files import Outputs
+from .params import (
+    CLINICAL_COLUMNS,
+    DEFAULT_SHAPE,
+    PatientParams,
+    PhantomError,
+    draw_patient,
+    gold_stage,
+    patient_id,
+)
 from .render import _check_shape, render_thorax
 
 
@@ -63,6 +73,7 @@ def write_cohort(
     couch_mm: float = 0.0,
     cushions: bool = False,
     stomach: bool = False,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write ``n`` phantom patients as DICOM under ``out/<patient_id>/STUDY_1/SERIES_2/`` and ``out/clinical.csv``.
 
@@ -70,25 +81,33 @@ def write_cohort(
     one-slice localizer series (SERIES_1). couch_mm, cushions, stomach: objects outside the lungs (see
     :func:`draw_patient`); the truth is the same with or without them. Headers carry a fake PatientName and birth
     date that must never reach any output; clinical.csv has neither. Returns the clinical table (one row per
-    patient, CLINICAL_COLUMNS).
+    patient, CLINICAL_COLUMNS). A folder that holds patient folders or a clinical.csv not written by an earlier
+    phantom cohort is refused unless ``overwrite``.
     """
     from tqdm import tqdm
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise PhantomError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise PhantomError(f"seed must be an integer from 0 to {MAX_SEED}, got {short_repr(seed)}")
     shape = _check_shape(shape)
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
     objects = {"couch_mm": couch_mm, "cushions": bool(cushions), "stomach": bool(stomach)}
     draw_patient(seed, 0, **objects)  # bad object arguments fail here, before anything is written
     out = Path(out)
+    guard = Outputs("phantoms", overwrite=overwrite)
+    guard.check(out / "clinical.csv")
+    ours = overwrite or (out / "clinical.csv").is_file()  # checked above: written by an earlier phantom cohort
+    taken = [patient_id(i) for i in range(int(n)) if (out / patient_id(i)).exists()]
+    if taken and not ours:
+        raise PhantomError(f"{out / taken[0]} exists and is not part of a phantom cohort: give a new folder, or "
+                           "--overwrite to replace it")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, int(seed), i, shape, extras, objects) for i in range(int(n))]
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         results = pool.map(_write_patient, jobs) if pool else map(_write_patient, jobs)
         rows = list(tqdm(results, total=len(jobs), desc="phantoms", unit="patient", disable=not progress))
     table = pd.DataFrame(rows, columns=list(CLINICAL_COLUMNS))
-    tmp = out / ".clinical.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out / "clinical.csv")
+    guard.write_text(out / "clinical.csv", table.to_csv(index=False))
     return table

@@ -212,6 +212,11 @@ def _emphysema_blobs(rng: np.random.Generator, p: PatientParams, fraction: float
     return blobs
 
 
+def patient_id(index: int) -> str:
+    """The ID of phantom patient ``index`` (0-based), also the name of its folder."""
+    return f"PH{index + 1:04d}"
+
+
 def draw_patient(
     seed: int, index: int, couch_mm: float = 0.0, cushions: bool = False, stomach: bool = False
 ) -> PatientParams:
@@ -262,7 +267,7 @@ def draw_patient(
             pts = [(side * -ra * np.cos(a), rb * np.sin(a), z_rib - 25 * (a - t[0]) / (t[-1] - t[0])) for a in t]
             ribs += [(*pts[k], *pts[k + 1], 4.0) for k in range(6)]
     p = PatientParams(
-        seed=seed, index=index, patient_id=f"PH{index + 1:04d}", sex=sex, age=age,
+        seed=seed, index=index, patient_id=patient_id(index), sex=sex, age=age,
         birth_date=f"{2026 - age}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}", severity=severity,
         fev1pp=fev1pp, fev1_fvc=fev1_fvc, profile=profile, lung_scale=s, body_a=body_a, body_b=body_b, fat_mm=fat,
         spine_y=spine_y, spine_r=spine_r, heart=heart, lungs=lungs, airways=airways, ribs=tuple(ribs), vessels=(),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..errors import short_repr
 from ..io.volume import Volume
 from .params import (
     AIR,
@@ -36,6 +37,9 @@ from .params import (
 )  # fmt: skip
 
 _SQUARE = np.ones((3, 3), bool)
+# Grid shapes (slices, rows, cols) rendered: 16 voxels resolve the anatomy at all; 2**27 voxels (512^3) is a
+# full-resolution chest CT and a few GB of memory while rendering.
+MIN_EDGE, MAX_EDGE, MAX_VOXELS = 16, 2048, 2**27
 
 
 @dataclass
@@ -250,9 +254,17 @@ def _noise(p: PatientParams, grid: _Grid) -> np.ndarray:
 
 def _check_shape(shape) -> tuple[int, int, int]:
     shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 16
-                                  for s in shape):  # fmt: skip
-        raise PhantomError(f"shape must be three integers >= 16 (slices, rows, cols), got {shape!r}")
+    if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                  and MIN_EDGE <= s <= MAX_EDGE for s in shape):  # fmt: skip
+        raise PhantomError(
+            f"shape must be three integers from {MIN_EDGE} to {MAX_EDGE} (slices, rows, cols), got {short_repr(shape)}"
+        )
+    voxels = int(np.prod([int(s) for s in shape]))
+    if voxels > MAX_VOXELS:  # rendering takes ~20 bytes a voxel: bound it before any memory is asked for
+        raise PhantomError(
+            f"shape {'x'.join(str(int(s)) for s in shape)} is {voxels:,} voxels per series; phantoms have at most "
+            f"{MAX_VOXELS:,} (e.g. 512,512,512): choose a smaller shape"
+        )
     return tuple(int(s) for s in shape)
 
 

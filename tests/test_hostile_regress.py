@@ -1,0 +1,170 @@
+"""Hostile tables and arguments for regress and predict: exit 2 with one line naming the column and a bad value,
+or rows dropped with a note; never an internal error, and never NaN (or a number for an undefined R^2) printed or
+written as a result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hagan_clinic import regression
+from hagan_clinic.cli import main
+
+N = 20
+
+
+@pytest.fixture(autouse=True)
+def _fewer_bootstrap_draws(monkeypatch):
+    monkeypatch.setattr(regression, "BOOTSTRAP", 100)
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """features.csv (20 patients, z0..z3) and clinical.csv with a target y linear in z0 and GOLD stages 0-3 in
+    'stage' (not the default 'gold': the GOLD classifier runs only where a test asks for it);
+    returns a writer of variants: write(features=..., **clinical columns) -> (features path, clinical path)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 4))
+    ids = [f"P{i:02d}" for i in range(N)]
+    features = pd.DataFrame(x, columns=[f"z{i}" for i in range(4)])
+    features.insert(0, "patient_id", ids)
+    clinical = pd.DataFrame({"patient_id": ids, "y": x[:, 0] + rng.normal(0, 0.1, N), "stage": np.arange(N) % 4})
+
+    def write(features_table: pd.DataFrame | None = None, **columns) -> tuple[str, str]:
+        (features if features_table is None else features_table).to_csv(tmp_path / "features.csv", index=False)
+        clinical.assign(**columns).to_csv(tmp_path / "clinical.csv", index=False)
+        return str(tmp_path / "features.csv"), str(tmp_path / "clinical.csv")
+
+    write.features, write.clinical = features, clinical
+    return write
+
+
+def regress(capsys, files: tuple[str, str], *args: str) -> tuple[int, str, str]:
+    features, clinical = files
+    code = main(["regress", "--features", features, "--clinical", clinical, "--out", "out", "--no-tracking",
+                 "--folds", "3", *args])  # fmt: skip
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("hagan-clinic: error:"), err
+    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
+    assert "Traceback" not in err and "internal error" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def strict_json(path) -> dict:
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# ---------------------------------------------------------------- GOLD
+@pytest.mark.parametrize(
+    ("values", "shown"),
+    [([7] * N, "7"), ([2.5] * N, "2.5"), (["severe"] * N, "'severe'"), ([1e308] * N, "1e+308")],
+    ids=["seven", "fraction", "text", "huge"],
+)
+def test_a_gold_column_without_any_stage_is_refused_with_an_example(capsys, tables, values, shown):
+    code, _, err = regress(capsys, tables(stage=values), "--targets", "y", "--gold-column", "stage")
+    assert_refused(code, err, "'stage'", "no GOLD stage", shown)
+
+
+def test_gold_rows_without_a_stage_are_dropped_with_a_note_naming_a_value(capsys, tables, tmp_path):
+    stage = tables.clinical["stage"].to_numpy(dtype=object, copy=True)
+    stage[[1, 6]] = [7, "severe"]
+    code, out, err = regress(capsys, tables(stage=stage), "--targets", "y", "--gold-column", "stage")
+    assert code == 0, err
+    assert "note: 2 of 20 rows of 'stage' hold no GOLD stage" in out
+    assert "(e.g. '7')" in out  # a column of numbers and text is read as text
+    assert strict_json(tmp_path / "out" / "metrics.json")["gold"]["classifier"]["n"] == 18
+
+
+def test_a_gold_column_of_prism_only_has_nothing_to_classify(capsys, tables):
+    code, _, err = regress(capsys, tables(stage=[-1] * N), "--targets", "y", "--gold-column", "stage")
+    assert_refused(code, err, "'stage'", "one GOLD stage")
+
+
+def test_a_gold_stage_known_for_too_few_patients_is_refused(capsys, tables):
+    stage = [0, 1, 2, 3] + [None] * (N - 4)
+    code, _, err = regress(capsys, tables(stage=stage), "--targets", "y", "--gold-column", "stage")
+    assert_refused(code, err, "'stage'")
+
+
+# ---------------------------------------------------------------- values beyond any measure
+def test_a_target_of_1e308_is_refused_naming_column_and_value(capsys, tables):
+    y = tables.clinical["y"].to_numpy(copy=True)
+    y[4] = 1e308
+    code, _, err = regress(capsys, tables(y=y), "--targets", "y")
+    assert_refused(code, err, "'y'", "1e+308")
+
+
+def test_a_feature_of_1e300_is_refused_naming_column_and_value(capsys, tables):
+    features = tables.features.copy()
+    features.loc[3, "z1"] = 1e300
+    code, _, err = regress(capsys, tables(features), "--targets", "y")
+    assert_refused(code, err, "feature column 'z1'", "1e+300")
+
+
+def test_predict_refuses_a_feature_of_1e300(capsys, tables, tmp_path):
+    assert regress(capsys, tables(), "--targets", "y")[0] == 0
+    features = tables.features.copy()
+    features.loc[0, "z2"] = -1e300
+    features.to_csv(tmp_path / "new.csv", index=False)
+    code = main(["predict", "--model", "out/model.joblib", "--features", "new.csv", "--out", "p.csv"])
+    assert_refused(code, capsys.readouterr().err, "feature column 'z2'", "-1e+300")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_target_of_tiny_values_is_scored_not_nan(capsys, tables, tmp_path):
+    # squares of 1e-200 underflow to 0: R^2 as 1 - 0/0 was NaN; R^2 does not depend on the unit
+    code, out, err = regress(capsys, tables(y=tables.clinical["y"] * 1e-200), "--targets", "y")
+    assert code == 0, err
+    assert "nan" not in out.lower()
+    assert strict_json(tmp_path / "out" / "metrics.json")["targets"]["y"]["r2"] > 0.9
+
+
+# ---------------------------------------------------------------- undefined R^2
+@pytest.mark.parametrize("offset", [0.0, 1e-15], ids=["constant", "constant-to-rounding"])
+def test_a_constant_target_is_refused_never_scored(capsys, tables, tmp_path, offset):
+    y = np.full(N, 5.0)
+    y[1] += offset  # one value differs by rounding: 'R2 1.000' for model and baseline
+    code, out, err = regress(capsys, tables(y=y), "--targets", "y")
+    assert_refused(code, err, "'y'", "constant target", "R^2 is undefined")
+    assert "r2" not in out
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_as_many_folds_as_patients_reports_the_pooled_r2_and_says_why_not_per_fold(capsys, tables, tmp_path):
+    code, out, err = regress(capsys, tables(tables.features.head(8)), "--targets", "y", "--folds", "8")
+    assert code == 0, err
+    assert "nan" not in out.lower()
+    assert "R^2 per fold is undefined" in out
+    metrics = strict_json(tmp_path / "out" / "metrics.json")
+    target = metrics["targets"]["y"]
+    assert target["r2_fold_mean"] is None and target["r2_fold_sd"] is None
+    assert np.isfinite(target["r2"])
+
+
+# ---------------------------------------------------------------- arguments
+def test_a_bad_feature_regex_is_a_clear_error(capsys, tables):
+    code, _, err = regress(capsys, tables(), "--targets", "y", "--feature-regex", "(")
+    assert_refused(code, err, "--feature-regex '('", "not a regular expression")
+
+
+@pytest.mark.parametrize("seed", ["-5", "4294967296"])
+def test_a_seed_out_of_range_is_a_clear_error(capsys, tables, seed):
+    code, _, err = regress(capsys, tables(), "--targets", "y", "--seed", seed)
+    assert_refused(code, err, "--seed", seed)
+
+
+def test_the_largest_seed_runs(capsys, tables):
+    code, _, err = regress(capsys, tables(), "--targets", "y", "--seed", str(2**32 - 1))
+    assert code == 0, err

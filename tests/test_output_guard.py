@@ -1,0 +1,243 @@
+"""No command writes over one of its inputs, or over a file it did not write, unless told to."""
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hagan_clinic.errors import HaganError
+from hagan_clinic.io.files import LEDGER_NAME, Outputs, csv_safe, csv_safe_frame
+
+
+def test_refuses_an_input_and_a_foreign_file(tmp_path):
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    guard = Outputs("encode", inputs=[model])
+    with pytest.raises(HaganError, match="input of this command"):
+        guard.check(model)
+    other = tmp_path / "notes.csv"
+    other.write_text("mine\n")
+    with pytest.raises(HaganError, match="not written by hagan-clinic encode"):
+        guard.check(other)
+    assert other.read_text() == "mine\n" and model.read_bytes() == b"weights"
+
+
+def test_overwrite_allows_and_new_files_pass(tmp_path):
+    other = tmp_path / "notes.csv"
+    other.write_text("mine\n")
+    Outputs("encode", overwrite=True).write_text(other, "new\n")
+    assert other.read_text() == "new\n"
+    Outputs("encode").write_text(tmp_path / "fresh.csv", "x\n")
+    assert (tmp_path / "fresh.csv").read_text() == "x\n"
+
+
+def test_a_command_may_replace_its_own_output_but_not_anothers(tmp_path):
+    out = tmp_path / "table.csv"
+    Outputs("encode").write_text(out, "a\n")
+    Outputs("encode").write_text(out, "b\n")  # a re-run replaces its own file
+    assert out.read_text() == "b\n"
+    with pytest.raises(HaganError, match="not written by hagan-clinic predict"):
+        Outputs("predict").check(out)
+    assert (tmp_path / LEDGER_NAME).is_file()
+
+
+def test_a_changed_file_is_no_longer_ours(tmp_path):
+    out = tmp_path / "table.csv"
+    Outputs("encode").write_text(out, "a\n")
+    time.sleep(0.01)
+    out.write_text("edited by hand, longer\n")
+    with pytest.raises(HaganError, match="not written"):
+        Outputs("encode").check(out)
+
+
+def test_a_garbage_ledger_protects_rather_than_crashes(tmp_path):
+    out = tmp_path / "table.csv"
+    out.write_text("a\n")
+    (tmp_path / LEDGER_NAME).write_bytes(b"\x00\xff not json")
+    with pytest.raises(HaganError, match="not written"):
+        Outputs("encode").check(out)
+
+
+def test_a_folder_or_a_link_to_an_input_is_refused(tmp_path):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(HaganError, match="not a regular file"):
+        Outputs("encode").check(tmp_path / "dir")
+    src = tmp_path / "features.parquet"
+    src.write_bytes(b"x")
+    os.symlink(src, tmp_path / "link.parquet")
+    with pytest.raises(HaganError, match="input"):
+        Outputs("predict", inputs=[src]).check(tmp_path / "link.parquet")
+
+
+def test_failed_write_leaves_the_old_file(tmp_path):
+    out = tmp_path / "table.csv"
+    guard = Outputs("encode")
+    guard.write_text(out, "a\n")
+    with pytest.raises(RuntimeError), guard.target(out) as tmp:
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+    assert out.read_text() == "a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER_NAME, "table.csv"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+cmd", "'+cmd"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("-2+3", "'-2+3"),
+        ("\t=1", "'\t=1"),
+        ("-1.5", "-1.5"),
+        ("P001", "P001"),
+        (3, 3),
+    ],
+)
+def test_csv_safe(cell, expected):
+    assert csv_safe(cell) == expected
+
+
+def test_csv_safe_frame_leaves_numbers(tmp_path):
+    table = pd.DataFrame({"patient_id": ["=1+1", "P2"], "z0": [-1.0, 2.0]})
+    safe = csv_safe_frame(table)
+    assert safe["patient_id"].tolist() == ["'=1+1", "P2"] and safe["z0"].tolist() == [-1.0, 2.0]
+    assert table["patient_id"][0] == "=1+1"  # the caller's frame is not changed
+
+
+# ---------------------------------------------------------------- through the commands
+def _cli(argv, capsys):
+    from hagan_clinic.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from hagan_clinic.config import load_config
+    from hagan_clinic.models.hagan import HAGAN
+
+    path = tmp_path / "model.pt"
+    HAGAN.from_config(load_config("tiny")).save(path)
+    return path
+
+
+def test_encode_never_writes_over_its_checkpoint_or_a_source_file(tmp_path, checkpoint, capsys):
+    src = tmp_path / "dicom"
+    src.mkdir()
+    slice_file = src / "IM0001.dcm"
+    slice_file.write_bytes(b"\0" * 128 + b"DICM" + b"scan")
+    before = checkpoint.read_bytes()
+    code, err = _cli(["encode", str(src), "--checkpoint", str(checkpoint), "--out", str(checkpoint),
+                      "--no-tracking"], capsys)  # fmt: skip
+    assert code == 2 and "input of this command" in err and len(err) < 300
+    assert checkpoint.read_bytes() == before
+    code, err = _cli(["encode", str(src), "--checkpoint", str(checkpoint), "--out", str(slice_file),
+                      "--no-tracking"], capsys)  # fmt: skip
+    assert code == 2 and "not written by hagan-clinic encode" in err and "--overwrite" in err
+    assert slice_file.read_bytes().endswith(b"scan")
+
+
+def test_predict_never_writes_over_its_features_or_its_model(tmp_path, capsys):
+    features, model = tmp_path / "features.csv", tmp_path / "model.joblib"
+    features.write_text("patient_id,z0\nP1,0.5\n")
+    model.write_bytes(b"not read before the check")
+    for target in (features, model):
+        before = target.read_bytes()
+        code, err = _cli(["predict", "--model", str(model), "--features", str(features), "--out", str(target)], capsys)
+        assert code == 2 and "input of this command" in err
+        assert target.read_bytes() == before
+
+
+def test_regress_leaves_a_foreign_file_in_its_folder_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("someone else's\n")
+    features, clinical = tmp_path / "f.csv", tmp_path / "c.csv"
+    features.write_text("patient_id,z0\n" + "".join(f"P{i},{i}\n" for i in range(12)))
+    clinical.write_text("patient_id,fev1pp\n" + "".join(f"P{i},{50 + 3 * i}\n" for i in range(12)))
+    argv = ["regress", "--features", str(features), "--clinical", str(clinical), "--targets", "fev1pp",
+            "--out", str(out), "--no-tracking"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 2 and "predictions.csv exists and was not written by hagan-clinic regress" in err
+    assert (out / "predictions.csv").read_text() == "someone else's\n"
+    assert not (out / "metrics.json").exists()  # refused before any work
+    assert _cli([*argv, "--overwrite"], capsys)[0] == 0
+    assert _cli(argv, capsys)[0] == 0  # its own files: a re-run needs no --overwrite
+
+
+def test_phantoms_refuse_a_folder_of_other_patients(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    (out / "PH0001").mkdir(parents=True)
+    (out / "PH0001" / "mine.dcm").write_bytes(b"x")
+    code, err = _cli(["phantoms", str(out), "--n", "1", "--shape", "16,16,16"], capsys)
+    assert code == 2 and "not part of a phantom cohort" in err
+    assert (out / "PH0001" / "mine.dcm").read_bytes() == b"x"
+    fresh = tmp_path / "fresh"
+    assert _cli(["phantoms", str(fresh), "--n", "1", "--shape", "16,16,16"], capsys)[0] == 0
+    assert _cli(["phantoms", str(fresh), "--n", "1", "--shape", "16,16,16"], capsys)[0] == 0  # its own cohort
+
+
+def test_generate_and_import_never_replace_a_foreign_file(tmp_path, checkpoint, capsys):
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "sample_0000.nii.gz").write_bytes(b"a scan of mine")
+    code, err = _cli(["generate", "--checkpoint", str(checkpoint), "--out", str(out)], capsys)
+    assert code == 2 and "sample_0000.nii.gz exists" in err
+    assert (out / "sample_0000.nii.gz").read_bytes() == b"a scan of mine"
+    ref = tmp_path / "G.pth"
+    ref.write_bytes(b"reference weights")
+    code, err = _cli(["import-reference", "--generator", str(ref), "--encoder", str(ref), "--sub-encoder", str(ref),
+                      "--size", "128", "--out", str(ref)], capsys)  # fmt: skip
+    assert code == 2 and "input of this command" in err and ref.read_bytes() == b"reference weights"
+
+
+def test_neutralised_cells_read_back_as_written(tmp_path):
+    """IDs such as '-A12' must still join after a CSV round trip; so must the manifest's coordinate lists."""
+    from hagan_clinic.io.files import read_csv_table
+    from pipelines.cohort import write_csv
+
+    rows = [{"patient_id": "-A12", "grid_origin": "-180.5 -183.1 -330.0"}, {"patient_id": "=1+1", "grid_origin": ""}]
+    write_csv(tmp_path / "t.csv", rows, ["patient_id", "grid_origin"])
+    assert "'-A12" in (tmp_path / "t.csv").read_text()  # what a spreadsheet sees: text
+    back = read_csv_table(tmp_path / "t.csv", "table", dtype=str, keep_default_na=False)
+    assert back.to_dict("records") == rows
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder"])
+def test_a_special_file_where_a_table_belongs_is_refused_not_read(tmp_path, kind):
+    from hagan_clinic.io.files import read_csv_table
+
+    path = tmp_path / "manifest.csv"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero":
+        os.symlink("/dev/zero", path)
+    else:
+        path.mkdir()
+    with pytest.raises(HaganError, match="not a regular file"):
+        read_csv_table(path, "manifest")
+
+
+def test_a_cache_or_table_made_before_outputs_were_recorded_is_still_ours(tmp_path, checkpoint, capsys):
+    """A cache whose cache.json and state show it is ours (made by an older version, or copied, so no ledger) is
+    re-run without --overwrite; so is an encode whose state folder sits beside its table."""
+    from hagan_clinic.phantoms import write_cohort
+
+    write_cohort(tmp_path / "cohort", 2, seed=0, shape=(24, 48, 48), progress=False, extras=False)
+    cache, table = tmp_path / "cache", tmp_path / "f.csv"
+    prep = ["preprocess", str(tmp_path / "cohort"), "--out", str(cache), "--config", "tiny"]
+    enc = ["encode", str(cache), "--checkpoint", str(checkpoint), "--out", str(table), "--no-tracking"]
+    assert _cli(prep, capsys)[0] == 0 and _cli(enc, capsys)[0] == 0
+    (cache / LEDGER_NAME).unlink()
+    (tmp_path / LEDGER_NAME).unlink()
+    assert _cli(prep, capsys)[0] == 0
+    assert _cli(enc, capsys)[0] == 0
+
+
+def test_coarse_grids_of_existing_models_still_load():
+    from hagan_clinic.config import load_config
+
+    assert load_config("tiny", ["data.spacing_mm=[50,50,50]", "train.lr_d=2.0"]).data.spacing_mm == (50.0,) * 3
