@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io.files import Outputs
+from .io.files import Outputs, make_folder
 from .io.nifti import from_model_range, write_array
 from .models.hagan import HAGAN
 
@@ -58,7 +58,7 @@ def generate_to_nifti(
     if label is not None and not 0 <= label < cfg.model.num_classes:
         raise ValueError(f"--label must lie in [0, {cfg.model.num_classes - 1}], got {label}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     window, spacing = cfg.data.window, cfg.data.spacing_mm
     spacing_note = ""
     if spacing is None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
-from hagan_clinic.io.files import Outputs, read_csv_table
+from hagan_clinic.io.files import Outputs, make_folder, read_csv_table
 
 from .cohort import atomic_write_text, write_csv
 
@@ -98,7 +98,7 @@ def write_split(cfg: Config, out: Path, overwrite: bool = False) -> tuple[Path, 
         guard.check(out / name)
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     _write_split_csv(out / "split.csv", paths, labels, groups, parts, guard)
     manifest = read_csv_table(Path(a.cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
     train_paths = {str(p.relative_to(Path(a.cache))) for p, s in zip(paths, parts) if s == "train"}
@@ -375,7 +375,7 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
     guard = _guard(cfg, overwrite)
     for name in ("split.csv", "results.csv", "comparison.json", "examples.png", "synthetic.npz"):
         guard.check(out / name)  # before any work
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     paths, labels, groups = load_real(cfg)
     parts = split(labels, groups, cfg)
     if any("synthetic" in arm for arm in a.arms):

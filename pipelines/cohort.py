@@ -21,7 +21,7 @@ from typing import Any
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord
-from hagan_clinic.io.files import Outputs, atomic_target, csv_safe, regular_file
+from hagan_clinic.io.files import Outputs, atomic_target, csv_safe, make_folder, regular_file
 
 
 def atomic_write_text(path: Path, text: str, guard: Outputs | None = None) -> None:
@@ -231,7 +231,7 @@ def run_series(
     from tqdm import tqdm
 
     records = list(records)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(state_dir)
     rows: dict[str, dict] = {}  # by digest: the files and the state of a series are named by its content
     todo = []
     for r in records:

@@ -28,7 +28,7 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError, short_repr
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, atomic_target, csv_safe_frame, regular_file
+from hagan_clinic.io.files import Outputs, atomic_target, csv_safe_frame, make_folder, regular_file
 
 from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, atomic_write_text, status_counts, write_csv
 from .privacy import Scrubber, keyed, pseudonym, series_names
@@ -234,7 +234,7 @@ def _check_state(state: Path, settings: dict) -> None:
                 "use the same arguments, another --out, or delete that folder"
             )
     if not path.exists():
-        state.mkdir(parents=True, exist_ok=True)
+        make_folder(state)
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 

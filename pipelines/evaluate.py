@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hagan_clinic.errors import HaganError, short_repr
-from hagan_clinic.io.files import Outputs, atomic_target
+from hagan_clinic.io.files import Outputs, atomic_target, make_folder
 
 from .cohort import atomic_write_text
 
@@ -280,7 +280,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     files = real_volumes(opts.real, contract)
     net = hagan_encoder(rec_model, sha) if opts.feature_net == "encoder" else medicalnet(opts.feature_net, opts.device)
     out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     from tqdm import tqdm
 
     # real volumes: features, a few kept for diversity and reconstruction

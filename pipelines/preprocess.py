@@ -24,7 +24,7 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError, short_repr
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, atomic_target, read_csv_table, regular_file
+from hagan_clinic.io.files import Outputs, atomic_target, make_folder, read_csv_table, regular_file
 
 from .cohort import OutputFailed, atomic_write_text, run_series, status_counts, write_csv
 from .privacy import Scrubber
@@ -275,7 +275,7 @@ def run(
     found = discover(src, d.modality, d.min_slices, d.irregular, progress=progress)
     if not found.records:
         raise HaganError(f"{src}: no DICOM series or NIfTI files found ({found.ignored_files} other files)")
-    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "volumes")
     check_cache(out, cache_settings(cfg), guard)
     manifest = out / "manifest.csv"
     earlier = read_manifest(out) if manifest.exists() else []  # read first: an unreadable one stops the run here

@@ -25,7 +25,7 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, regular_file
+from hagan_clinic.io.files import Outputs, make_folder, regular_file
 from hagan_clinic.io.volume import Volume
 
 from .cohort import OutputFailed, atomic_write_text, run_series, status_counts, write_csv
@@ -156,7 +156,7 @@ def run(
         if external_masks is not None and Path(masks).resolve() == Path(external_masks).resolve():
             raise HaganError("--masks and --mask name one folder: the masks written would replace yours")
         options["masks"] = Path(masks)
-        options["masks"].mkdir(parents=True, exist_ok=True)
+        make_folder(options["masks"])
     d = cfg.data
     found = discover(src, "CT", d.min_slices, d.irregular, progress=progress)
     if not found.records:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from hagan_clinic.errors import short_repr
-from hagan_clinic.io.files import Outputs, csv_safe_frame, read_csv_table, regular_file
+from hagan_clinic.io.files import Outputs, csv_safe_frame, make_folder, read_csv_table, regular_file
 from hagan_clinic.regression import (
     MAX_SEED,
     Dataset,
@@ -325,7 +325,7 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
     names += [_plot_name(name) for name in opts.targets]
     for name in names:  # before hours of fitting
         guard.check(out / name)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     with tracker.run("regress", tags={"stage": "regress"}):
         tracker.log_params({
             "targets": ",".join(opts.targets), "log_targets": ",".join(opts.log_targets), "folds": opts.folds,

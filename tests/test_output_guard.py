@@ -241,3 +241,15 @@ def test_coarse_grids_of_existing_models_still_load():
     from hagan_clinic.config import load_config
 
     assert load_config("tiny", ["data.spacing_mm=[50,50,50]", "train.lr_d=2.0"]).data.spacing_mm == (50.0,) * 3
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsys):
+    """A file in the way of the output folder (or /proc, a read-only mount): the environment's fault, not ours."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    features, clinical = tmp_path / "f.csv", tmp_path / "c.csv"
+    features.write_text("patient_id,z0\n" + "".join(f"P{i},{i}\n" for i in range(12)))
+    clinical.write_text("patient_id,y\n" + "".join(f"P{i},{50 + 3 * i}\n" for i in range(12)))
+    argv = ["regress", "--features", str(features), "--clinical", str(clinical), "--targets", "y",
+            "--out", str(tmp_path / "blocker" / "out"), "--no-tracking"]  # fmt: skip
+    code, err = _cli(argv, capsys)
+    assert code == 2 and err.startswith("hagan-clinic: error: cannot create the folder") and "internal" not in err

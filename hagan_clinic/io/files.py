@@ -18,6 +18,19 @@ def _umask() -> int:
 UMASK = _umask()
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder (with its parents); HaganError when it cannot be made (a read-only place, /proc, a file
+    in the way): the environment's fault, said in one line."""
+    from hagan_clinic.errors import HaganError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HaganError(f"cannot create the folder {path}: {err.strerror or type(err).__name__}") from None
+    return path
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     """Rename ``tmp`` to ``path`` atomically. ``tempfile.mkstemp`` creates files readable by their owner only;
     a cache or a model shared by a group must keep the usual umask-based mode."""
@@ -30,7 +43,7 @@ def atomic_target(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str
     """Yield a temp file name beside ``path``; publish it as ``path`` if the block succeeds, delete it if not.
     A crash never leaves a half-written ``path`` that a resumed run would trust."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     try:

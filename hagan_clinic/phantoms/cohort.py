@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..config import MAX_SEED
 from ..errors import short_repr
-from ..io.files import Outputs
+from ..io.files import Outputs, make_folder
 from .params import (
     CLINICAL_COLUMNS,
     DEFAULT_SHAPE,
@@ -103,7 +103,7 @@ def write_cohort(
     if taken and not ours:
         raise PhantomError(f"{out / taken[0]} exists and is not part of a phantom cohort: give a new folder, or "
                            "--overwrite to replace it")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     jobs = [(out, int(seed), i, shape, extras, objects) for i in range(int(n))]
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         results = pool.map(_write_patient, jobs) if pool else map(_write_patient, jobs)
