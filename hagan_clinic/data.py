@@ -126,13 +126,17 @@ def _listing(cfg: Config, root: Path):
     if cfg.data.table is None:
         if conditional:
             raise DataError("a conditional model needs data.table with data.label_column")
-        if (root / "cache.json").is_file() and (root / "manifest.csv").is_file():
+        if (root / "cache.json").exists() and (root / "manifest.csv").exists():  # read checked: a FIFO is refused
             # a preprocess cache: its volumes are the manifest's ok rows (not the --nifti views beside them)
             import pandas as pd
 
             manifest = read_csv_table(root / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
             ok = manifest[manifest["status"] == "ok"]
-            return [root / p for p in ok["path"]], None, _ids(ok), root / "manifest.csv"
+            files = [root / p for p in ok["path"]]
+            missing = [str(f) for f in files if not f.is_file()]  # a FIFO put there would block the reader
+            if missing:
+                raise DataError(f"{len(missing)} volume(s) of the cache are missing or not files, e.g. {missing[0]}")
+            return files, None, _ids(ok), root / "manifest.csv"
         return sorted(p for p in root.rglob("*") if _is_volume(p)), None, None, None
     import pandas as pd
 

@@ -60,7 +60,14 @@ def load_real(cfg: Config) -> tuple[list[Path], np.ndarray, np.ndarray]:
     rows, labels = rows[labels.notna()], labels[labels.notna()].astype(int).to_numpy()
     if len(np.unique(labels)) < 2:
         raise HaganError("augment needs at least two classes among the labelled volumes")
-    return [Path(a.cache) / p for p in rows["path"]], labels, rows["patient_id"].to_numpy(str)
+    from .preprocess import cached_file
+
+    paths = [cached_file(Path(a.cache), p) for p in rows["path"]]
+    bad = [p for p, path in zip(rows["path"], paths) if path is None]
+    if bad:  # a manifest may be edited or damaged: a FIFO or a path out of the cache is never opened
+        raise HaganError(f"{len(bad)} volume(s) of {a.cache}/manifest.csv are missing, not regular files or outside "
+                         f"the cache, e.g. '{str(bad[0])[:80]}': preprocess again")  # fmt: skip
+    return paths, labels, rows["patient_id"].to_numpy(str)
 
 
 def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
@@ -70,10 +77,12 @@ def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
     a = cfg.augment
     out = np.full(len(labels), "train", dtype=object)
     k_test = max(2, round(1 / a.test_fraction))
+    k_val = max(2, round((1 - a.test_fraction) / a.val_fraction))
+    _enough_patients(groups, k_test, "test")
     test = next(StratifiedGroupKFold(k_test, shuffle=True, random_state=a.split_seed).split(labels, labels, groups))[1]
     out[test] = "test"
     rest = np.flatnonzero(out == "train")
-    k_val = max(2, round((1 - a.test_fraction) / a.val_fraction))
+    _enough_patients(groups[rest], k_val, "validation")
     sgkf = StratifiedGroupKFold(k_val, shuffle=True, random_state=a.split_seed + 1)
     val = next(sgkf.split(rest, labels[rest], groups[rest]))[1]
     out[rest[val]] = "val"
@@ -81,6 +90,13 @@ def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
         if len(np.unique(labels[out == part])) < 2:
             raise HaganError(f"the {part} split holds one class only: add labelled volumes or change the fractions")
     return out
+
+
+def _enough_patients(groups: np.ndarray, k: int, part: str) -> None:
+    n = len(np.unique(groups))
+    if n < k:
+        raise HaganError(f"{n} patients are too few to set a {part} part of 1/{k} apart: add labelled patients or "
+                         "change augment.test_fraction / augment.val_fraction")  # fmt: skip
 
 
 def _guard(cfg: Config, overwrite: bool) -> Outputs:

@@ -292,6 +292,7 @@ def run(
     return PreprocessResult(manifest, counts, all_rows)
 
 
+NOW_FAILING = "its files now fail to read (see the failed row of this series)"
 SUPERSEDED = "superseded: this series (same SeriesInstanceUID) was read again from other files; the newer volume counts"
 
 
@@ -302,6 +303,7 @@ def _still_cached(out: Path, earlier: list[dict], rows: list[dict]) -> list[dict
     # a series read again from other files (same UID, other content) replaces its earlier volume for training: two
     # ok rows of one series would count it twice
     uids = {row.get("series_uid") for row in rows if row.get("status") == "ok" and row.get("series_uid")}
+    failing = {row.get("series_uid") for row in rows if row.get("status") == "failed" and row.get("series_uid")}
     kept = []
     for row in earlier:
         rel = row.get("path", "")
@@ -312,6 +314,8 @@ def _still_cached(out: Path, earlier: list[dict], rows: list[dict]) -> list[dict
             notes = f"{notes}; {EARLIER_RUN}" if notes else EARLIER_RUN
         if row.get("series_uid") in uids:
             row = {**row, "status": "skipped", "reason": SUPERSEDED}
+        elif row.get("series_uid") in failing and NOW_FAILING not in notes:
+            notes += f"; {NOW_FAILING}"
         kept.append({**row, "notes": notes})
         written.add(rel)
     return kept

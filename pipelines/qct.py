@@ -111,6 +111,8 @@ def _check_state(state: Path, settings: dict) -> None:
     import json
 
     path = state / "run_options"  # not *.json: those are the finished series
+    if state.is_symlink() or (state.exists() and not state.is_dir()):  # never delete through a link
+        raise HaganError(f"{state} is not the state folder of a qct run (a link or a file): move it away")
     try:
         old = json.loads(regular_file(path, "state file", 2**20).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or damaged: nothing in the state folder can be trusted

@@ -5,6 +5,7 @@ another model. Bad cache files as a whole are one-line errors; a bad row or volu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -331,3 +332,26 @@ def test_evaluate_refuses_a_cache_made_for_another_contract(capsys, cohort, chec
     (other / "manifest.csv").write_text("patient_id,series_uid\nP1,1.2\n")
     code, _, err = run(capsys, "evaluate", "--real", other, *args)
     assert_one_line_error(code, err, "'path' column")
+
+
+def test_a_fifo_among_the_cached_volumes_is_refused_by_training_and_augment(capsys, cohort, tmp_path):
+    """Readers that take the manifest's paths (training's listing, augment) never open a FIFO put in a volume's
+    place: they would block forever."""
+    from hagan_clinic.config import load_config
+    from hagan_clinic.data import VolumeFolder
+    from hagan_clinic.errors import HaganError
+    from pipelines.augment import load_real
+
+    out = tmp_path / "cache"
+    assert run(capsys, "preprocess", cohort, "--out", out, "--config", "tiny")[0] == 0
+    victim = sorted((out / "volumes").glob("*.npy"))[0]
+    victim.unlink()
+    os.mkfifo(victim)
+    with pytest.raises(HaganError, match="not files"):
+        VolumeFolder.from_config(load_config("tiny"), out)
+    clinical = tmp_path / "clinical.csv"
+    ids = [r["patient_id"] for r in manifest_of(out).to_dict("records") if r["status"] == "ok"]
+    clinical.write_text("patient_id,label\n" + "".join(f"{p},{k % 2}\n" for k, p in enumerate(ids)))
+    cfg = load_config("tiny", [f"augment.cache={out}", f"augment.clinical={clinical}"])
+    with pytest.raises(HaganError, match="not regular files"):
+        load_real(cfg)

@@ -403,3 +403,13 @@ def test_a_rescale_that_gives_no_hu_is_refused(tmp_path, keyword, raw, message):
     (record,) = discover(tmp_path, min_slices=2, progress=False).records
     with pytest.raises(SeriesError, match=message):
         load_series(record)
+
+
+def test_a_ct_with_no_air_fat_or_water_is_refused(tmp_path):
+    """An intercept inside its bound that lifts the whole scan above +500 HU (air at about +600): not HU."""
+    paths = series(tmp_path / "s")
+    for path in paths:
+        patch(path, "RescaleIntercept", b"1600")
+    (record,) = discover(tmp_path, min_slices=2, progress=False).records
+    with pytest.raises(SeriesError, match="no air, fat or water"):
+        load_series(record)

@@ -253,3 +253,49 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsy
             "--out", str(tmp_path / "blocker" / "out"), "--no-tracking"]  # fmt: skip
     code, err = _cli(argv, capsys)
     assert code == 2 and err.startswith("hagan-clinic: error: cannot create the folder") and "internal" not in err
+
+
+def test_an_edited_output_is_not_adopted_even_beside_its_state(tmp_path, checkpoint, capsys):
+    from hagan_clinic.phantoms import write_cohort
+
+    write_cohort(tmp_path / "cohort", 1, seed=0, shape=(24, 48, 48), progress=False, extras=False)
+    table = tmp_path / "f.csv"
+    enc = ["encode", str(tmp_path / "cohort"), "--checkpoint", str(checkpoint), "--out", str(table), "--no-tracking"]
+    assert _cli(enc, capsys)[0] == 0
+    table.write_text("my own notes, replacing the table\n")
+    code, err = _cli(enc, capsys)
+    assert code == 2 and "not written by hagan-clinic encode" in err
+    assert table.read_text() == "my own notes, replacing the table\n"
+
+
+def test_apostrophes_of_the_values_themselves_survive_the_round_trip(tmp_path):
+    from hagan_clinic.io.files import read_csv_table
+    from pipelines.cohort import write_csv
+
+    rows = [{"id": v} for v in ["'=y", "=y", "'x", "''", "-A1", "O'Brien"]]
+    write_csv(tmp_path / "t.csv", rows, ["id"])
+    assert read_csv_table(tmp_path / "t.csv", "t", dtype=str, keep_default_na=False).to_dict("records") == rows
+
+
+def test_qct_never_deletes_through_a_linked_state_folder(tmp_path, capsys):
+    from hagan_clinic.phantoms import write_cohort
+
+    write_cohort(tmp_path / "cohort", 1, seed=0, shape=(24, 48, 48), progress=False, extras=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    (tmp_path / ".q.csv.state").symlink_to(mine)
+    code, err = _cli(["qct", str(tmp_path / "cohort"), "--out", str(tmp_path / "q.csv")], capsys)
+    assert code == 2 and "not the state folder" in err
+    assert (mine / "keep.txt").read_text() == "x"
+
+
+def test_augment_with_too_few_patients_says_so():
+    import numpy as np
+
+    from hagan_clinic.config import load_config
+    from pipelines.augment import split
+
+    labels, groups = np.array([0, 1, 0]), np.array(["a", "b", "c"])
+    with pytest.raises(HaganError, match="too few"):
+        split(labels, groups, load_config("tiny"))

@@ -70,8 +70,8 @@ def _is_number(text: str) -> bool:
 def csv_safe(value):
     """``value`` as a CSV cell that no spreadsheet runs as a formula: text starting with = + - @ tab or CR gets a
     leading apostrophe (numbers, such as -1.5, are left as they are)."""
-    if isinstance(value, str) and value.startswith(FORMULA_START) and not _is_number(value):
-        return "'" + value
+    if isinstance(value, str) and (value.startswith("'") or value.startswith(FORMULA_START) and not _is_number(value)):
+        return "'" + value  # a leading apostrophe of the value itself is doubled, so reading back is exact
     return value
 
 
@@ -87,8 +87,9 @@ def csv_safe_frame(table):
 
 
 def from_csv_cell(value):
-    """The inverse of :func:`csv_safe` for tables this tool wrote: an ID ``'=x`` reads back as ``=x``."""
-    if isinstance(value, str) and len(value) > 1 and value[0] == "'" and value[1] in "".join(FORMULA_START):
+    """The inverse of :func:`csv_safe` for tables this tool wrote: an ID ``'=x`` reads back as ``=x``, ``''x`` as
+    ``'x``."""
+    if isinstance(value, str) and len(value) > 1 and value[0] == "'" and value[1] in "".join(FORMULA_START) + "'":
         return value[1:]
     return value
 
@@ -212,6 +213,8 @@ class Outputs:
         """Take an existing ``path`` as this command's own output (one its own state shows it wrote, e.g. before
         outputs were recorded, or copied along with that state); an input of the command never is."""
         path = Path(path)
+        if path.name in _read_ledger(_ledger_path(path)):  # recorded already: changed since means not ours
+            return
         if path.is_file() and not any(_same_file(path, p) for p in self.inputs):
             self.record(path)
 

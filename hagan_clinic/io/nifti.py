@@ -33,6 +33,8 @@ MAX_ABS_VALUE = {"CT": 1e6}
 MAX_ABS_VALUE_OTHER = 1e12
 #: The top of the standard 12-bit HU range: bone and contrast lie below it; only metal lies above.
 CT_MAX_TISSUE_HU = 3071
+#: The 5th percentile of any CT's voxels lies below this (air around the body, fat, water, lung).
+CT_MIN_P5_HU = 500
 MAX_VOXELS = 2**31  # a whole-body CT is 8e8 voxels; a larger shape is a damaged header, not read into memory
 MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-3, 1e3  # micro-CT reaches micrometres; no scan has metre-sized voxels
 
@@ -258,6 +260,12 @@ def refuse_implausible_values(data: np.ndarray, modality: str) -> None:
         if dense > 0.5:
             raise SeriesError(
                 f"{dense:.0%} of the voxels lie above {CT_MAX_TISSUE_HU} HU (denser than bone): not HU; check "
+                "RescaleSlope/RescaleIntercept"
+            )
+        low = float(np.percentile(sample, 5))
+        if low > CT_MIN_P5_HU:  # a scan holds air, fat or water; 95% of it denser than bone is a wrong rescale
+            raise SeriesError(
+                f"95% of the voxels lie above {low:.0f} HU (no air, fat or water at all): not HU; check "
                 "RescaleSlope/RescaleIntercept"
             )
 
