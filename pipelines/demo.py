@@ -58,12 +58,34 @@ def grid_lung_density(cache: Path, manifest: Path, cfg):
     return pd.DataFrame(values).groupby("patient_id", as_index=False).mean()
 
 
+def _phantom_cohort(folder: Path, **params):
+    """The demo's phantom cohort, written once: a re-run of the demo reads it back instead of writing the same files
+    again, whose new modification times would make every series new to the cache (keyed by the files' identity) and
+    a resumed training run's data other than its own. A pandas DataFrame (the clinical table)."""
+    import json
+
+    from hagan_clinic.io.files import read_csv_table
+    from hagan_clinic.phantoms import write_cohort
+
+    from .cohort import atomic_write_text
+
+    marker = folder / ".demo-phantoms.json"
+    try:
+        same = json.loads(marker.read_text()) == params and (folder / "clinical.csv").is_file()
+    except (OSError, ValueError):
+        same = False
+    if same:
+        return read_csv_table(folder / "clinical.csv", "clinical table", dtype={"patient_id": str})
+    table = write_cohort(folder, **{**params, "shape": tuple(params["shape"])})
+    atomic_write_text(marker, json.dumps(params))
+    return table
+
+
 def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
 
     from hagan_clinic.checkpoint import load_checkpoint
     from hagan_clinic.config import CONFIG_DIR, load_config
     from hagan_clinic.io.nifti import read_scan, to_model_range
-    from hagan_clinic.phantoms import write_cohort
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti
     from hagan_clinic.tracking import NullTracker, Tracker
@@ -90,8 +112,8 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
         with tracker.run("data", nested=True):
             print("[1/7] phantom cohort and preprocessing", flush=True)
             cohort, cache = out / "cohort", out / "cache"
-            clinical = write_cohort(cohort, n=N_PATIENTS, seed=cfg.seed, shape=shape)
-            write_cohort(out / "heldout", n=N_HELDOUT, seed=cfg.seed + 1, shape=shape, extras=False)
+            clinical = _phantom_cohort(cohort, n=N_PATIENTS, seed=cfg.seed, shape=list(shape), extras=True)
+            _phantom_cohort(out / "heldout", n=N_HELDOUT, seed=cfg.seed + 1, shape=list(shape), extras=False)
             prep = preprocess_stage.run(cohort, cache, cfg)
             held = preprocess_stage.run(out / "heldout", out / "heldout_cache", cfg)
             tracker.log_metrics({f"series_{k}": float(v) for k, v in prep.counts.items()})

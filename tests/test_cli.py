@@ -205,3 +205,10 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     assert "wants a finer grid" in out and "explains r^2 =" in out
     memorisation = json.loads((demo / "evaluate" / "metrics.json").read_text())["memorisation"]
     assert "skipped" not in memorisation and memorisation["n_train"] == len(seen)
+    # run again into the same folder: its own outputs are replaced without --overwrite, the phantom cohort is not
+    # written again (new modification times would make every series new to the cache and the training data other)
+    first_slice = next((demo / "cohort").rglob("*.dcm"))
+    mtime = first_slice.stat().st_mtime_ns
+    code, _, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"), "--no-tracking")
+    assert code == 0, err
+    assert first_slice.stat().st_mtime_ns == mtime
