@@ -266,9 +266,9 @@ def run(
     if not src.exists():
         raise HaganError(f"source not found: {src}")
     guard = Outputs("preprocess", [src if src.is_file() else None], overwrite)
-    names = ("cache.json", "manifest.csv")
-    for name in names:
-        if _is_cache(out):  # a cache of ours (made before outputs were recorded, or copied): its files are ours
+    ours = _is_cache(out)  # a cache of ours (made before outputs were recorded, or copied): its files are ours
+    for name in ("cache.json", "manifest.csv"):
+        if ours:
             guard.adopt(out / name)
         guard.check(out / name)  # a folder that is not a cache of ours is left alone
     d = cfg.data

@@ -32,6 +32,39 @@ def tiny_model():
     return HAGAN.from_config(tiny_config()).eval()
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny model file (32^3 grid of 12 mm, latent 32), shared by the tests that read it: the features
+    are arbitrary but deterministic. Tests must not write beside it."""
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    HAGAN.from_config(tiny_config()).save(path)
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``hagan-clinic ARGS`` in this process: (exit status, stdout, stderr)."""
+    from hagan_clinic.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    """A refusal as the CLI must print it: one line of at most 300 characters, no traceback, naming ``needles``."""
+    assert err.startswith("hagan-clinic: error:"), err
+    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
+    assert "Traceback" not in err and "internal error" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    """Exit status 2 (the input's fault) with a one-line message naming ``needles``."""
+    assert code == 2, err
+    assert_one_line(err, *needles)
+
+
 def write_volumes(folder, n: int = 4, size: int = 32, seed: int = 0) -> list:
     """``n`` synthetic training volumes: a bright Gaussian blob in noise, float16 in [-1, 1], as .npy."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,7 @@ import pydicom
 import pytest
 
 from hagan_clinic.cli import main
-from hagan_clinic.config import load_config
 from hagan_clinic.io.dicom_write import write_series
-from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
 
 N_PATIENTS = 5
@@ -29,14 +27,6 @@ FAST = ("--workers", "0", "--no-tracking")  # reading in the main process skips 
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """An untrained tiny model (32^3 grid of 12 mm, latent 32): the features are arbitrary but deterministic."""
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    HAGAN.from_config(load_config("tiny")).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Five phantom patients, one CT series each, with a fake PatientName and birth date in every header."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_refused, run_cli
 
 from hagan_clinic.checkpoint import CheckpointError, load_checkpoint
 from hagan_clinic.cli import main
@@ -28,30 +29,16 @@ def write(path, payload: dict, **changes):
     return path
 
 
-def run(capsys, *args: str) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.startswith("hagan-clinic: error:"), err
-    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
-    assert "Traceback" not in err and "internal error" not in err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_a_checkpoint_without_a_config_is_refused(capsys, tmp_path, payload):
     path = write(tmp_path / "noconfig.pt", payload, config=None)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, "carries no config")
 
 
 @pytest.mark.parametrize("config", [[1, 2], "model: {size: 32}", 5])
 def test_a_config_that_is_no_mapping_is_refused(capsys, tmp_path, payload, config):
     path = write(tmp_path / "odd.pt", payload, config=config)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, "mapping of sections")
 
 
@@ -60,7 +47,7 @@ def test_a_config_for_a_giant_model_is_refused_before_allocating_it(capsys, tmp_
     config = dict(payload["config"])
     config["model"] = dict(config["model"], g_width=512)
     path = write(tmp_path / "giant.pt", payload, config=config)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, "billion parameters")
 
 
@@ -68,7 +55,7 @@ def test_a_config_with_a_huge_number_is_refused_with_its_key(capsys, tmp_path, p
     config = dict(payload["config"])
     config["model"] = dict(config["model"], latent_dim=10**30)
     path = write(tmp_path / "huge.pt", payload, config=config)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, "huge.pt config", "model.latent_dim", "1000000000000000000000000000000")
 
 
@@ -96,7 +83,7 @@ def test_non_finite_weights_are_refused_naming_the_part(capsys, tmp_path, payloa
     states[part][key] = states[part][key].clone()
     states[part][key].view(-1)[1] = bad
     path = write(tmp_path / "nan.pt", payload, state_dicts=states)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, f"{name} weights are not finite")
     assert not (tmp_path / "o").exists()
 
@@ -115,7 +102,7 @@ def test_non_finite_ema_weights_do_not_matter_when_the_raw_generator_is_loaded(t
 def test_weights_that_are_not_tensors_are_refused(capsys, tmp_path, payload, weights):
     states = {**payload["state_dicts"], "G": weights}
     path = write(tmp_path / "odd.pt", payload, state_dicts=states)
-    code, err = run(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", path, "--out", tmp_path / "o")
     assert_refused(code, err, "generator weights are missing or not tensors")
 
 
@@ -123,7 +110,7 @@ def test_encode_refuses_a_checkpoint_without_encoders(capsys, tmp_path, payload)
     states = {"G": payload["state_dicts"]["G"]}
     path = write(tmp_path / "sampler.pt", payload, state_dicts=states, parts=["G"])
     (tmp_path / "scans").mkdir()
-    code, err = run(capsys, "encode", tmp_path / "scans", "--checkpoint", path, "--out", tmp_path / "f.csv",
+    code, _, err = run_cli(capsys, "encode", tmp_path / "scans", "--checkpoint", path, "--out", tmp_path / "f.csv",
                     "--no-tracking", "--workers", "0")  # fmt: skip
     assert_refused(code, err, "this checkpoint has no encoder (E^H, E^G)")
     assert load_checkpoint(path).parts == ("G",)  # generate can still use it
@@ -139,7 +126,7 @@ def test_a_pickled_alias_bomb_is_refused_quickly(capsys, tmp_path, payload):
     path = write(tmp_path / "bomb.pt", payload, extra={"note": bomb})
     assert path.stat().st_size - (tmp_path / "ok.pt").stat().st_size < 10_000
     for command in (["info", path], ["info", path, "--json"], ["generate", "--checkpoint", path, "--out", "o"]):
-        code, err = run(capsys, *command)
+        code, _, err = run_cli(capsys, *command)
         assert_refused(code, err, "unfolds into over")
 
 

@@ -10,24 +10,10 @@ import errno
 import os
 
 import pytest
+from conftest import assert_one_line, run_cli
 
-from hagan_clinic.cli import cli, main
+from hagan_clinic.cli import cli
 from hagan_clinic.errors import HaganError
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    assert err.startswith("hagan-clinic: error:"), err
-    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
-    assert "Traceback" not in err and "internal error" not in err
-    for needle in needles:
-        assert needle in err, err
-
 
 # ---------------------------------------------------------------- seeds
 SEEDED = {
@@ -47,7 +33,7 @@ def test_every_seed_option_is_covered():
 @pytest.mark.parametrize("command", sorted(SEEDED))
 @pytest.mark.parametrize("seed", ["-3", "4294967296", "99999999999999999999999"])
 def test_seeds_out_of_range_are_refused_by_every_command(capsys, command, seed):
-    code, _, err = run(capsys, *SEEDED[command][:1], "--seed", seed, *SEEDED[command][1:])
+    code, _, err = run_cli(capsys, *SEEDED[command][:1], "--seed", seed, *SEEDED[command][1:])
     assert code == 2
     assert_one_line(err, "--seed", seed, "0<=x<=4294967295")
 
@@ -66,7 +52,7 @@ def test_seeds_out_of_range_are_refused_by_every_command(capsys, command, seed):
     ids=["huge", "too-many-voxels", "tiny", "thousands-of-digits", "superscript", "two"],
 )
 def test_a_phantom_shape_out_of_bounds_is_refused_with_advice_that_fits(capsys, tmp_path, shape, needle):
-    code, _, err = run(capsys, "phantoms", tmp_path / "o", "--shape", shape)
+    code, _, err = run_cli(capsys, "phantoms", tmp_path / "o", "--shape", shape)
     assert code == 2
     assert_one_line(err, "--shape", needle)
     assert "--slab" not in err
@@ -98,7 +84,7 @@ def test_a_refused_file_is_exit_2_naming_the_file(capsys, monkeypatch, tmp_path,
         raise OSError(code, os.strerror(code), str(out / "PH0001" / "STUDY_1" / "slice_0001.dcm"))
 
     monkeypatch.setattr("hagan_clinic.phantoms.write_cohort", refuse)
-    status, out, err = run(capsys, "phantoms", tmp_path / "o", "--n", "1")
+    status, out, err = run_cli(capsys, "phantoms", tmp_path / "o", "--n", "1")
     assert status == 2
     assert_one_line(err, f"cannot {verb} slice_0001.dcm: {text}")
     assert str(tmp_path) not in err  # the file's name, not its folders
@@ -114,7 +100,7 @@ def test_a_full_disk_under_a_wrapped_error_is_still_named(capsys, monkeypatch, t
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from err
 
     monkeypatch.setattr("hagan_clinic.phantoms.write_cohort", refuse)
-    status, _, err = run(capsys, "phantoms", tmp_path / "o", "--n", "1")
+    status, _, err = run_cli(capsys, "phantoms", tmp_path / "o", "--n", "1")
     assert status == 2
     assert_one_line(err, "cannot write: No space left on device")
 
@@ -139,7 +125,7 @@ def test_a_file_that_is_missing_for_no_user_reason_stays_an_internal_error(capsy
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/tmp/ours.tmp")
 
     monkeypatch.setattr("hagan_clinic.phantoms.write_cohort", defect)
-    status, _, err = run(capsys, "phantoms", tmp_path / "o")
+    status, _, err = run_cli(capsys, "phantoms", tmp_path / "o")
     assert status == 1 and err.startswith("hagan-clinic: internal error: FileNotFoundError")
 
 
@@ -159,7 +145,7 @@ def test_out_of_memory_advice_fits_the_command(capsys, monkeypatch, args, target
         raise MemoryError
 
     monkeypatch.setattr(target, exhaust)
-    code, _, err = run(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 1
     assert err.startswith("hagan-clinic: error: out of memory") and err.count("\n") == 1, err
     if advice is None:
@@ -173,14 +159,14 @@ def test_out_of_memory_advice_fits_the_command(capsys, monkeypatch, args, target
 def test_an_argument_with_bytes_that_are_no_utf8_is_printed_not_fatal(capsys, tmp_path):
     # Python hands such bytes over as lone surrogates ('\udcff'); printing them strictly raises UnicodeEncodeError
     name = os.fsdecode(b"cohort_\xff")
-    code, out, err = run(capsys, "phantoms", tmp_path / name, "--n", "1", "--shape", "16,16,16")
+    code, out, err = run_cli(capsys, "phantoms", tmp_path / name, "--n", "1", "--shape", "16,16,16")
     assert code == 0, err
     assert "1 patients:" in out and "cohort_" in out
     assert (tmp_path / name / "clinical.csv").is_file()
 
 
 def test_a_bad_argument_with_bytes_that_are_no_utf8_is_one_line(capsys):
-    code, _, err = run(capsys, "check-config", os.fsdecode(b"conf\xfe\xff"))
+    code, _, err = run_cli(capsys, "check-config", os.fsdecode(b"conf\xfe\xff"))
     assert code == 2
     assert_one_line(err, "config file not found")
 
@@ -194,7 +180,7 @@ def test_a_salt_with_bytes_that_are_no_utf8_reaches_the_pipeline(capsys, monkeyp
 
     monkeypatch.setattr("pipelines.encode.run", fake_run)
     salt = os.fsdecode(b"s\xffalt")
-    code, _, err = run(capsys, "encode", tmp_path, "--checkpoint", "m.pt", "--out", "f.csv", "--pseudonymize", salt,
+    code, _, err = run_cli(capsys, "encode", tmp_path, "--checkpoint", "m.pt", "--out", "f.csv", "--pseudonymize", salt,
                        "--no-tracking")  # fmt: skip
     assert seen["salt"] == salt
     assert code == 2
@@ -203,7 +189,7 @@ def test_a_salt_with_bytes_that_are_no_utf8_reaches_the_pipeline(capsys, monkeyp
 
 # ---------------------------------------------------------------- messages stay one short line
 def test_a_huge_bad_value_gives_a_short_usage_error(capsys):
-    code, _, err = run(capsys, "phantoms", "o", "--n", "x" * 100_000)
+    code, _, err = run_cli(capsys, "phantoms", "o", "--n", "x" * 100_000)
     assert code == 2
     assert_one_line(err, "--n")
 
@@ -213,7 +199,7 @@ def test_a_huge_error_message_is_cut(capsys, monkeypatch):
         raise HaganError("bad value " + "v" * 1_000_000)
 
     monkeypatch.setattr("hagan_clinic.config.load_config", shout)
-    code, _, err = run(capsys, "check-config", "tiny")
+    code, _, err = run_cli(capsys, "check-config", "tiny")
     assert code == 2
     assert_one_line(err, "bad value vvv", "...")
 
@@ -223,13 +209,13 @@ def test_a_huge_internal_error_is_cut_and_keeps_its_hint(capsys, monkeypatch):
         raise RuntimeError("x\n" * 1_000_000)
 
     monkeypatch.setattr("hagan_clinic.config.load_config", crash)
-    code, _, err = run(capsys, "check-config", "tiny")
+    code, _, err = run_cli(capsys, "check-config", "tiny")
     assert code == 1
     assert err.count("\n") == 1 and len(err.strip()) <= 300, err
     assert err.startswith("hagan-clinic: internal error: RuntimeError") and "HAGAN_CLINIC_DEBUG=1" in err
 
 
 def test_click_usage_errors_keep_their_hint(capsys):
-    code, _, err = run(capsys, "phantoms", "o", "--shape", "1" * 200 + ",1")
+    code, _, err = run_cli(capsys, "phantoms", "o", "--shape", "1" * 200 + ",1")
     assert code == 2
     assert_one_line(err, "(see 'hagan-clinic phantoms --help')")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
@@ -22,13 +23,6 @@ from hagan_clinic.phantoms import write_cohort
 FAST = ("--workers", "0", "--no-tracking")
 NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
 SIZE = 32  # the tiny config's grid
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    HAGAN.from_config(load_config("tiny")).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +45,8 @@ def copy(cache, tmp_path):
     return shutil.copytree(cache, tmp_path / "cache")
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def encode(capsys, src, out, checkpoint, *args: str) -> tuple[int, str, str]:
-    return run(capsys, "encode", src, "--out", out, "--checkpoint", checkpoint, *FAST, *args)
+    return run_cli(capsys, "encode", src, "--out", out, "--checkpoint", checkpoint, *FAST, *args)
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -81,7 +69,7 @@ def test_a_garbage_cache_json_is_a_one_line_error(capsys, copy, cohort, checkpoi
     (copy / "cache.json").write_bytes(content)
     code, _, err = encode(capsys, copy, tmp_path / "f.parquet", checkpoint)
     assert_one_line_error(code, err, "cache.json")
-    code, _, err = run(capsys, "preprocess", cohort, "--out", copy, "--config", "tiny")
+    code, _, err = run_cli(capsys, "preprocess", cohort, "--out", copy, "--config", "tiny")
     assert_one_line_error(code, err, "cache.json")
 
 
@@ -210,7 +198,7 @@ def test_a_grid_with_nan_is_never_ok(capsys, monkeypatch, cohort, tmp_path):
 
     monkeypatch.setattr(preprocessing, "to_model_grid", poisoned)
     out = tmp_path / "cache"
-    code, stdout, err = run(capsys, "preprocess", cohort / "PH0001", "--out", out, "--config", "tiny")
+    code, stdout, err = run_cli(capsys, "preprocess", cohort / "PH0001", "--out", out, "--config", "tiny")
     assert code == 0, err
     (row,) = manifest_of(out).to_dict("records")
     assert row["status"] == "failed" and "NaN" in row["reason"] and row["path"] == ""
@@ -249,7 +237,7 @@ def test_a_non_finite_qct_measure_is_never_reported(capsys, monkeypatch, cohort,
     monkeypatch.setattr(qct, "measure_with_mask", lambda *a, **k: (_nan_measure(), np.ones((1, 1, 1), bool)))
     monkeypatch.setattr(qct, "measure", _nan_measure)
     out = tmp_path / "qct.csv"
-    code, stdout, err = run(capsys, "qct", cohort / "PH0001", "--out", out, "--config", "tiny")
+    code, stdout, err = run_cli(capsys, "qct", cohort / "PH0001", "--out", out, "--config", "tiny")
     assert code == 0, err
     (row,) = pd.read_csv(out, dtype=str, keep_default_na=False).to_dict("records")
     assert row["status"] == "failed" and "perc15_hu" in row["reason"] and row["perc15_hu"] == ""
@@ -286,9 +274,9 @@ def test_a_cache_filled_from_two_sources_keeps_both(capsys, tmp_path):
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
     _two_patients(a, seed=0)
     _two_patients(b, seed=10)
-    assert run(capsys, "preprocess", a, "--out", out, "--config", "tiny")[0] == 0
+    assert run_cli(capsys, "preprocess", a, "--out", out, "--config", "tiny")[0] == 0
     first = manifest_of(out)
-    assert run(capsys, "preprocess", b, "--out", out, "--config", "tiny")[0] == 0
+    assert run_cli(capsys, "preprocess", b, "--out", out, "--config", "tiny")[0] == 0
     second = manifest_of(out)
     assert len(second) == 4
     assert set(first["path"]) <= set(second["path"])  # A's rows are kept ...
@@ -305,15 +293,15 @@ def test_a_cache_filled_from_two_sources_keeps_both(capsys, tmp_path):
 def test_a_series_gone_from_the_source_stays_in_the_manifest(capsys, tmp_path):
     src, out = tmp_path / "src", tmp_path / "cache"
     _two_patients(src, seed=0)
-    assert run(capsys, "preprocess", src, "--out", out, "--config", "tiny")[0] == 0
+    assert run_cli(capsys, "preprocess", src, "--out", out, "--config", "tiny")[0] == 0
     shutil.rmtree(src / "p2")
-    code, stdout, err = run(capsys, "preprocess", src, "--out", out, "--config", "tiny")
+    code, stdout, err = run_cli(capsys, "preprocess", src, "--out", out, "--config", "tiny")
     assert code == 0, err
     assert stdout.startswith("1 ok, 0 skipped, 0 failed")  # this run's series
     rows = manifest_of(out).to_dict("records")
     assert [r["patient_id"] for r in rows] == ["P1", "P2"]
     assert rows[1]["notes"] == "from an earlier run of this cache" and (out / rows[1]["path"]).is_file()
-    assert run(capsys, "preprocess", src, "--out", out, "--config", "tiny")[0] == 0  # the note is not repeated
+    assert run_cli(capsys, "preprocess", src, "--out", out, "--config", "tiny")[0] == 0  # the note is not repeated
     assert manifest_of(out).to_dict("records") == rows
 
 
@@ -321,16 +309,16 @@ def test_a_series_gone_from_the_source_stays_in_the_manifest(capsys, tmp_path):
 def test_evaluate_refuses_a_cache_made_for_another_contract(capsys, cohort, checkpoint, tmp_path):
     other = tmp_path / "other"
     overrides = ("--set", "data.spacing_mm=[10,10,10]")
-    assert run(capsys, "preprocess", cohort, "--out", other, "--config", "tiny", *overrides)[0] == 0
+    assert run_cli(capsys, "preprocess", cohort, "--out", other, "--config", "tiny", *overrides)[0] == 0
     args = ("--checkpoint", checkpoint, "--n", "2", "--no-tracking", "--out", tmp_path / "eval")
-    code, _, err = run(capsys, "evaluate", "--real", other, *args)
+    code, _, err = run_cli(capsys, "evaluate", "--real", other, *args)
     assert_one_line_error(code, err, "data contract")
     (other / "cache.json").unlink()
-    code, _, err = run(capsys, "evaluate", "--real", other, *args)
+    code, _, err = run_cli(capsys, "evaluate", "--real", other, *args)
     assert_one_line_error(code, err, "cache.json")
     (other / "cache.json").write_text(json.dumps({"contract": load_config("tiny").data_contract()}))
     (other / "manifest.csv").write_text("patient_id,series_uid\nP1,1.2\n")
-    code, _, err = run(capsys, "evaluate", "--real", other, *args)
+    code, _, err = run_cli(capsys, "evaluate", "--real", other, *args)
     assert_one_line_error(code, err, "'path' column")
 
 
@@ -343,7 +331,7 @@ def test_a_fifo_among_the_cached_volumes_is_refused_by_training_and_augment(caps
     from pipelines.augment import load_real
 
     out = tmp_path / "cache"
-    assert run(capsys, "preprocess", cohort, "--out", out, "--config", "tiny")[0] == 0
+    assert run_cli(capsys, "preprocess", cohort, "--out", out, "--config", "tiny")[0] == 0
     victim = sorted((out / "volumes").glob("*.npy"))[0]
     victim.unlink()
     os.mkfifo(victim)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import assert_refused
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import MAX_YAML_VALUES, ConfigError, load_config
@@ -18,15 +19,6 @@ def check_config(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["check-config", *args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.startswith("hagan-clinic: error:"), err
-    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
-    assert "Traceback" not in err and "internal error" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 def billion_laughs(levels: int = 9, width: int = 9) -> str:

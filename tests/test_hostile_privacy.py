@@ -13,9 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hagan_clinic.config import load_config
 from hagan_clinic.io.dicom_write import write_series
-from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.tracking import NullTracker
 from pipelines.encode import EncodeOptions, run
 
@@ -60,14 +58,6 @@ def cohort(tmp_path) -> Path:
     (root / "SMITH_JANE").mkdir()
     (root / "SMITH_JANE" / "SMITH_JANE_ct.nii").write_bytes(b"garbage" * 64)
     return root
-
-
-@pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    path = tmp_path / "model" / "tiny.pt"
-    path.parent.mkdir()
-    HAGAN.from_config(load_config("tiny")).save(path)
-    return path
 
 
 def _written(folder: Path) -> dict[str, str]:

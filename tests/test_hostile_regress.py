@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_refused
 
 from hagan_clinic import regression
 from hagan_clinic.cli import main
@@ -48,15 +49,6 @@ def regress(capsys, files: tuple[str, str], *args: str) -> tuple[int, str, str]:
                  "--folds", "3", *args])  # fmt: skip
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_refused(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.startswith("hagan-clinic: error:"), err
-    assert err.strip().count("\n") == 0 and len(err.strip()) <= 300, err
-    assert "Traceback" not in err and "internal error" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 def strict_json(path) -> dict:

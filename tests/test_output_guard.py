@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.files import LEDGER_NAME, Outputs, csv_safe, csv_safe_frame
@@ -108,20 +109,8 @@ def test_csv_safe_frame_leaves_numbers(tmp_path):
 
 # ---------------------------------------------------------------- through the commands
 def _cli(argv, capsys):
-    from hagan_clinic.cli import main
-
-    code = main(argv)
-    return code, capsys.readouterr().err.strip()
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    from hagan_clinic.config import load_config
-    from hagan_clinic.models.hagan import HAGAN
-
-    path = tmp_path / "model.pt"
-    HAGAN.from_config(load_config("tiny")).save(path)
-    return path
+    code, _, err = run_cli(capsys, *argv)
+    return code, err.strip()
 
 
 def test_encode_never_writes_over_its_checkpoint_or_a_source_file(tmp_path, checkpoint, capsys):
@@ -237,10 +226,16 @@ def test_a_cache_or_table_made_before_outputs_were_recorded_is_still_ours(tmp_pa
     assert _cli(enc, capsys)[0] == 0
 
 
-def test_coarse_grids_of_existing_models_still_load():
+def test_coarse_grids_of_existing_models_still_load(tmp_path):
+    """Checkpoints made before the config ranges (a 50 mm grid, a learning rate above 1) still load."""
+    from hagan_clinic.checkpoint import load_checkpoint
     from hagan_clinic.config import load_config
+    from hagan_clinic.models.hagan import HAGAN
 
-    assert load_config("tiny", ["data.spacing_mm=[50,50,50]", "train.lr_d=2.0"]).data.spacing_mm == (50.0,) * 3
+    cfg = load_config("tiny", ["data.spacing_mm=[50,50,50]", "train.lr_d=2.0"])
+    HAGAN.from_config(cfg).save(tmp_path / "coarse.pt")
+    model = load_checkpoint(tmp_path / "coarse.pt")
+    assert model.config.data.spacing_mm == (50.0,) * 3 and model.config.train.lr_d == 2.0
 
 
 def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsys):

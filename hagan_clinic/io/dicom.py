@@ -236,26 +236,37 @@ def _cause(err: BaseException, path: Path) -> str:
 def is_dicom_file(path: Path) -> bool:
     """Part 10 files carry 'DICM' after a 128-byte preamble."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
+        return _probe(path)[0]
+    except SeriesError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _unreadable_file(err: OSError) -> SeriesError:
+    if isinstance(err, PermissionError):
+        return SeriesError("file cannot be read (permission denied)")
+    return SeriesError(f"file cannot be read ({err.strerror or type(err).__name__})")
+
+
+def _regular(path: Path) -> os.stat_result:
+    """The file's stat; SeriesError for a file that cannot be read, and for anything but a regular file: opening a
+    FIFO or a device would block or never end."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise _unreadable_file(err) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SeriesError("not a regular file (not read)")
+    return info
 
 
 def _probe(path: Path) -> tuple[bool, int]:
-    """(whether the file has the DICM magic, its size in bytes). SeriesError for a file that cannot be read, and for
-    anything but a regular file: opening a FIFO or a device would block or never end."""
+    """(whether the file has the DICM magic, its size in bytes); SeriesError as :func:`_regular` says."""
+    info = _regular(path)
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise SeriesError("not a regular file (not read)")
         with open(path, "rb") as f:
             head = f.read(132)
-    except PermissionError:
-        raise SeriesError("file cannot be read (permission denied)") from None
     except OSError as err:
-        raise SeriesError(f"file cannot be read ({err.strerror or type(err).__name__})") from None
+        raise _unreadable_file(err) from None
     return len(head) == 132 and head[128:132] == b"DICM", info.st_size
 
 
@@ -450,10 +461,12 @@ def _decode(path: Path, modality: str, full: bool) -> tuple[list[_Slice], DicomH
     """The slices of one file. Only SeriesError leaves: parsers, decoders and lazily converted header values raise
     many types, and the report needs the reason, not a traceback."""
     try:
-        _probe(path)  # a file made unreadable (or replaced by a FIFO) since discovery
+        _regular(path)  # a file replaced by a FIFO since discovery
         ds = _dataset(path)
     except SeriesError as err:
         raise SeriesError(f"{path.name}: {err}") from None
+    except PermissionError as err:  # made unreadable since discovery
+        raise SeriesError(f"{path.name}: {_unreadable_file(err)}") from None
     except Exception as err:
         raise SeriesError(f"{path.name}: unreadable DICOM file ({_cause(err, path)})") from None
     try:

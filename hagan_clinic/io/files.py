@@ -77,12 +77,16 @@ def csv_safe(value):
 
 def csv_safe_frame(table):
     """A copy of a pandas DataFrame whose text cells pass through :func:`csv_safe`."""
+    return _map_text(table.copy(), csv_safe)
+
+
+def _map_text(table, fn):
+    """``table`` with ``fn`` applied to every cell of its text columns (in place; returned)."""
     from pandas.api.types import is_object_dtype, is_string_dtype
 
-    table = table.copy()
     for column in table.columns:
         if is_object_dtype(table[column]) or is_string_dtype(table[column]):
-            table[column] = table[column].map(csv_safe)
+            table[column] = table[column].map(fn)
     return table
 
 
@@ -124,13 +128,8 @@ def read_csv_table(path: str | os.PathLike, what: str, **kwargs):
     """A CSV table as a pandas DataFrame, read after :func:`regular_file`, with the text cells that :func:`csv_safe`
     neutralised read back as they were (so IDs join). ``kwargs`` go to ``pandas.read_csv``."""
     import pandas as pd
-    from pandas.api.types import is_object_dtype, is_string_dtype
 
-    table = pd.read_csv(regular_file(path, what), **kwargs)
-    for column in table.columns:
-        if is_object_dtype(table[column]) or is_string_dtype(table[column]):
-            table[column] = table[column].map(from_csv_cell)
-    return table
+    return _map_text(pd.read_csv(regular_file(path, what), **kwargs), from_csv_cell)
 
 
 # ---------------------------------------------------------------- outputs that never replace what they should not
