@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hagan_clinic.pipelines.encode import EncodeOptions, _encode_batch, run
 
 from hagan_clinic.config import load_config
 from hagan_clinic.io.cohort import discover, load_series
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
 from hagan_clinic.preprocessing import to_model_grid
-from pipelines.encode import EncodeOptions, _encode_batch, run
 
 
 def bench_size(size: int, folder: Path, work: Path, args) -> dict:

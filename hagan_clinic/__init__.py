@@ -21,16 +21,15 @@ _LAZY = {
     "Config": ("hagan_clinic.config", "Config"),
     "ConfigError": ("hagan_clinic.config", "ConfigError"),
     "HAGAN": ("hagan_clinic.models.hagan", "HAGAN"),
-    "load_checkpoint": ("hagan_clinic.checkpoint", "load_checkpoint"),
+    "load_checkpoint": ("hagan_clinic.models.hagan", "load_checkpoint"),
     "import_reference": ("hagan_clinic.reference", "import_reference"),
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:
-    from .checkpoint import load_checkpoint
     from .config import Config, ConfigError, load_config
-    from .models.hagan import HAGAN
+    from .models.hagan import HAGAN, load_checkpoint
     from .reference import import_reference
 
 

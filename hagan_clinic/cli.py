@@ -26,17 +26,9 @@ SEED = click.IntRange(0, 2**32 - 1)
 
 
 def _resolve_device(name: str) -> str:
-    import torch
+    from .devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HaganError(f"--device: unknown device '{name}' (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HaganError(f"--device {name}: CUDA is not available on this machine")
-    return name
+    return str(resolve_device(name))
 
 
 def _progress(desc: str, unit: str):
@@ -61,7 +53,7 @@ def cli() -> None:
 @click.argument("config_file")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
-    """Validate CONFIG_FILE (a path or a name in configs/) and print the resolved config."""
+    """Validate CONFIG_FILE (a path, or a shipped config: base, tiny, demo, paper_128, paper_256); print it resolved."""
     from .config import load_config
 
     cfg = load_config(config_file, overrides)
@@ -92,8 +84,8 @@ def generate(
     checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str, overwrite: bool
 ) -> None:
     """Generate volumes from a checkpoint and write them as NIfTI (HU for CT, spacing in the affine)."""
-    from .checkpoint import load_checkpoint
     from .io.files import Outputs
+    from .models.hagan import load_checkpoint
     from .sampling import generate_to_nifti
 
     dev = _resolve_device(device)
@@ -115,7 +107,7 @@ def info(checkpoint: str, as_json: bool) -> None:
     """What a checkpoint is: identity, data contract, parameters, training set (size and digests), provenance."""
     import json
 
-    from .checkpoint import describe_checkpoint
+    from .models.hagan import describe_checkpoint
 
     d = describe_checkpoint(checkpoint)
     if as_json:
@@ -183,7 +175,12 @@ def import_reference_cmd(
 
 
 @cli.command()
-@click.option("--config", "config_file", required=True, help="Config file (a path, or a name in configs/).")
+@click.option(
+    "--config",
+    "config_file",
+    required=True,
+    help="Config file (a path, or a shipped config's name: tiny, demo, paper_128, ...).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Volumes (else data.dir).")
 @click.option(
@@ -252,7 +249,7 @@ def preprocess(
     src: str, out: str, config_file: str, overrides: tuple[str, ...], workers: int, nifti: bool, overwrite: bool
 ) -> None:
     """Read every series under SRC (DICOM at any depth, NIfTI) onto the model's grid, with a manifest.csv."""
-    from pipelines.preprocess import run
+    from hagan_clinic.pipelines.preprocess import run
 
     from .config import load_config
 
@@ -291,7 +288,7 @@ def qct(
     overwrite: bool,
 ) -> None:
     """Quantitative CT per series under SRC: lung volume, %LAA-950, Perc15, with kernel, slice and mask warnings."""
-    from pipelines.qct import run
+    from hagan_clinic.pipelines.qct import run
 
     from .config import load_config
 
@@ -302,7 +299,10 @@ def qct(
 
 def _parse_shard(shard: str | None) -> tuple[int, int]:
     if shard is None:  # under torchrun each process takes its own share
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        from .devices import torchrun_env
+
+        env = torchrun_env()
+        return env.rank, env.world
     parts = shard.split("/")
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
         raise click.BadParameter(f"expected I/N with 0 <= I < N, e.g. 0/4, got '{shard}'", param_hint="--shard")
@@ -338,7 +338,7 @@ def encode(
     Beside the table, OUT_STEM.report.csv lists every series found with its status and reason. A run that is
     stopped resumes where it was when started again with the same arguments.
     """
-    from pipelines.encode import EncodeOptions, run
+    from hagan_clinic.pipelines.encode import EncodeOptions, run
 
     from .tracking import NullTracker, Tracker
 
@@ -349,8 +349,6 @@ def encode(
     fmt = fmt or ("csv" if out_path.suffix.lower() == ".csv" else "parquet")
     if salt is not None and not salt.strip():
         raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
     opts = EncodeOptions(
         checkpoint=Path(checkpoint), out=out_path, fmt=fmt, workers=workers, batch_size=batch_size,
         device=_resolve_device(device), precision=precision, pseudonymize=salt, qct=qct, shard=_parse_shard(shard),
@@ -386,7 +384,7 @@ def regress(
     feature_regex: str, folds: int, seed: int, out: str, no_tracking: bool, overwrite: bool,
 ) -> None:  # fmt: skip
     """Cross-validated regression of clinical measures and GOLD stage from latent features, with baselines."""
-    from pipelines.regress import RegressOptions, r2_text, run
+    from hagan_clinic.pipelines.regress import RegressOptions, r2_text, run
 
     from .tracking import NullTracker, Tracker
 
@@ -421,7 +419,7 @@ def regress(
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 def predict(model_path: str, features: str, out: str, overwrite: bool) -> None:
     """Apply a model fitted by `regress` to a new feature table (only load model files you made)."""
-    from pipelines.regress import predict as run_predict
+    from hagan_clinic.pipelines.regress import predict as run_predict
 
     table, notes = run_predict(model_path, features, out, overwrite)
     for note in notes:
@@ -460,7 +458,7 @@ def evaluate(
     batch_size: int, slab: int | None, device: str, out: str, no_tracking: bool, overwrite: bool,
 ) -> None:  # fmt: skip
     """FID, MMD, MS-SSIM diversity, memorisation, reconstruction and a latent direction, generated vs real."""
-    from pipelines.evaluate import EvaluateOptions, run
+    from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
 
     from .tracking import NullTracker, Tracker
 
@@ -506,7 +504,7 @@ def augment(
     The GAN must not have seen a validation or test patient: write the split first (--write-split), train the GAN
     on its training part, then run augment.
     """
-    from pipelines import augment as augment_pipeline
+    from hagan_clinic.pipelines import augment as augment_pipeline
 
     from .config import load_config
     from .tracking import NullTracker, Tracker
@@ -595,7 +593,7 @@ def phantoms(
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 def demo(out: str, fast: bool, no_tracking: bool) -> None:
     """Run the end-to-end demo on the built-in synthetic data, logged to mlruns/."""
-    from pipelines.demo import run
+    from hagan_clinic.pipelines.demo import run
 
     run(Path(out), fast=fast, tracking=not no_tracking)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import HaganError, one_line, short_repr
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The shipped configs (package data): ``load_config("tiny")`` finds them from any working folder.
+CONFIG_DIR = Path(str(resources.files("hagan_clinic").joinpath("configs")))
 
 #: The whole volume is split into this many slabs along D (the axial axis): G^H is trained on one slab per
 #: step and E^G reads the E^H outputs of all of them. It is part of the published architecture (D^H's strides
@@ -375,7 +377,7 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A config path as given, or a bare name ('tiny') looked up in the project's configs/ folder."""
+    """A config path as given, or a bare name ('tiny') looked up among the shipped configs (package data)."""
     try:
         p = Path(path)
         for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, file_sha256, load_untrusted
 from .errors import HaganError
+from .io.torch_files import CheckpointError, file_sha256, load_untrusted
 from .models.medicalnet import BLOCKS, MedicalNetResNet, is_bottleneck
 
 # model units leave the generator through tanh and the cache clipped; anything beyond this is another scale

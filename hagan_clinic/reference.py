@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_untrusted
 from .config import Config, ConfigError, apply_overrides
 from .errors import HaganError
+from .io.torch_files import CheckpointError, load_untrusted
 from .models.hagan import HAGAN
 
 # (our module path, reference module path, spectral-normalised?) per network, generated from the geometry

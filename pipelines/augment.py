@@ -32,9 +32,7 @@ import numpy as np
 
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
-from hagan_clinic.io.files import Outputs, make_folder, read_csv_table
-
-from .cohort import atomic_write_text, write_csv
+from hagan_clinic.io.files import Outputs, make_folder, read_csv_table, write_rows, write_text
 
 METRICS = ("accuracy", "balanced_accuracy", "auc")
 
@@ -121,12 +119,12 @@ def write_split(cfg: Config, out: Path, overwrite: bool = False) -> tuple[Path, 
     label_of = {str(p.relative_to(Path(a.cache))): int(y) for p, y in zip(paths, labels)}
     rows = manifest[manifest["path"].isin(train_paths)].copy()
     rows[a.label_column] = [label_of[p] for p in rows["path"]]
-    write_csv(out / "train_table.csv", rows.to_dict("records"), list(rows.columns), guard)
+    write_rows(out / "train_table.csv", rows.to_dict("records"), list(rows.columns), guard)
     return out / "split.csv", out / "train_table.csv"
 
 
 def _write_split_csv(path: Path, paths, labels, groups, parts, guard: Outputs) -> None:
-    write_csv(path, [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
+    write_rows(path, [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
                      for p, y, g, s in zip(paths, labels, groups, parts)],
               ["patient_id", "path", "label", "split"], guard)  # fmt: skip
 
@@ -140,7 +138,7 @@ def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray,
     """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw. Overlap is looked for
     three ways: patient IDs (as ``_same_id`` compares them), series UIDs, and the volume files themselves."""
 
-    from hagan_clinic.checkpoint import training_record
+    from hagan_clinic.models.hagan import training_record
 
     if not checkpoint or not Path(checkpoint).is_file():
         raise HaganError(f"augment.checkpoint: not found: '{checkpoint}'")
@@ -176,7 +174,7 @@ def synthesize(
     """``counts[c]`` volumes of class c from the conditional checkpoint, cached in out/synthetic.npz."""
     import torch
 
-    from hagan_clinic.checkpoint import load_checkpoint
+    from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.sampling import sample_latent
 
     cache = out / "synthetic.npz"
@@ -427,9 +425,9 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
         boot = bootstrap_differences(results, a.arms, data["test_y"], groups[parts == "test"], a.bootstrap,
                                      a.split_seed)  # fmt: skip
         table = compare(results, a.arms, boot)
-        write_csv(out / "results.csv", results, ["arm", "seed", *METRICS, "val_balanced_accuracy", "train_volumes",
+        write_rows(out / "results.csv", results, ["arm", "seed", *METRICS, "val_balanced_accuracy", "train_volumes",
                                                   "synthetic_volumes"], guard)  # fmt: skip
-        atomic_write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n", guard)
+        write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n", guard)
         for row in table:
             name = row["arm"].replace("+", "_")  # MLflow metric names take no '+'
             tracker.log_metrics({f"{name}.{k}": v for k, v in row.items() if isinstance(v, float)})

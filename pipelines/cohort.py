@@ -7,7 +7,6 @@ read back, failed ones are tried again. One bad series is a row with status 'fai
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -21,30 +20,7 @@ from typing import Any
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord
-from hagan_clinic.io.files import Outputs, atomic_target, csv_safe, make_folder, regular_file
-
-
-def atomic_write_text(path: Path, text: str, guard: Outputs | None = None) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename (checked and recorded by
-    ``guard`` when given: a command's user-facing outputs)."""
-    if guard is not None:
-        guard.write_text(path, text)
-        return
-    with atomic_target(path) as tmp:
-        Path(tmp).write_text(text, newline="")
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str], guard: Outputs | None = None) -> None:
-    """A CSV with exactly ``columns`` (missing values empty), written atomically. Text cells that a spreadsheet
-    would run as a formula (an ID such as ``=HYPERLINK(...)``) are written with a leading apostrophe."""
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if row.get(c) is None else csv_safe(row.get(c)) for c in columns})
-    atomic_write_text(path, buf.getvalue(), guard)
+from hagan_clinic.io.files import make_folder, regular_file, write_text
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
@@ -250,7 +226,7 @@ def run_series(
             raise OutputFailed(row[_STOP])
         row.setdefault("status", "ok")
         failed += row["status"] == "failed"
-        atomic_write_text(state_dir / f"{record.digest}.json", json.dumps(row))
+        write_text(state_dir / f"{record.digest}.json", json.dumps(row))
         rows[record.digest] = row
         bar.update(1)
         bar.set_postfix(failed=failed, refresh=False)

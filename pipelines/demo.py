@@ -64,10 +64,8 @@ def _phantom_cohort(folder: Path, **params):
     a resumed training run's data other than its own. A pandas DataFrame (the clinical table)."""
     import json
 
-    from hagan_clinic.io.files import read_csv_table
+    from hagan_clinic.io.files import read_csv_table, write_text
     from hagan_clinic.phantoms import write_cohort
-
-    from .cohort import atomic_write_text
 
     marker = folder / ".demo-phantoms.json"
     try:
@@ -77,15 +75,15 @@ def _phantom_cohort(folder: Path, **params):
     if same:
         return read_csv_table(folder / "clinical.csv", "clinical table", dtype={"patient_id": str})
     table = write_cohort(folder, **{**params, "shape": tuple(params["shape"])})
-    atomic_write_text(marker, json.dumps(params))
+    write_text(marker, json.dumps(params))
     return table
 
 
 def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
 
-    from hagan_clinic.checkpoint import load_checkpoint
     from hagan_clinic.config import CONFIG_DIR, load_config
     from hagan_clinic.io.nifti import read_scan, to_model_range
+    from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti
     from hagan_clinic.tracking import NullTracker, Tracker

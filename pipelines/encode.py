@@ -28,9 +28,17 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError, short_repr
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, atomic_target, csv_safe_frame, make_folder, regular_file
+from hagan_clinic.io.files import (
+    Outputs,
+    atomic_target,
+    csv_safe_frame,
+    make_folder,
+    regular_file,
+    write_rows,
+    write_text,
+)
 
-from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, atomic_write_text, status_counts, write_csv
+from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, status_counts
 from .privacy import Scrubber, keyed, pseudonym, series_names
 
 ID_COLUMNS = ["patient_id", "study_uid", "series_uid", "kernel", "slice_thickness_mm"]
@@ -82,7 +90,7 @@ class EncodeResult:
 def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord], Others]:
     """The ok series of a preprocess cache, and the report rows of the others. Any file of the cache may be damaged
     or hostile: cache.json and the manifest as a whole are checked here (HaganError), each row in
-    :func:`~pipelines.preprocess.manifest_record` and each volume when it is read (that series failed)."""
+    :func:`~hagan_clinic.pipelines.preprocess.manifest_record` and each volume when it is read (that series failed)."""
     from .preprocess import cache_settings, manifest_record, read_cache_settings, read_manifest
 
     settings = read_cache_settings(src)
@@ -235,7 +243,7 @@ def _check_state(state: Path, settings: dict) -> None:
             )
     if not path.exists():
         make_folder(state)
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _plain(value):
@@ -337,7 +345,7 @@ def _write_outputs(
         else:
             csv_safe_frame(table).to_csv(tmp, index=False, float_format="%.9g")
     report_path = opts.report_path
-    write_csv(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []), guard)
+    write_rows(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []), guard)
     counts = status_counts(report)
     return report_path, counts
 
@@ -345,7 +353,8 @@ def _write_outputs(
 def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
     from tqdm import tqdm
 
-    from hagan_clinic.checkpoint import file_sha256, load_checkpoint
+    from hagan_clinic.io.torch_files import file_sha256
+    from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -424,7 +433,7 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         if any(_batch_done(state / f"batch_{k:06d}.npz", latent) is None for k in range(len(batches))):
             return EncodeResult(None, None, {"encoded_here": encoded}, seconds)  # other shards still at work
         report, counts = _write_outputs(opts, src, state, len(batches), others, latent, scrub)
-        atomic_write_text(state / "complete", "")
+        write_text(state / "complete", "")
         tracker.log_metrics({f"series_{k}": float(v) for k, v in counts.items()})
         tracker.log_artifact(report)
         if out.stat().st_size <= 50 * 2**20:

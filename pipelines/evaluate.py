@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hagan_clinic.errors import HaganError, short_repr
-from hagan_clinic.io.files import Outputs, atomic_target, make_folder
-
-from .cohort import atomic_write_text
+from hagan_clinic.io.files import Outputs, atomic_target, make_folder, write_text
 
 MEASURES = ("laa950_pct", "lung_volume_ml", "mean_hu")
 
@@ -78,7 +76,7 @@ def training_volumes(opts: EvaluateOptions, contract: dict) -> tuple[list[Path],
     record (its data folder and files). ([], reason) when neither is at hand."""
     if opts.train is not None:
         return real_volumes(opts.train, contract), f"--train {opts.train}"
-    from hagan_clinic.checkpoint import training_record
+    from hagan_clinic.models.hagan import training_record
 
     record = training_record(opts.checkpoint)
     if record is None:
@@ -150,7 +148,7 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
     train_files, source = training_volumes(opts, cfg.data_contract())
     if not train_files:
         return {"skipped": source}
-    from hagan_clinic.checkpoint import file_sha256
+    from hagan_clinic.io.torch_files import file_sha256
 
     trained = {file_sha256(f) for f in train_files}  # by content: a copy under another name is still seen
     keep = [i for i, f in enumerate(real_files) if file_sha256(f) not in trained]
@@ -175,9 +173,9 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
 
 def _trained_by_record(opts) -> set:
     """The --real cache files whose patient or series the checkpoint's training record names."""
-    from hagan_clinic.checkpoint import training_record
-    from pipelines.augment import _same_id
+    from hagan_clinic.models.hagan import training_record
 
+    from .augment import _same_id
     from .preprocess import read_manifest
 
     record = training_record(opts.checkpoint)
@@ -258,9 +256,10 @@ def _montage(path: Path, vols, steps, values, measure: str) -> None:
 def run(opts: EvaluateOptions, tracker=None) -> dict:
     import torch
 
-    from hagan_clinic.checkpoint import file_sha256, load_checkpoint
     from hagan_clinic.feature_nets import hagan_encoder, medicalnet
+    from hagan_clinic.io.torch_files import file_sha256
     from hagan_clinic.metrics import frechet_distance, mae, mmd2, psnr, ssim_3d
+    from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import sample_labels, sample_latent
     from hagan_clinic.tracking import NullTracker
@@ -347,7 +346,7 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     for name in ("latent_direction.png", "samples.png"):
         if (out / name).is_file():
             guard.record(out / name)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", guard)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", guard)
     with tracker.run("evaluate", tags={"stage": "evaluate"}):
         tracker.log_params({"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n,
                             "n_real": len(files), "seed": opts.seed, "measure": opts.measure})  # fmt: skip

@@ -24,9 +24,17 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError, short_repr
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, atomic_target, make_folder, read_csv_table, regular_file
+from hagan_clinic.io.files import (
+    Outputs,
+    atomic_target,
+    make_folder,
+    read_csv_table,
+    regular_file,
+    write_rows,
+    write_text,
+)
 
-from .cohort import OutputFailed, atomic_write_text, run_series, status_counts, write_csv
+from .cohort import OutputFailed, run_series, status_counts
 from .privacy import Scrubber
 
 MANIFEST_COLUMNS = [
@@ -250,7 +258,7 @@ def check_cache(out: Path, settings: dict, guard: Outputs | None = None) -> None
             diff = sorted(k for k in settings if old.get(k) != settings[k])
             raise HaganError(f"{out} was preprocessed with other settings ({', '.join(diff)}); use another --out")
     else:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n", guard)
+        write_text(path, json.dumps(settings, indent=2) + "\n", guard)
 
 
 def run(
@@ -285,7 +293,7 @@ def run(
     scrub = Scrubber(src, None)  # reasons name files relative to the source, as the source column does
     rows = [scrub.row(done_by_digest.get(r.digest, r.row())) for r in found.records]
     all_rows = rows + _still_cached(out, earlier, rows)
-    write_csv(manifest, all_rows, MANIFEST_COLUMNS, guard)
+    write_rows(manifest, all_rows, MANIFEST_COLUMNS, guard)
     if nifti:
         write_nifti_views(out, all_rows, cfg)
     counts = status_counts(rows)  # this run's series; the manifest also keeps the earlier volumes

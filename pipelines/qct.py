@@ -25,10 +25,10 @@ import numpy as np
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, make_folder, regular_file
+from hagan_clinic.io.files import Outputs, make_folder, regular_file, write_rows, write_text
 from hagan_clinic.io.volume import Volume
 
-from .cohort import OutputFailed, atomic_write_text, run_series, status_counts, write_csv
+from .cohort import OutputFailed, run_series, status_counts
 from .privacy import Scrubber
 
 COLUMNS = [
@@ -120,7 +120,7 @@ def _check_state(state: Path, settings: dict) -> None:
     if state.is_dir() and old != settings:
         shutil.rmtree(state)  # other options, or a state from a version that did not record them
     if not path.is_file():
-        atomic_write_text(path, json.dumps(settings, sort_keys=True) + "\n")
+        write_text(path, json.dumps(settings, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -170,7 +170,7 @@ def run(
     by_digest = {r.digest: row for r, row in zip(found.ok, done)}
     scrub = Scrubber(src, None)  # reasons name files relative to the source, as the source column does
     rows = [scrub.row(by_digest.get(r.digest, r.row())) for r in found.records]
-    write_csv(out, rows, COLUMNS, guard)
+    write_rows(out, rows, COLUMNS, guard)
     shutil.rmtree(state, ignore_errors=True)
     counts = status_counts(rows)
     return QCTResult(out, counts, rows)

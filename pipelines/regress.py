@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from hagan_clinic.errors import short_repr
-from hagan_clinic.io.files import Outputs, csv_safe_frame, make_folder, read_csv_table, regular_file
+from hagan_clinic.io.files import Outputs, csv_safe_frame, make_folder, read_csv_table, regular_file, write_text
 from hagan_clinic.regression import (
     MAX_SEED,
     Dataset,
@@ -37,8 +37,6 @@ from hagan_clinic.regression import (
     join_tables,
     outer_folds,
 )
-
-from .cohort import atomic_write_text
 
 
 @dataclass
@@ -338,8 +336,8 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
                                "patients": int(len(np.unique(data.ids)))}  # fmt: skip
         _check_finite(metrics)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
-        atomic_write_text(out / "predictions.csv", csv_safe_frame(preds).to_csv(index=False), guard)
+        write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
+        write_text(out / "predictions.csv", csv_safe_frame(preds).to_csv(index=False), guard)
         for name, s in metrics["targets"].items():  # the rows the title's R^2 is computed on
             _scatter(out / _plot_name(name), name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
                      preds.loc[scored[name], f"{name}_pred"].to_numpy(), s, guard)  # fmt: skip
@@ -399,5 +397,5 @@ def predict(
     if {"fev1pp", "fev1_fvc"} <= set(models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
         result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
-    atomic_write_text(Path(out), csv_safe_frame(result).to_csv(index=False), guard)
+    write_text(Path(out), csv_safe_frame(result).to_csv(index=False), guard)
     return result, notes

@@ -25,7 +25,7 @@ def _settings(root) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from hagan_clinic.checkpoint import training_record
+    from hagan_clinic.models.hagan import training_record
 
     root = tmp_path_factory.mktemp("augment")
     write_cohort(root / "cohort", n=24, seed=5, shape=(24, 48, 48), progress=False, extras=False)
@@ -61,7 +61,7 @@ def test_write_split_gives_the_gan_the_training_patients_only(cohort):
     table = pd.read_csv(cohort / "split" / "train_table.csv", dtype={"patient_id": str})
     train = set(split.loc[split["split"] == "train", "patient_id"])
     assert set(table["patient_id"]) == train and {"path", "series_uid", "label"} <= set(table.columns)
-    from hagan_clinic.checkpoint import training_record
+    from hagan_clinic.models.hagan import training_record
 
     record = training_record(cohort / "run" / "model.pt")
     assert set(record["patient_ids"]) == train and record["n_volumes"] == len(table)
@@ -93,9 +93,9 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
     and no synthetic volume is ever among them: checked on the arrays that reach the network in eval mode."""
     import hashlib
 
+    import hagan_clinic.pipelines.augment as aug
     import torch
 
-    import pipelines.augment as aug
     from hagan_clinic.config import load_config
     from hagan_clinic.preprocessing import decode_cache
 
@@ -130,10 +130,10 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
 
 def test_classical_augmentation_is_monai_seeded_and_flips_only_when_asked():
     import torch
+    from hagan_clinic.pipelines.augment import classical, classical_transform
     from monai.transforms import RandAffine, RandFlip
 
     from hagan_clinic.config import ClassicalConfig
-    from pipelines.augment import classical, classical_transform
 
     plain = classical_transform(ClassicalConfig(), 3)
     assert any(isinstance(t, RandAffine) for t in plain.transforms)

@@ -5,9 +5,9 @@ import pickle
 import pytest
 import torch
 
-from hagan_clinic.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from hagan_clinic.config import load_config
-from hagan_clinic.models.hagan import HAGAN
+from hagan_clinic.io.torch_files import CheckpointError
+from hagan_clinic.models.hagan import HAGAN, load_checkpoint, read_checkpoint
 
 
 def test_round_trip_restores_config_weights_and_outputs(tmp_path):

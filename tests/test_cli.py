@@ -194,7 +194,7 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
 
     import pandas as pd
 
-    from hagan_clinic.checkpoint import training_record
+    from hagan_clinic.models.hagan import training_record
 
     split = pd.read_csv(demo / "augment" / "split.csv", dtype={"patient_id": str})
     seen = set(training_record(demo / "run" / "model.pt")["patient_ids"])

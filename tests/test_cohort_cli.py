@@ -52,7 +52,7 @@ def test_qct_matches_truth_and_carries_no_names(cohort, tmp_path):
 
 
 def test_qct_resumes_from_its_state(cohort, tmp_path, monkeypatch):
-    import pipelines.qct as qct_pipeline
+    import hagan_clinic.pipelines.qct as qct_pipeline
 
     out = tmp_path / "qct.csv"
     calls, stop = [], [True]
@@ -138,7 +138,7 @@ def test_qct_writes_each_lung_mask_as_nifti(cohort, tmp_path):
 def test_qct_resumed_with_masks_writes_every_mask(cohort, tmp_path, monkeypatch):
     """A run killed after measuring (its state left behind) and resumed with --masks measures again rather than
     leaving the finished series without a mask."""
-    import pipelines.qct as qct_pipeline
+    import hagan_clinic.pipelines.qct as qct_pipeline
 
     out, masks = tmp_path / "qct.csv", tmp_path / "masks"
     with monkeypatch.context() as m:  # the kill: the state folder is never cleaned up

@@ -148,7 +148,7 @@ def test_reruns_formats_and_workers_give_the_same_numbers(capsys, cohort, checkp
 def test_an_interrupted_run_resumes_with_only_the_missing_batches(
     capsys, cohort, checkpoint, reference, monkeypatch, tmp_path
 ):
-    import pipelines.encode as encode_pipeline
+    import hagan_clinic.pipelines.encode as encode_pipeline
 
     out = tmp_path / "features.parquet"
     args = ("--checkpoint", str(checkpoint), "--batch-size", "2", *FAST)

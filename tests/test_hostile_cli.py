@@ -108,7 +108,7 @@ def test_a_full_disk_under_a_wrapped_error_is_still_named(capsys, monkeypatch, t
 def test_a_checkpoint_written_to_a_full_disk_names_the_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from hagan_clinic.checkpoint import atomic_torch_save
+    from hagan_clinic.io.torch_files import atomic_torch_save
 
     def full(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write through a file object raises
@@ -133,9 +133,9 @@ def test_a_file_that_is_missing_for_no_user_reason_stays_an_internal_error(capsy
 @pytest.mark.parametrize(
     ("args", "target", "advice"),
     [
-        (["generate", "--checkpoint", "m.pt", "--out", "o"], "hagan_clinic.checkpoint.load_checkpoint", "--slab"),
+        (["generate", "--checkpoint", "m.pt", "--out", "o"], "hagan_clinic.models.hagan.load_checkpoint", "--slab"),
         (["phantoms", "o"], "hagan_clinic.phantoms.write_cohort", "smaller --shape"),
-        (["regress", "--features", "f", "--clinical", "c", "--out", "o"], "pipelines.regress.run", None),
+        (["regress", "--features", "f", "--clinical", "c", "--out", "o"], "hagan_clinic.pipelines.regress.run", None),
         (["check-config", "tiny"], "hagan_clinic.config.load_config", None),
     ],
     ids=["generate", "phantoms", "regress", "check-config"],
@@ -178,7 +178,7 @@ def test_a_salt_with_bytes_that_are_no_utf8_reaches_the_pipeline(capsys, monkeyp
         seen["salt"] = opts.pseudonymize
         raise HaganError(f"stop here ({opts.pseudonymize})")
 
-    monkeypatch.setattr("pipelines.encode.run", fake_run)
+    monkeypatch.setattr("hagan_clinic.pipelines.encode.run", fake_run)
     salt = os.fsdecode(b"s\xffalt")
     code, _, err = run_cli(capsys, "encode", tmp_path, "--checkpoint", "m.pt", "--out", "f.csv", "--pseudonymize", salt,
                        "--no-tracking")  # fmt: skip

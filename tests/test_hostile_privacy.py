@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hagan_clinic.pipelines.encode import EncodeOptions, run
 
 from hagan_clinic.io.dicom_write import write_series
 from hagan_clinic.tracking import NullTracker
-from pipelines.encode import EncodeOptions, run
 
 SALT = "pepper-\udcff"  # a command line's way of passing the byte 0xff, which is not UTF-8
 SECRETS = ("DOE", "JOHN", "SMITH", "JANE")
@@ -112,7 +112,7 @@ MESSAGES = [
 
 @pytest.mark.parametrize("message", MESSAGES)
 def test_with_a_salt_no_name_nor_path_survives(message):
-    from pipelines.privacy import Scrubber, series_names
+    from hagan_clinic.pipelines.privacy import Scrubber, series_names
 
     scrub = Scrubber(ROOT, SALT)
     text = scrub.text(message, series_names(FILES, "DOE_JOHN/ct", ROOT))
@@ -121,7 +121,7 @@ def test_with_a_salt_no_name_nor_path_survives(message):
 
 
 def test_without_a_salt_paths_become_relative_and_words_stay():
-    from pipelines.privacy import Scrubber
+    from hagan_clinic.pipelines.privacy import Scrubber
 
     scrub = Scrubber(ROOT, None)
     assert scrub.text(MESSAGES[1]).endswith('file type of "SMITH_JANE/SMITH_JANE_ct.nii")')

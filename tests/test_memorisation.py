@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, write_volumes
+from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
 
-import hagan_clinic.checkpoint as checkpoint_module
+import hagan_clinic.models.hagan as checkpoint_module
 from hagan_clinic.metrics import memorisation_check
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.preprocessing import decode_cache
-from pipelines.evaluate import EvaluateOptions, run
 
 
 @pytest.fixture(scope="module")

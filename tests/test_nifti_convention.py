@@ -139,7 +139,7 @@ def test_dicom_and_independent_nifti_give_the_same_grid_qct_and_features(tmp_pat
 
 def test_training_reads_nifti_exactly_as_encode(tmp_path, dicom_scan):
     """A NIfTI file stored in another orientation (RAS) reaches the training loop as encode prepares it."""
-    from pipelines.encode import prepare_one
+    from hagan_clinic.pipelines.encode import prepare_one
 
     folder, hu = dicom_scan
     nii = tmp_path / "train" / "scan.nii.gz"
@@ -169,7 +169,7 @@ def test_generated_nifti_equals_model_generate_in_ras(tmp_path):
 
 
 def test_preprocess_nifti_views_sit_where_the_scan_is(tmp_path, dicom_scan):
-    from pipelines.preprocess import run
+    from hagan_clinic.pipelines.preprocess import run
 
     folder, hu = dicom_scan
     cfg = tiny_config("data.spacing_mm=[8, 8, 8]")
@@ -228,7 +228,7 @@ def _marker_world(img, threshold: float) -> np.ndarray:
 def test_preprocess_nifti_view_puts_the_marker_where_the_scan_has_it_to_a_fraction_of_a_voxel(tmp_path):
     """16 slices of 1 mm on a 1.5 mm grid become 11 slices 1.45 mm apart: the view's affine must say so, or the
     anatomy drifts by a fraction of a millimetre per voxel away from the origin."""
-    from pipelines.preprocess import run
+    from hagan_clinic.pipelines.preprocess import run
 
     d, h, w = 16, 48, 48
     hu = np.full((d, h, w), -1000.0, np.float32)
@@ -245,7 +245,7 @@ def test_preprocess_nifti_view_puts_the_marker_where_the_scan_has_it_to_a_fracti
 
 
 def test_oblique_source_view_claims_no_scanner_position(tmp_path):
-    from pipelines.preprocess import run
+    from hagan_clinic.pipelines.preprocess import run
 
     hu = marked_thorax((24, 48, 48))
     angle = np.deg2rad(15)
@@ -265,7 +265,7 @@ def test_oblique_source_view_claims_no_scanner_position(tmp_path):
 
 
 def test_training_on_a_cache_with_views_uses_each_scan_once(tmp_path, dicom_scan):
-    from pipelines.preprocess import run
+    from hagan_clinic.pipelines.preprocess import run
 
     folder, _ = dicom_scan
     cfg = tiny_config()

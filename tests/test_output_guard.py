@@ -185,11 +185,10 @@ def test_generate_and_import_never_replace_a_foreign_file(tmp_path, checkpoint, 
 
 def test_neutralised_cells_read_back_as_written(tmp_path):
     """IDs such as '-A12' must still join after a CSV round trip; so must the manifest's coordinate lists."""
-    from hagan_clinic.io.files import read_csv_table
-    from pipelines.cohort import write_csv
+    from hagan_clinic.io.files import read_csv_table, write_rows
 
     rows = [{"patient_id": "-A12", "grid_origin": "-180.5 -183.1 -330.0"}, {"patient_id": "=1+1", "grid_origin": ""}]
-    write_csv(tmp_path / "t.csv", rows, ["patient_id", "grid_origin"])
+    write_rows(tmp_path / "t.csv", rows, ["patient_id", "grid_origin"])
     assert "'-A12" in (tmp_path / "t.csv").read_text()  # what a spreadsheet sees: text
     back = read_csv_table(tmp_path / "t.csv", "table", dtype=str, keep_default_na=False)
     assert back.to_dict("records") == rows
@@ -228,9 +227,8 @@ def test_a_cache_or_table_made_before_outputs_were_recorded_is_still_ours(tmp_pa
 
 def test_coarse_grids_of_existing_models_still_load(tmp_path):
     """Checkpoints made before the config ranges (a 50 mm grid, a learning rate above 1) still load."""
-    from hagan_clinic.checkpoint import load_checkpoint
     from hagan_clinic.config import load_config
-    from hagan_clinic.models.hagan import HAGAN
+    from hagan_clinic.models.hagan import HAGAN, load_checkpoint
 
     cfg = load_config("tiny", ["data.spacing_mm=[50,50,50]", "train.lr_d=2.0"])
     HAGAN.from_config(cfg).save(tmp_path / "coarse.pt")
@@ -264,11 +262,10 @@ def test_an_edited_output_is_not_adopted_even_beside_its_state(tmp_path, checkpo
 
 
 def test_apostrophes_of_the_values_themselves_survive_the_round_trip(tmp_path):
-    from hagan_clinic.io.files import read_csv_table
-    from pipelines.cohort import write_csv
+    from hagan_clinic.io.files import read_csv_table, write_rows
 
     rows = [{"id": v} for v in ["'=y", "=y", "'x", "''", "-A1", "O'Brien"]]
-    write_csv(tmp_path / "t.csv", rows, ["id"])
+    write_rows(tmp_path / "t.csv", rows, ["id"])
     assert read_csv_table(tmp_path / "t.csv", "t", dtype=str, keep_default_na=False).to_dict("records") == rows
 
 
@@ -287,9 +284,9 @@ def test_qct_never_deletes_through_a_linked_state_folder(tmp_path, capsys):
 
 def test_augment_with_too_few_patients_says_so():
     import numpy as np
+    from hagan_clinic.pipelines.augment import split
 
     from hagan_clinic.config import load_config
-    from pipelines.augment import split
 
     labels, groups = np.array([0, 1, 0]), np.array(["a", "b", "c"])
     with pytest.raises(HaganError, match="too few"):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hagan_clinic.checkpoint import load_checkpoint
+from hagan_clinic.models.hagan import load_checkpoint
 from hagan_clinic.reference import ReferenceImportError, import_reference, import_reference_state_dicts
 
 try:

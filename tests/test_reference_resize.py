@@ -98,8 +98,9 @@ def test_generate_without_spacing_says_so(tmp_path):
 
 
 def test_encode_applies_the_reference_preprocessing(tmp_path):
+    from hagan_clinic.pipelines.encode import prepare_one
+
     from hagan_clinic.io.nifti import write_scan
-    from pipelines.encode import prepare_one
 
     rng = np.random.default_rng(1)
     hu = rng.uniform(-1100, 700, (20, 48, 40)).astype(np.float32)

@@ -235,7 +235,7 @@ def percent(tmp_path_factory):
 
 # ---------------------------------------------------------------- no torch
 def test_regression_modules_import_no_torch():
-    code = "import sys, hagan_clinic.regression, pipelines.regress; print('torch' in sys.modules)"
+    code = "import sys, hagan_clinic.regression, hagan_clinic.pipelines.regress; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from hagan_clinic.checkpoint import load_checkpoint
 from hagan_clinic.cli import main
 from hagan_clinic.config import Config, load_config
 from hagan_clinic.models.discriminator import DiscriminatorOutput
-from hagan_clinic.models.hagan import HAGAN
+from hagan_clinic.models.hagan import HAGAN, load_checkpoint
 from hagan_clinic.training import loop, losses
 from hagan_clinic.training.loop import PHASES, TrainingError, _low_res, _phase_loss, _requires_grad, train
 from hagan_clinic.training.state import load_state

@@ -1,4 +1,9 @@
-"""Publishing a finished temp file under its final name, with the permissions a plain ``open`` would give."""
+"""Every file the project writes goes through here: a temp file beside the target, renamed into place when complete
+(so a crash never leaves half a file that a resumed run would trust), with the permissions a plain ``open`` gives.
+
+:func:`atomic_target` is the one atomic writer; :func:`write_text`, :func:`write_json`, :func:`write_rows` and
+:func:`write_table` are its common uses. :class:`Outputs` guards what a command may write over.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +57,68 @@ def atomic_target(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str, guard: Outputs | None = None) -> None:
+    """Write ``text`` atomically (checked and recorded by ``guard`` when given: a command's user-facing outputs)."""
+    with guard.target(path) if guard is not None else atomic_target(path) as tmp:
+        Path(tmp).write_text(text, newline="")
+
+
+def write_json(path: str | os.PathLike, obj: object, guard: Outputs | None = None, **kwargs) -> None:
+    """``obj`` as JSON (indented, keys sorted unless ``sort_keys=False``), written atomically."""
+    import json
+
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("sort_keys", True)
+    write_text(path, json.dumps(obj, **kwargs) + "\n", guard)
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str], guard: Outputs | None = None) -> None:
+    """A CSV with exactly ``columns`` (missing values empty), written atomically. Text cells that a spreadsheet
+    would run as a formula (an ID such as ``=HYPERLINK(...)``) are written with a leading apostrophe."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else csv_safe(row.get(c)) for c in columns})
+    write_text(path, buf.getvalue(), guard)
+
+
+TABLE_FORMATS = ("csv", "parquet")
+
+
+def table_format(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The format a table is written in: ``fmt`` when given, else from the name (``.csv`` is CSV, ``.parquet`` or
+    ``.pq`` parquet). A name that says the other format than ``fmt`` is refused: a file called ``p.parquet`` that
+    holds CSV text would fool every reader."""
+    from hagan_clinic.errors import HaganError
+
+    suffix = Path(path).suffix.lower()
+    said = "csv" if suffix == ".csv" else "parquet" if suffix in (".parquet", ".pq") else None
+    if fmt is None:
+        if said is None:
+            raise HaganError(f"{path}: name a table .csv or .parquet, or give --format csv|parquet")
+        return said
+    if fmt not in TABLE_FORMATS:
+        raise HaganError(f"unknown table format '{fmt}' (use csv or parquet)")
+    if said is not None and said != fmt:
+        raise HaganError(f"{path}: the name says {said} but --format is {fmt}; give them one format")
+    return fmt
+
+
+def write_table(path: str | os.PathLike, table, fmt: str | None = None, guard: Outputs | None = None) -> None:
+    """A pandas DataFrame as CSV (spreadsheet-safe text cells, no index) or parquet, written atomically."""
+    fmt = table_format(path, fmt)
+    suffix = ".parquet" if fmt == "parquet" else ".csv"
+    with guard.target(path, suffix) if guard is not None else atomic_target(path, suffix) as tmp:
+        if fmt == "parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            csv_safe_frame(table).to_csv(tmp, index=False)
 
 
 # ---------------------------------------------------------------- spreadsheet-safe text cells

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import file_sha256
 from ..config import NUM_SLABS, Config
 from ..data import ShardedSampler, VolumeFolder
 from ..errors import HaganError
+from ..io.torch_files import file_sha256
 from ..models.hagan import HAGAN
 from ..tracking import NullTracker
 from . import losses

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_torch_save, load_untrusted
+from ..io.torch_files import CheckpointError, atomic_torch_save, load_untrusted
 
 STATE_FORMAT = "hagan-clinic-train-state"
 _NUMBERED = re.compile(r"^(state|snapshot)_(\d+)\.pt$")
