@@ -47,8 +47,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from hagan_clinic.config import CONFIG_DIR  # no torch: the parent process stays light (see above)
+from hagan_clinic.io.files import write_json, write_text
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model_bench.json"
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARK = "MODEL_BENCH_RESULT "
 MB = 1024.0  # ru_maxrss and /proc figures are in KiB on Linux
 MODES = ("one_pass", "slab", "reference", "encode")
@@ -81,6 +83,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from hagan_clinic.config import load_config
+    from hagan_clinic.devices import resolve_device
     from hagan_clinic.models.hagan import HAGAN, parameter_table
     from hagan_clinic.models.layers import UpConv3d
 
@@ -98,10 +101,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_"))},
         }
         if spec["device"].startswith("cuda"):
-            host["cuda_device"] = torch.cuda.get_device_name(torch.device(spec["device"]))
+            host["cuda_device"] = torch.cuda.get_device_name(resolve_device(spec["device"]))
         return {"host": host, "parameters": params}
 
-    dev = torch.device(spec["device"])
+    dev = resolve_device(spec["device"])
     cuda = dev.type == "cuda"
     cfg = load_config(spec["config"], spec["overrides"])
     model = HAGAN.from_config(cfg).eval().to(dev)
@@ -313,17 +316,6 @@ def _merge(paths: list[Path]) -> dict[str, Any]:
     return data
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="output sizes (default 128 256)")
@@ -347,11 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             ap.error("--merge needs --out")
         data = _merge(args.merge)
-        _write_json(args.out, data)
+        write_json(args.out, data, sort_keys=False)
         print(_table(data["results"], False))
         print(f"wrote {args.out}")
         if args.md:
-            args.md.write_text(_markdown(data["results"]))
+            write_text(args.md, _markdown(data["results"]))
             print(f"wrote {args.md}")
         return 0
 
@@ -364,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for s in sizes:
         config, overrides = f"paper_{s}", []
-        if args.quick or not (CONFIGS / f"{config}.yaml").exists():  # other sizes: base widths at size s
+        if args.quick or not (CONFIG_DIR / f"{config}.yaml").exists():  # other sizes: base widths at size s
             config, overrides = ("tiny" if args.quick else "base"), [f"model.size={s}"]
         modes = [("one_pass", None), *[(f"slab_{k}", k) for k in args.slabs], ("reference", None)]
         modes.append(("encode", None))
@@ -394,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     out = args.out or DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_quick" * args.quick)
-    _write_json(out, data)
+    write_json(out, data, sort_keys=False)
     print(_table(results, args.device.startswith("cuda")))
     print(f"wrote {out}")
     if args.md:
-        args.md.write_text(_markdown(results))
+        write_text(args.md, _markdown(results))
         print(f"wrote {args.md}")
     return 0
 

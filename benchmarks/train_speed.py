@@ -1,11 +1,11 @@
 """Benchmark one HA-GAN training iteration: time, peak memory, FLOPs and efficiency, written to JSON.
 
-One iteration is the loop body of ``hagan_clinic.training.loop.train``, built from its own pieces: a random
-real batch x in [-1, 1] of shape (B, 1, S, S, S), one slab start on the feature grid, ``model.select_image_slab``
-and ``_low_res``, then for each phase D, G, E^H, E^G: ``_requires_grad``, ``zero_grad``, ``_phase_loss`` under
-``_autocast``, the finiteness check and ``float(loss)``, ``GradScaler.scale(loss).backward()`` and the Adam step
-(optimisers and scalers made as ``train`` makes them); then ``_requires_grad(None)`` and, with ``train.ema``,
-``_ema_update``. Data loading, logging and checkpoints are left out.
+One iteration is ``hagan_clinic.training.loop.train_step`` on what ``hagan_clinic.training.build.build`` makes
+from the config (the model, its EMA copy with ``train.ema``, the optimisers, grad scalers and loss object that
+``train`` trains): a random real batch x in [-1, 1] of shape (B, 1, S, S, S), the phase inputs drawn by the loss
+object (slab start, S^H(x), x_low, latents), then for each phase D, G, E^H, E^G the loss under autocast, the
+finiteness check, the scaled backward and the Adam step; then the EMA update. Data loading, logging and
+checkpoints are left out.
 
 Each (config, precision, channels-last) runs in its own child process (``--worker``), so ``ru_maxrss`` marks
 never mix: ``peak_mb`` is the ``ru_maxrss`` rise from just after the model, optimisers and batch are built to
@@ -20,7 +20,6 @@ parent never imports torch (see model_bench.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -34,8 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_bench import _write_json  # noqa: E402  (the same atomic JSON write)
+from hagan_clinic.io.files import write_json
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_speed.json"
 MARK = "TRAIN_SPEED_RESULT "
@@ -48,13 +46,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from hagan_clinic.config import load_config
-    from hagan_clinic.models.hagan import HAGAN
-    from hagan_clinic.training import loop
-    from hagan_clinic.training.loop import PHASES
+    from hagan_clinic.devices import resolve_device
+    from hagan_clinic.training.build import build
+    from hagan_clinic.training.loop import train_step
+    from hagan_clinic.training.losses import PHASES
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    dev = torch.device(spec["device"])
+    dev = resolve_device(spec["device"])
     cuda = dev.type == "cuda"
     sets = [f"train.{k}={json.dumps(spec[k])}" for k in ("batch_size", "precision", "channels_last")]
     cfg = load_config(spec["config"], [*spec["overrides"], *sets])
@@ -64,19 +63,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     def sync() -> None:
         torch.cuda.synchronize(dev) if cuda else None
 
-    # ---- as in train(): model, optimisers, scalers, generator; a random real batch ---------------------------
-    model = HAGAN.from_config(cfg).to(dev).train()
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    # ---- as in train(): model, EMA, optimisers, scalers, loss, generator; a random real batch ------------------
+    parts = build(cfg, dev)
     if spec.get("literal_upsampling"):  # the reference's maths: nearest upsample, then conv3, side by side
         from hagan_clinic.models.layers import UpConv3d
 
-        for m in model.modules():
+        for m in parts.model.modules():
             if isinstance(m, UpConv3d):
                 m.phase_decomposed = False
-    ema = copy.deepcopy(model.G).eval().requires_grad_(False) if tc.ema else None
-    opts = loop.make_optimizers(model, tc)
-    scalers = {p: torch.amp.GradScaler(dev.type, enabled=tc.precision == "fp16") for p in PHASES}
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003)
     s = mcfg.size
     x = torch.rand((tc.batch_size, 1, s, s, s), generator=gen).mul_(2).sub_(1).to(dev)
@@ -95,7 +89,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 sync()
                 phase_times[phase] = time.perf_counter() - t0
 
-        loop.train_step(model, opts, scalers, tc, x, None, gen, ema=ema, phase_context=per_phase)
+        train_step(parts, x, None, gen, phase_context=per_phase)
 
     # ---- attainable matmul FLOP/s, in the run's dtype, timed right after each timed iteration ----------------
     def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> list[float]:
@@ -125,7 +119,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     mm: list[float] = []  # median matmul GFLOP/s right after each iteration: the host's speed at that moment
     for _ in range(spec["warmup"] + spec["repeats"]):
         sync()
-        t0, pt = time.perf_counter(), {}
+        pt: dict[str, float] = {}
+        t0 = time.perf_counter()
         iteration(phase_times=pt)
         sync()
         times.append(time.perf_counter() - t0)
@@ -222,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     common = {"threads": args.threads, "device": args.device, "warmup": args.warmup, "repeats": args.repeats}
     common.update(batch_size=args.batch_size, channels_last=args.channels_last, mm_size=args.mm_size)
     common["literal_upsampling"] = args.literal_upsampling
-    host = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()}
+    host: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "GOMP_"))}
     host.update(device=args.device, env=env, load_start=_load())
     runs = []
@@ -231,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{config} B={args.batch_size} {prec} ...", file=sys.stderr, flush=True)
             runs.append(_spawn({**common, "config": config, "overrides": [], "precision": prec}))
     host["load_end"] = _load()
-    data = {"benchmark": "train_speed", "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    data: dict[str, Any] = {
+        "benchmark": "train_speed",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     data.update(argv=sys.argv[1:] if argv is None else argv, warmup=args.warmup, repeats=args.repeats)
     data.update(quick=args.quick, host=host, runs=runs)
     out = args.out or DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_quick" * args.quick)
-    _write_json(out, data)
+    write_json(out, data, sort_keys=False)
     print(_table(runs, args.device.startswith("cuda")))
     print(f"wrote {out}")
     return 0 if all("error" not in r for r in runs) else 1

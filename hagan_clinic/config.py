@@ -1,9 +1,10 @@
 """Typed, frozen configuration loaded from YAML.
 
 A config file may name a parent with ``extends: other.yaml`` (resolved relative to the file); the child's keys
-are merged over the parent's, section by section. ``--set section.key=value`` overrides are applied last, their
-values parsed as YAML (so ``model.size=128`` is an int and ``data.window=[-1000,400]`` a list). Unknown keys and
-wrong types are rejected with a :class:`ConfigError` whose one-line message names the key.
+are merged over the parent's, section by section (files are read within bounds by :mod:`hagan_clinic.io.yaml_file`).
+``--set section.key=value`` overrides are applied last, their values parsed as YAML (so ``model.size=128`` is an int
+and ``data.window=[-1000,400]`` a list). Unknown keys and wrong types are rejected with a :class:`ConfigError` whose
+one-line message names the key.
 
 The model geometry that follows from the config (feature-map size, slab depth, number of upsampling stages) is
 derived here, once, so that no network carries a hidden constant.
@@ -21,6 +22,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import HaganError, one_line, short_repr
+from .io.yaml_file import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES  # the reader's bounds, named beside the others
+from .io.yaml_file import MAX_EXTENDS_DEPTH as MAX_EXTENDS_DEPTH
+from .io.yaml_file import MAX_YAML_VALUES as MAX_YAML_VALUES
+from .io.yaml_file import YamlFileError, parse_yaml, read_yaml
 
 #: The shipped configs (package data): ``load_config("tiny")`` finds them from any working folder.
 CONFIG_DIR = Path(str(resources.files("hagan_clinic").joinpath("configs")))
@@ -30,11 +35,6 @@ CONFIG_DIR = Path(str(resources.files("hagan_clinic").joinpath("configs")))
 #: assume a slab of S/8 slices), not a tunable.
 NUM_SLABS = 8
 
-#: Bounds on what reading a config may cost. A small YAML file can expand through aliases to gigabytes (the
-#: "billion laughs"), so the composed node graph is measured before anything is built from it.
-MAX_CONFIG_BYTES = 1 << 20
-MAX_YAML_VALUES = 100_000
-MAX_EXTENDS_DEPTH = 16
 MAX_SEED = 2**32 - 1  # numpy's and sklearn's seeds are 32-bit
 # The model grid's voxel spacing: finer than any clinical scan resamples a scan to billions of voxels; coarse grids
 # are legitimate for small models (a whole-body scan on a 32^3 grid needs voxels of 50 mm and more).
@@ -57,22 +57,26 @@ class ModelConfig(_Section):
 
     # the upper bounds keep a hostile or mistyped file from asking for a network no machine can hold; each is
     # many times the published model's value
-    size: int = Field(256, description="output edge S of the cubic volume (voxels): a power of two, 32 to 1024")
-    latent_dim: int = Field(1024, ge=1, le=65536, description="length of z (1 to 65536)")
-    num_classes: int = Field(0, ge=0, le=10000, description="0 for unconditional; C > 0 adds a one-hot label to z")
-    g_width: int = Field(32, ge=2, le=512, description="generator base width c: trunk 16c..2c, G^H c.., G^L c, c/2")
-    d_high_width: int = Field(512, ge=64, le=8192, description="D^H widest layer (the reference's 512)")
-    d_low_width: int = Field(256, ge=8, le=8192, description="D^L widest layer")
-    e_ground_width: int = Field(256, ge=8, le=8192, description="E^G widest layer")
-    norm_groups: int = Field(8, ge=1, le=512, description="GroupNorm groups in G and the encoders")
+    size: int = Field(default=256, description="output edge S of the cubic volume (voxels): a power of two, 32 to 1024")
+    latent_dim: int = Field(default=1024, ge=1, le=65536, description="length of z (1 to 65536)")
+    num_classes: int = Field(
+        default=0, ge=0, le=10000, description="0 for unconditional; C > 0 adds a one-hot label to z"
+    )
+    g_width: int = Field(
+        default=32, ge=2, le=512, description="generator base width c: trunk 16c..2c, G^H c.., G^L c, c/2"
+    )
+    d_high_width: int = Field(default=512, ge=64, le=8192, description="D^H widest layer (the reference's 512)")
+    d_low_width: int = Field(default=256, ge=8, le=8192, description="D^L widest layer")
+    e_ground_width: int = Field(default=256, ge=8, le=8192, description="E^G widest layer")
+    norm_groups: int = Field(default=8, ge=1, le=512, description="GroupNorm groups in G and the encoders")
     high_stages: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=8,
         description="x2 upsampling stages in G^H; default 2, and 3 for 512^3 (feature map capped at 64^3)",
     )
     encode_mode: Literal["slabs", "whole"] = Field(
-        "slabs", description="E^H per slab (as E^G is trained) or over the whole volume at once"
+        default="slabs", description="E^H per slab (as E^G is trained) or over the whole volume at once"
     )
 
     @property
@@ -151,38 +155,46 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """The data contract: how intensities and geometry map between the scanner's world and the model's."""
 
-    modality: Literal["CT", "MR"] = "CT"
+    modality: Literal["CT", "MR"] = Field(default="CT", description="CT (values in HU) or MR")
     window: tuple[float, float] = Field(
-        (-1024.0, 600.0), description="intensity range mapped to [-1, 1] (HU for CT, normalised units for MR)"
+        default=(-1024.0, 600.0), description="intensity range mapped to [-1, 1] (HU for CT, normalised units for MR)"
     )
     spacing_mm: tuple[float, float, float] | None = Field(
-        (1.5, 1.5, 1.5),
-        description="voxel spacing (x, y, z) in mm of the model's grid, each 0.1 to 20; null: unknown (resize: "
+        default=(1.5, 1.5, 1.5),
+        description="voxel spacing (x, y, z) in mm of the model's grid, each 0.1 to 100; null: unknown (resize: "
         "reference only)",
     )
     resize: Literal["spacing", "reference"] = Field(
-        "spacing",
+        default="spacing",
         description="spacing: body crop and resample to spacing_mm; reference: the reference implementation's "
         "preprocessing (drop blank axial slices, resize the whole scan to S^3), for imported weights",
     )
-    dir: str | None = Field(None, description="training data folder (.npy in [-1, 1], or NIfTI in scanner units)")
-    table: str | None = Field(None, description="CSV listing the volumes (a path column) and optional labels")
-    path_column: str = Field("path", description="column of `table` with file paths relative to `dir`")
-    label_column: str | None = Field(None, description="column of `table` with integer class labels")
+    dir: str | None = Field(
+        default=None, description="training data folder (.npy in [-1, 1], or NIfTI in scanner units)"
+    )
+    table: str | None = Field(default=None, description="CSV listing the volumes (a path column) and optional labels")
+    path_column: str = Field(default="path", description="column of `table` with file paths relative to `dir`")
+    label_column: str | None = Field(default=None, description="column of `table` with integer class labels")
     # reading a cohort
-    min_slices: int = Field(16, ge=2, le=10000, description="series with fewer slices are skipped")
+    min_slices: int = Field(default=16, ge=2, le=10000, description="series with fewer slices are skipped")
     irregular: Literal["refuse", "resample"] = Field(
-        "refuse", description="missing slices, uneven spacing, gantry tilt: refuse, or resample and mark the series"
+        default="refuse",
+        description="missing slices, uneven spacing, gantry tilt: refuse, or resample and mark the series",
     )
     # preprocessing to the model's grid
-    crop: Literal["body", "none"] = Field("body", description="crop to the body (largest object) before fitting")
+    crop: Literal["body", "none"] = Field(
+        default="body", description="crop to the body (largest object) before fitting"
+    )
     body_threshold: float = Field(
-        -500.0, ge=-2000, le=4000, description="CT: HU above which a voxel is body (for the crop), -2000 to 4000"
+        default=-500.0,
+        ge=-2000,
+        le=4000,
+        description="CT: HU above which a voxel is body (for the crop), -2000 to 4000",
     )
     mr_percentiles: tuple[float, float] = Field(
-        (0.5, 99.5), description="MR: body-intensity percentiles mapped to the window's bounds"
+        default=(0.5, 99.5), description="MR: body-intensity percentiles mapped to the window's bounds"
     )
-    cache_dtype: Literal["float16", "int16"] = Field("float16", description="dtype of cached volumes")
+    cache_dtype: Literal["float16", "int16"] = Field(default="float16", description="dtype of cached volumes")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -206,35 +218,52 @@ class TrainConfig(_Section):
     """The training loop. Defaults are the reference's (Sun et al. 2022) except where it had a defect."""
 
     # bounds: finite, positive where a zero or negative value means nothing, and far above any real run
-    iterations: int = Field(80000, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(4, ge=1, le=4096, description="volumes per step and per process")
-    lr_g: float = Field(1e-4, gt=0)
-    lr_d: float = Field(4e-4, gt=0)
-    lr_eh: float = Field(1e-4, gt=0)
-    lr_eg: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = Field((0.0, 0.999), description="Adam's betas, each in [0, 1)")
-    eps: float = Field(1e-8, gt=0, le=1)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 adds grad scaling")
-    channels_last: bool = Field(False, description="channels-last-3d memory format (helps on GPUs)")
-    checkpoint_every: int = Field(1000, ge=1, le=MAX_STEPS, description="iterations between snapshots and states")
-    keep_last: int = Field(3, ge=1, le=1000, description="snapshots and states kept besides the final one")
-    log_every: int = Field(50, ge=1, le=MAX_STEPS, description="iterations between metric logs and progress lines")
-    image_every: int = Field(1000, ge=0, le=MAX_STEPS, description="iterations between preview PNGs (0: at the end)")
-    d_loss: Literal["averaged", "separate"] = Field(
-        "averaged", description="averaged: one BCE on the mean of the D^H and D^L logits (reference)"
+    iterations: int = Field(default=80000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(default=4, ge=1, le=4096, description="volumes per step and per process")
+    lr_g: float = Field(default=1e-4, gt=0)
+    lr_d: float = Field(default=4e-4, gt=0)
+    lr_eh: float = Field(default=1e-4, gt=0)
+    lr_eg: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = Field(default=(0.0, 0.999), description="Adam's betas, each in [0, 1)")
+    eps: float = Field(default=1e-8, gt=0, le=1)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast dtype; fp16 adds grad scaling"
     )
-    d_high_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of D^H's BCE when d_loss is separate")
-    d_low_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of D^L's BCE when d_loss is separate")
-    class_weight_g: float = Field(0.1, ge=0, le=MAX_WEIGHT, description="weight of G's class loss (conditional)")
-    encoder_weight: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="weight of the E^H / E^G L1 losses")
-    r1_gamma: float = Field(0.0, ge=0, le=MAX_WEIGHT, description="R1 penalty weight on D's real inputs (0 = off)")
-    ema: bool = Field(False, description="keep an exponential moving average of G for sampling")
-    ema_decay: float = Field(0.999, gt=0, lt=1)
+    channels_last: bool = Field(default=False, description="channels-last-3d memory format (helps on GPUs)")
+    checkpoint_every: int = Field(
+        default=1000, ge=1, le=MAX_STEPS, description="iterations between snapshots and states"
+    )
+    keep_last: int = Field(default=3, ge=1, le=1000, description="snapshots and states kept besides the final one")
+    log_every: int = Field(
+        default=50, ge=1, le=MAX_STEPS, description="iterations between metric logs and progress lines"
+    )
+    image_every: int = Field(
+        default=1000, ge=0, le=MAX_STEPS, description="iterations between preview PNGs (0: at the end)"
+    )
+    d_loss: Literal["averaged", "separate"] = Field(
+        default="averaged", description="averaged: one BCE on the mean of the D^H and D^L logits (reference)"
+    )
+    d_high_weight: float = Field(
+        default=1.0, ge=0, le=MAX_WEIGHT, description="weight of D^H's BCE when d_loss is separate"
+    )
+    d_low_weight: float = Field(
+        default=1.0, ge=0, le=MAX_WEIGHT, description="weight of D^L's BCE when d_loss is separate"
+    )
+    class_weight_g: float = Field(
+        default=0.1, ge=0, le=MAX_WEIGHT, description="weight of G's class loss (conditional)"
+    )
+    encoder_weight: float = Field(default=1.0, ge=0, le=MAX_WEIGHT, description="weight of the E^H / E^G L1 losses")
+    r1_gamma: float = Field(
+        default=0.0, ge=0, le=MAX_WEIGHT, description="R1 penalty weight on D's real inputs (0 = off)"
+    )
+    ema: bool = Field(default=False, description="keep an exponential moving average of G for sampling")
+    ema_decay: float = Field(default=0.999, gt=0, lt=1)
     low_res: Literal["area", "nearest"] = Field(
-        "area", description="how x_low is made from x: area = antialiased mean (nearest: the reference's aliasing)"
+        default="area",
+        description="how x_low is made from x: area = antialiased mean (nearest: the reference's aliasing)",
     )
     max_nonfinite: int = Field(
-        10, ge=1, le=MAX_STEPS, description="abort after this many iterations in a row with a non-finite loss"
+        default=10, ge=1, le=MAX_STEPS, description="abort after this many iterations in a row with a non-finite loss"
     )
 
     @model_validator(mode="after")
@@ -246,9 +275,11 @@ class TrainConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow store; default sqlite:///<cwd>/mlruns/mlflow.db")
+    uri: str | None = Field(default=None, description="MLflow store; default sqlite:///<cwd>/mlruns/mlflow.db")
     experiment: str = "hagan-clinic"
-    register_model: str | None = Field("hagan-clinic", description="registered model name (null: do not register)")
+    register_model: str | None = Field(
+        default="hagan-clinic", description="registered model name (null: do not register)"
+    )
 
 
 ARMS = ("real", "real+synthetic", "real+classical", "real+synthetic+classical")
@@ -257,16 +288,20 @@ ARMS = ("real", "real+synthetic", "real+classical", "real+synthetic+classical")
 class ClassicalConfig(_Section):
     """Classical augmentation (MONAI random transforms), drawn afresh for every training volume and epoch."""
 
-    flip_lr: bool = Field(False, description="left-right flips (off: in a thorax the heart is on the left)")
-    rotate_deg: float = Field(5.0, ge=0, le=45, description="random rotation about each axis, up to +- degrees")
-    scale: float = Field(0.05, ge=0, lt=0.5, description="random zoom, up to +- this fraction per axis")
-    translate_vox: float = Field(2.0, ge=0, le=32, description="random shift, up to +- voxels per axis")
-    elastic: bool = Field(False, description="add a random elastic deformation (slower)")
-    elastic_sigma: tuple[float, float] = Field((5.0, 7.0), description="elastic smoothing range (voxels)")
-    elastic_magnitude: tuple[float, float] = Field((20.0, 40.0), description="elastic displacement range")
-    intensity_scale: float = Field(0.1, ge=0, lt=1, description="random intensity scaling, up to +- this fraction")
-    intensity_shift: float = Field(0.05, ge=0, lt=1, description="random intensity offset, up to +- (model units)")
-    noise_sd: float = Field(0.02, ge=0, lt=1, description="Gaussian noise sd (model units)")
+    flip_lr: bool = Field(default=False, description="left-right flips (off: in a thorax the heart is on the left)")
+    rotate_deg: float = Field(default=5.0, ge=0, le=45, description="random rotation about each axis, up to +- degrees")
+    scale: float = Field(default=0.05, ge=0, lt=0.5, description="random zoom, up to +- this fraction per axis")
+    translate_vox: float = Field(default=2.0, ge=0, le=32, description="random shift, up to +- voxels per axis")
+    elastic: bool = Field(default=False, description="add a random elastic deformation (slower)")
+    elastic_sigma: tuple[float, float] = Field(default=(5.0, 7.0), description="elastic smoothing range (voxels)")
+    elastic_magnitude: tuple[float, float] = Field(default=(20.0, 40.0), description="elastic displacement range")
+    intensity_scale: float = Field(
+        default=0.1, ge=0, lt=1, description="random intensity scaling, up to +- this fraction"
+    )
+    intensity_shift: float = Field(
+        default=0.05, ge=0, lt=1, description="random intensity offset, up to +- (model units)"
+    )
+    noise_sd: float = Field(default=0.02, ge=0, lt=1, description="Gaussian noise sd (model units)")
 
     @model_validator(mode="after")
     def _check(self) -> ClassicalConfig:
@@ -280,30 +315,30 @@ class ClassicalConfig(_Section):
 class AugmentConfig(_Section):
     """A downstream classifier trained on real volumes, with and without synthetic and classical augmentation."""
 
-    cache: str | None = Field(None, description="preprocess cache of the real volumes (manifest.csv inside)")
-    clinical: str | None = Field(None, description="table with the ID column and the label column")
+    cache: str | None = Field(default=None, description="preprocess cache of the real volumes (manifest.csv inside)")
+    clinical: str | None = Field(default=None, description="table with the ID column and the label column")
     id_column: str = "patient_id"
     label_column: str = "label"
-    checkpoint: str | None = Field(None, description="conditional HA-GAN checkpoint for the synthetic volumes")
-    arms: tuple[str, ...] = Field(("real", "real+synthetic", "real+classical"), description=f"any of {ARMS}")
+    checkpoint: str | None = Field(default=None, description="conditional HA-GAN checkpoint for the synthetic volumes")
+    arms: tuple[str, ...] = Field(default=("real", "real+synthetic", "real+classical"), description=f"any of {ARMS}")
     synthetic_ratio: float = Field(
-        1.0, gt=0, le=100, description="synthetic volumes per real training volume, per class"
+        default=1.0, gt=0, le=100, description="synthetic volumes per real training volume, per class"
     )
     seeds: tuple[Annotated[int, Field(ge=0, le=MAX_SEED)], ...] = Field(
-        (0, 1, 2), min_length=1, max_length=1000, description="classifier seeds per arm (the split is fixed)"
+        default=(0, 1, 2), min_length=1, max_length=1000, description="classifier seeds per arm (the split is fixed)"
     )
-    split_seed: int = Field(0, ge=0, le=MAX_SEED)
-    val_fraction: float = Field(0.2, gt=0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    val_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
     classifier: Literal["resnet10", "resnet18", "densenet121"] = "resnet10"
     downsample: int = Field(
-        1, ge=1, le=64, description="classifier input: volumes block-averaged by this factor per axis"
+        default=1, ge=1, le=64, description="classifier input: volumes block-averaged by this factor per axis"
     )
-    epochs: int = Field(10, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(8, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(default=10, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0)
     classical: ClassicalConfig = Field(default_factory=ClassicalConfig)
-    bootstrap: int = Field(1000, ge=100, le=100000, description="patient-bootstrap resamples of the test split")
+    bootstrap: int = Field(default=1000, ge=100, le=100000, description="patient-bootstrap resamples of the test split")
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -315,14 +350,68 @@ class AugmentConfig(_Section):
         return self
 
 
+class EncodeConfig(_Section):
+    """``hagan-clinic encode``: how series are read and encoded (the flags of the same names override these)."""
+
+    batch_size: int = Field(default=2, ge=1, le=4096, description="volumes per forward pass of E^H and E^G")
+    workers: int | None = Field(
+        default=None, ge=0, le=256, description="reader processes (0: read in the main process); null: the default rule"
+    )
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="autocast dtype of the encoder")
+
+
+class RegressConfig(_Section):
+    """``hagan-clinic regress``: what is regressed on the features, and how it is cross-validated."""
+
+    targets: tuple[str, ...] = Field(
+        default=("fev1pp", "fev1_fvc", "pct_emphysema"), min_length=1, description="clinical columns regressed"
+    )
+    log_targets: tuple[str, ...] = Field(
+        default=(), description="targets regressed on the log scale (as the paper did)"
+    )
+    id_column: str = Field(default="patient_id", description="column joining the feature and clinical tables")
+    gold_column: str | None = Field(default=None, description="GOLD stage column (0-4); null: 'gold' when present")
+    feature_regex: str = Field(default=r"z\d+", description="names of the feature columns (a regular expression)")
+    folds: int = Field(default=5, ge=2, le=1000, description="outer cross-validation folds, by patient")
+
+    @model_validator(mode="after")
+    def _check(self) -> RegressConfig:
+        unknown = [t for t in self.log_targets if t not in self.targets]
+        if unknown:
+            raise ValueError(f"regress.log_targets: '{unknown[0]}' is not one of regress.targets")
+        return self
+
+
+class EvaluateConfig(_Section):
+    """``hagan-clinic evaluate``: how many volumes are generated and what they are compared with."""
+
+    n: int = Field(default=512, ge=2, le=10**6, description="volumes generated (compared with every real volume)")
+    feature_net: str = Field(
+        default="encoder",
+        description="'encoder' (the model's own) or a local MedicalNet weights file (resnet_10.pth ...)",
+    )
+    measure: Literal["laa950_pct", "lung_volume_ml", "mean_hu"] = Field(
+        default="laa950_pct", description="what the latent direction should move"
+    )
+    batch_size: int = Field(default=4, ge=1, le=4096, description="volumes per generator or feature-net pass")
+    slab: int | None = Field(
+        default=None, ge=1, le=1024, description="generate this many feature slices at a time (null: whole)"
+    )
+
+
 class Config(_Section):
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    """A whole configuration: one section per concern (see :func:`markdown_table` for every key)."""
+
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of training, sampling and cross-validation")
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto (the commands' --device overrides it)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    regress: RegressConfig = Field(default_factory=RegressConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -339,6 +428,19 @@ class Config(_Section):
             "size": self.model.size,
             "resize": self.data.resize,
         }
+
+    def with_values(self, values: Mapping[str, Any], section: str | None = None) -> Config:
+        """This config with ``values`` (key -> value; None: not given, left as it is) set in ``section`` (None: the
+        top level), validated like a file: what a command's flags do to its config."""
+        given = {k: v for k, v in values.items() if v is not None}
+        if not given:
+            return self
+        data = self.to_dict()
+        if section is None:
+            data.update(given)
+        else:
+            data[section] = {**data[section], **given}
+        return Config.from_dict(data, source="options")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
@@ -366,16 +468,6 @@ def _first_error(err: ValidationError) -> str:
     return f"{key}: {msg} (got {short_repr(e.get('input'))})" if key else msg
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def resolve_path(path: str | Path) -> Path:
     """A config path as given, or a bare name ('tiny') looked up among the shipped configs (package data)."""
     try:
@@ -388,115 +480,6 @@ def resolve_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {short_repr(str(path), 120)}")
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader with the cost of aliases bounded.
-
-    An alias makes the composed node graph share a node instead of copying it, so a few hundred bytes can stand for
-    billions of values that only blow up later (validation, error messages, dumping). Before anything is
-    constructed, the values the document stands for are counted with aliases expanded (each shared node is counted
-    once per use, at the cost of one visit) and a document over MAX_YAML_VALUES is refused.
-    """
-
-    aliases = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-        return super().compose_node(parent, index)
-
-    def compose_document(self) -> yaml.Node | None:
-        node = super().compose_document()
-        if node is not None and _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
-            if self.aliases:
-                raise ConfigError(f"too many YAML aliases: they expand to over {MAX_YAML_VALUES} values (the limit)")
-            raise ConfigError(f"too many YAML values: over {MAX_YAML_VALUES} (the limit)")
-        return node
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """Values under ``node`` with every alias expanded, counted up to just past MAX_YAML_VALUES (the walk stops
-    there); raises ConfigError on an alias inside the node it names (a cycle)."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_nodes:
-        raise ConfigError("a YAML alias refers to a node that contains it")
-    open_nodes.add(key)
-    children: list[yaml.Node] = []
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    size = 1
-    for child in children:
-        size += _expanded_size(child, sizes, open_nodes)
-        if size > MAX_YAML_VALUES:
-            break
-    open_nodes.discard(key)
-    sizes[key] = size
-    return size
-
-
-def _parse_yaml(text: str) -> Any:
-    """YAML text to Python values through :class:`_BoundedLoader`; raises yaml.YAMLError on bad syntax and
-    ConfigError (without a source) on a document too large, too deep or with numbers too long to read."""
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain data only, never objects
-    except RecursionError:
-        raise ConfigError("YAML nested too deeply") from None
-    except ValueError as err:  # e.g. an integer of more digits than Python converts
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"a YAML value cannot be read ({one_line(err, 80)})") from None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{path.name}: cannot read ({err.strerror})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path.name}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few kB of text")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = "\0"
-    if "\0" in text:
-        raise ConfigError(f"{path.name}: not a text YAML file")
-    return text
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path.name}: 'extends' loops back to itself")
-    if len(seen) >= MAX_EXTENDS_DEPTH:
-        raise ConfigError(f"{path.name}: more than {MAX_EXTENDS_DEPTH} files in one chain of 'extends'")
-    text = _read_text(path)
-    try:
-        data = _parse_yaml(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path.name}: not valid YAML ({one_line(str(err).splitlines()[0], 120)})") from None
-    except ConfigError as err:
-        raise ConfigError(f"{path.name}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: top level must be a mapping of sections")
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent.strip():
-        raise ConfigError(f"{path.name}: extends must be a config file name, got {short_repr(parent)}")
-    try:
-        parent_path = path.parent / parent  # an absolute name replaces the folder
-        found = parent_path.is_file()
-    except (OSError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(f"{path.name}: extends {short_repr(parent)}, which is not a file")
-    return _deep_merge(_read_yaml(parent_path, (*seen, path)), data)
-
-
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML)."""
     for item in overrides:
@@ -505,10 +488,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {short_repr(item)}: expected section.key=value")
         try:
-            value = _parse_yaml(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        except ConfigError as err:
+        except YamlFileError as err:
             raise ConfigError(f"--set {one_line(key, 80)}: {err}") from None
         node = data
         *parents, leaf = key.split(".")
@@ -529,5 +512,76 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     Raises ConfigError with a one-line message naming the key on any problem.
     """
     p = resolve_path(path)
-    data = apply_overrides(_read_yaml(p), overrides)
+    try:
+        data = read_yaml(p)
+    except YamlFileError as err:  # the reader's message already names the file
+        raise ConfigError(str(err)) from None
+    data = apply_overrides(data, overrides)
     return Config.from_dict(data, source=p.name)
+
+
+# ---------------------------------------------------------------- the key table, generated from the models above
+#: The sections of the README's key table (the others are documented beside their commands: docs/training.md, ...).
+README_SECTIONS = ("seed", "device", "model", "data", "encode", "regress", "evaluate")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def config_keys(sections: Iterable[str] | None = None) -> list[tuple[str, Any, str]]:
+    """Every key of :class:`Config` as (dotted key, default, description), nested sections walked, in the models'
+    order; ``sections``: only these top-level names (a section or a top-level key such as ``seed``)."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(section: BaseModel, prefix: str) -> None:
+        for name, info in type(section).model_fields.items():
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{name}.")
+            else:
+                rows.append((prefix + name, value, info.description or ""))
+
+    default = Config()
+    for name in sections or Config.model_fields:
+        if name not in Config.model_fields:
+            raise ConfigError(f"no config section '{short_repr(name)}'")
+        value = getattr(default, name)
+        if isinstance(value, BaseModel):
+            walk(value, f"{name}.")
+        else:
+            rows.append((name, value, Config.model_fields[name].description or ""))
+    return rows
+
+
+def markdown_table(sections: Iterable[str] | None = README_SECTIONS) -> str:
+    """The config keys of ``sections`` (None: all) as a Markdown table: key, default, meaning (no final newline)."""
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{escape(_cell(v))}` | {escape(d)} |" for k, v, d in config_keys(sections)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hagan_clinic.config", description="The config's keys.")
+    parser.add_argument("--markdown", action="store_true", help="print the key table in Markdown (the README's)")
+    parser.add_argument("sections", nargs="*", help=f"top-level keys (default: {' '.join(README_SECTIONS)})")
+    args = parser.parse_args()
+    table = config_keys(args.sections or README_SECTIONS)
+    if args.markdown:
+        print(markdown_table(args.sections or README_SECTIONS))
+    else:
+        print("\n".join(f"{k} = {_cell(v)}  # {d}" for k, v, d in table))

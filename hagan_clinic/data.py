@@ -7,7 +7,8 @@ the data contract's preprocessing, rounded to float16 like the cache): a scan re
 training and in encoding. Preprocessing a NIfTI folder once with ``hagan-clinic preprocess`` gives the same
 volumes and saves that work at every epoch. The folder is checked once before training starts (.npy files from
 their headers; NIfTI scans by reading and preprocessing each, so that no scan can stop a run half way): a problem
-is reported with the file that has it. A preprocess cache given without a table trains on its manifest's ok rows.
+is reported with the file that has it. A preprocess cache given without a table trains on its manifest's ok rows;
+a cache made at other settings than the config's (data contract, crop, ...) is refused, with or without a table.
 
 The sampler shuffles with a generator seeded by (seed, epoch), so the order is a pure function of the seed and
 the position: resuming needs only (epoch, position). Under torchrun each rank reads a disjoint shard
@@ -23,10 +24,11 @@ import numpy as np
 
 from .config import Config
 from .errors import HaganError
+from .io.cache import load_grid, looks_like_cache, open_cache
 from .io.files import read_csv_table
 from .io.nifti import read_scan
 from .io.volume import SeriesError
-from .preprocessing import decode_cache, model_input
+from .preprocessing import model_input
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -85,9 +87,9 @@ class VolumeFolder:
     def load(self, index: int) -> np.ndarray:
         """Volume ``index`` as float32 (D, H, W) in [-1, 1]."""
         path = self.files[index]
-        if not _is_nifti(path):
-            return decode_cache(np.load(path))
         try:
+            if not _is_nifti(path):  # as the cache stores it: checked for shape, dtype and finite values
+                return load_grid(path, self.config.model.size, path.name)
             return model_input(read_scan(path, self.config.data.modality), self.config)
         except SeriesError as err:
             raise DataError(f"{path}: {err}") from None
@@ -121,22 +123,27 @@ class VolumeFolder:
 
 
 def _listing(cfg: Config, root: Path):
-    """(files, labels or None, (patient_id, series_uid) per file or None, the table's path or None)."""
+    """(files, labels or None, (patient_id, series_uid) per file or None, the table's path or None). A preprocess
+    cache as the folder must have been made at the config's settings (any other is refused in one line)."""
     conditional = cfg.model.num_classes > 0
+    cache = None
+    if looks_like_cache(root):
+        try:
+            cache = open_cache(root, cfg)
+        except HaganError as err:
+            raise DataError(str(err)) from None
     if cfg.data.table is None:
         if conditional:
             raise DataError("a conditional model needs data.table with data.label_column")
-        if (root / "cache.json").exists() and (root / "manifest.csv").exists():  # read checked: a FIFO is refused
-            # a preprocess cache: its volumes are the manifest's ok rows (not the --nifti views beside them)
-            import pandas as pd
-
-            manifest = read_csv_table(root / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
-            ok = manifest[manifest["status"] == "ok"]
-            files = [root / p for p in ok["path"]]
-            missing = [str(f) for f in files if not f.is_file()]  # a FIFO put there would block the reader
-            if missing:
-                raise DataError(f"{len(missing)} volume(s) of the cache are missing or not files, e.g. {missing[0]}")
-            return files, None, _ids(ok), root / "manifest.csv"
+        if cache is not None:  # its volumes are the manifest's ok rows (not the --nifti views beside them)
+            try:
+                cache.require_volumes()  # a FIFO put in a volume's place would block the reader
+            except HaganError as err:
+                raise DataError(str(err)) from None
+            files = [cache.path_of(i) for i in range(len(cache))]
+            named = bool(cache.manifest) and "patient_id" in cache.manifest[0]
+            ids = tuple((r["patient_id"], r.get("series_uid", "")) for r in cache.rows) if named else None
+            return files, None, ids, root / "manifest.csv"
         return sorted(p for p in root.rglob("*") if _is_volume(p)), None, None, None
     import pandas as pd
 

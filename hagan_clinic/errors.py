@@ -1,4 +1,5 @@
-"""The error type the command line turns into a one-line message and exit status 2.
+"""The error type the command line turns into a one-line message and exit status 2, and the one way of making a
+message one line: :func:`one_line` for text, :func:`describe` for an exception, :func:`short_repr` for a quoted value.
 
 Kept free of heavy imports so that the CLI can name it without loading torch.
 """
@@ -18,6 +19,14 @@ def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
     """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters with '...'."""
     flat = " ".join(str(text)[: 4 * limit].split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def describe(err: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """An exception as one line of at most ``limit`` characters: a HaganError by its message (written for the
+    user), anything else by its type and message (``ValueError: ...``), so that an unexpected failure is told
+    apart from a refusal."""
+    text = str(err) if isinstance(err, HaganError) else f"{type(err).__name__}: {err}"
+    return one_line(text, limit)
 
 
 def short_repr(value: object, limit: int = 60) -> str:

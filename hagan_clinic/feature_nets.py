@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HaganError
+from .errors import HaganError, one_line
 from .io.torch_files import CheckpointError, file_sha256, load_untrusted
 from .models.medicalnet import BLOCKS, MedicalNetResNet, is_bottleneck
 
@@ -91,7 +91,7 @@ def medicalnet(path: str | Path, device: str = "cpu") -> FeatureNet:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = " ".join(str(err).split())[:160]
+        first = one_line(err, 160)
         raise FeatureNetError(f"{path}: weights do not fit MedicalNet's ResNet-{depth} ({first})") from None
     net = net.to(device).eval()
 

@@ -323,7 +323,9 @@ def ms_ssim_3d(x: Any, y: Any, data_range: float = 2.0) -> float:
         spatial_dims=3, data_range=data_range, kernel_size=kernel, kernel_sigma=1.5, weights=weights
     )
     with torch.no_grad():
-        return float(metric(tx, ty).reshape(-1)[0])
+        result = metric(tx, ty)
+    assert isinstance(result, torch.Tensor)  # MONAI types a metric's result as a tensor or a sequence of tensors
+    return float(result.reshape(-1)[0])
 
 
 def ssim_3d(x: Any, y: Any, data_range: float = 2.0) -> float:
@@ -346,4 +348,6 @@ def ssim_3d(x: Any, y: Any, data_range: float = 2.0) -> float:
     kernel = min(_SSIM_KERNEL, side if side % 2 else side - 1)  # odd, so the window has a centre voxel
     metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=kernel, kernel_sigma=1.5)
     with torch.no_grad():
-        return float(metric(tx, ty).reshape(-1)[0])
+        result = metric(tx, ty)
+    assert isinstance(result, torch.Tensor)  # MONAI types a metric's result as a tensor or a sequence of tensors
+    return float(result.reshape(-1)[0])

@@ -20,7 +20,6 @@ def mid_slices_png(
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
     for ax_row, (label, vol) in zip(axes, rows):
         d, h, w = (s // 2 for s in vol.shape)
@@ -35,6 +34,5 @@ def mid_slices_png(
         with atomic_target(path, ".png") as tmp:
             fig.savefig(tmp, dpi=100)
     finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)  # pyplot keeps every open figure alive: a long run would accumulate them
     return path

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Config
+from .io.cache import decode_grid, encode_grid
 from .io.volume import SeriesError, Volume
 
 COARSE_MM = 4.0  # resolution of the body search
@@ -200,7 +201,9 @@ def to_model_grid(volume: Volume, cfg: Config) -> tuple[np.ndarray, GridInfo]:
     values = values[crop]
     if volume.valid is not None:  # no measurement counts as the window's floor (air), never as tissue
         values = np.where(volume.valid[crop], values, np.float32(lo)).astype(np.float32, copy=False)
-    target = tuple(float(s) for s in data.spacing_mm)
+    if data.spacing_mm is None:  # the config allows no spacing only with resize: reference (handled above)
+        raise SeriesError("data.spacing_mm is null: only data.resize: reference works without a spacing")
+    target = (float(data.spacing_mm[0]), float(data.spacing_mm[1]), float(data.spacing_mm[2]))
     resampled = resample(values, volume.spacing, target)
     if np.shares_memory(resampled, values) or np.shares_memory(resampled, volume.hu):
         resampled = resampled.copy()
@@ -214,7 +217,7 @@ def model_input(volume: Volume, cfg: Config) -> np.ndarray:
     """What the networks see of one scan, in training and in encoding alike: the model grid rounded as the
     cache stores it (float16), as float32 (S, S, S) in [-1, 1]."""
     grid, _ = to_model_grid(volume, cfg)
-    return decode_cache(encode_cache(grid, "float16"))
+    return decode_grid(encode_grid(grid, "float16"))
 
 
 def window_inplace(values: np.ndarray, window) -> np.ndarray:
@@ -225,17 +228,3 @@ def window_inplace(values: np.ndarray, window) -> np.ndarray:
     values *= np.float32(2.0 / (hi - lo))
     values -= np.float32(1.0)
     return values
-
-
-def encode_cache(grid: np.ndarray, dtype: str) -> np.ndarray:
-    """Model-range values as stored in the cache: float16, or int16 fixed point (x 32767)."""
-    if dtype == "int16":
-        return np.rint(np.clip(grid, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return grid.astype(np.float16)
-
-
-def decode_cache(stored: np.ndarray) -> np.ndarray:
-    """The inverse of encode_cache: float32 in [-1, 1]."""
-    if stored.dtype == np.int16:
-        return stored.astype(np.float32) / 32767.0
-    return np.clip(stored.astype(np.float32), -1.0, 1.0)

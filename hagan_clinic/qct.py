@@ -115,7 +115,7 @@ def _hull_rows(ys: np.ndarray, x0: np.ndarray, x1: np.ndarray, width: int) -> np
         bound = rhs / b
     lo = np.where(b < -1e-9, bound, -np.inf).max(axis=1)
     hi = np.where(b > 1e-9, bound, np.inf).min(axis=1)
-    flat_ok = np.where(np.abs(b) <= 1e-9, rhs >= 0, True).all(axis=1)
+    flat_ok = np.all(np.where(np.abs(b) <= 1e-9, rhs >= 0, True), axis=1)
     cols = np.arange(width)
     return (cols >= lo[:, None]) & (cols <= hi[:, None]) & flat_ok[:, None]
 
@@ -125,7 +125,7 @@ def _outer_contour(body: np.ndarray) -> np.ndarray:
     and closed along the cut where the field of view cuts the body. The couch or cushions it rests on lie outside.
     """
     out = np.zeros(body.shape, bool)
-    rows_any = body.any(axis=2)
+    rows_any = np.any(body, axis=2)
     width = body.shape[2]
     for k in np.nonzero(rows_any.any(axis=1))[0]:
         ys = np.nonzero(rows_any[k])[0]
@@ -158,7 +158,7 @@ def _body_air(hu: np.ndarray, valid: np.ndarray | None, spacing) -> tuple[np.nda
 
 def _midline(body: np.ndarray) -> np.ndarray:
     """Per axial slice, the x index (column) halfway across the body, float (D,), NaN where a slice has no body."""
-    cols = body.any(axis=1)
+    cols = np.any(body, axis=1)
     first = np.argmax(cols, axis=1).astype(float)
     last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)
     return np.where(cols.any(axis=1), (first + last) / 2, np.nan)
@@ -273,8 +273,8 @@ def _is_slab(region: np.ndarray, spacing) -> bool:
     all its slices), is at most SLAB_MAX_MM, and its median width more than three times that."""
     per_column = region.sum(axis=1)  # (slices, W): voxels along H in each column
     thick = float(np.median(per_column[per_column > 0])) * spacing[1]
-    cols = region.any(axis=1)
-    cols = cols[cols.any(axis=1)]
+    cols = np.any(region, axis=1)
+    cols = cols[np.any(cols, axis=1)]
     first = np.argmax(cols, axis=1)
     last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)
     wide = float(np.median(last - first + 1)) * spacing[0]
@@ -362,7 +362,7 @@ def _findings(mask: np.ndarray, body: np.ndarray, contour: np.ndarray, valid: np
     left = (per_column * (np.arange(w)[None] > mid[:, None])).sum() / max(per_column.sum(), 1)
     if min(left, 1 - left) < 0.1:
         found.append("one lung found: the mask lies on one side of the body")
-    edge = mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any()
+    edge = bool(mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any())
     if valid is not None and not edge:
         bad = ~valid
         edge = bool((mask & bad).any() or (mask[:, 1:] & bad[:, :-1]).any() or (mask[:, :-1] & bad[:, 1:]).any()

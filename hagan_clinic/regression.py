@@ -168,9 +168,11 @@ def join_tables(features: pd.DataFrame, clinical: pd.DataFrame, id_column: str, 
     join["feature_rows_dropped"] = int((~keep).sum())  # non-numeric or missing features
     merged, x = merged[keep].reset_index(drop=True), x[keep]
     qcols = [c for c in QCT_COLUMNS if c in features.columns]
-    qct = merged[qcols].apply(pd.to_numeric, errors="coerce").to_numpy(float) if qcols else None
-    for k, col in enumerate(qcols):
-        check_magnitude(qct[:, k], f"QCT column '{col}'")
+    qct = None
+    if qcols:
+        qct = merged[qcols].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+        for k, col in enumerate(qcols):
+            check_magnitude(qct[:, k], f"QCT column '{col}'")
     return Dataset(merged[id_column].to_numpy(str), x, cols, merged, qct, qcols, join)
 
 

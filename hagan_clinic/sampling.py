@@ -1,14 +1,16 @@
-"""Reproducible sampling of latent vectors and writing generated volumes to NIfTI."""
+"""Reproducible sampling of latent vectors and writing generated volumes to NIfTI (``hagan-clinic generate``)."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import HaganError
 from .io.files import Outputs, make_folder
 from .io.nifti import from_model_range, write_array
 from .models.hagan import HAGAN
@@ -85,3 +87,42 @@ def generate_to_nifti(
         writer.writeheader()
         writer.writerows(rows)
     return paths
+
+
+@dataclass
+class GenerateResult:
+    """The volumes ``generate`` wrote (with samples.csv beside them in ``out``)."""
+
+    paths: list[Path]
+    out: Path
+
+    def summary(self) -> str:
+        return f"wrote {len(self.paths)} volume(s) to {self.out}"
+
+
+def generate(
+    checkpoint: str | Path,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    label: int | None = None,
+    slab: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> GenerateResult:
+    """Load ``checkpoint`` on ``device`` (cpu, cuda, cuda:N or auto) and write ``n`` volumes to the folder ``out``
+    with :func:`generate_to_nifti`; a bad ``label`` is a HaganError (one line)."""
+    from .devices import resolve_device
+    from .io.logs import progress
+    from .models.hagan import load_checkpoint
+
+    model = load_checkpoint(checkpoint, device=str(resolve_device(device)))
+    guard = Outputs("generate", [checkpoint], overwrite)
+    try:
+        paths = generate_to_nifti(
+            model, n, out, seed=seed, label=label, slab=slab, guard=guard,
+            progress=lambda steps: progress(steps, "generate", "vol"),
+        )  # fmt: skip
+    except ValueError as err:
+        raise HaganError(str(err)) from None
+    return GenerateResult(paths, Path(out))

@@ -26,46 +26,63 @@ writes the split and the training part as a table, ``train`` learns the GAN from
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
-from hagan_clinic.io.files import Outputs, make_folder, read_csv_table, write_rows, write_text
+from hagan_clinic.io.cache import Cache, looks_like_cache, open_cache
+from hagan_clinic.io.files import Outputs, make_folder, read_csv_table, write_json, write_rows
 
-METRICS = ("accuracy", "balanced_accuracy", "auc")
+from .augment_arms import METRICS, bootstrap_differences, compare, train_arm
+
+log = logging.getLogger(__name__)
 
 
-def load_real(cfg: Config) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    """(volume paths, labels, patient ids) of the ok series of the cache that have a label."""
+@dataclass
+class Labelled:
+    """The labelled real volumes: ok rows ``index`` of the cache, with their labels (N,) and patient IDs (N,)."""
+
+    cache: Cache
+    index: list[int]
+    labels: np.ndarray
+    groups: np.ndarray
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.cache.path_of(i) for i in self.index]
+
+    def volumes(self) -> np.ndarray:
+        """(N, S, S, S) float16 in [-1, 1], each checked as the cache loads it (shape, dtype, finite values)."""
+        return np.stack([self.cache.load(i).astype(np.float16) for i in self.index])
+
+
+def load_real(cfg: Config) -> Labelled:
+    """The ok series of ``augment.cache`` that have a label in ``augment.clinical``. The cache must have been made
+    at the config's settings, and every ok row's volume be a regular file in it: HaganError in one line if not."""
     import pandas as pd
 
     a = cfg.augment
-    if not a.cache or not (Path(a.cache) / "manifest.csv").is_file():
+    if not a.cache or not looks_like_cache(Path(a.cache)):
         raise HaganError(f"augment.cache: no preprocess cache at '{a.cache}'")
     if not a.clinical or not Path(a.clinical).is_file():
         raise HaganError(f"augment.clinical: table not found: '{a.clinical}'")
-    manifest = read_csv_table(Path(a.cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
+    cache = open_cache(a.cache, cfg)
+    cache.require_volumes()  # a manifest may be edited or damaged: a FIFO or a path out of the cache is never opened
     clinical = read_csv_table(a.clinical, "clinical table", dtype={a.id_column: str})
     for col in (a.id_column, a.label_column):
         if col not in clinical.columns:
             raise HaganError(f"{a.clinical}: no column '{col}'")
-    rows = manifest[manifest["status"] == "ok"].merge(
-        clinical[[a.id_column, a.label_column]], left_on="patient_id", right_on=a.id_column
-    )
-    labels = pd.to_numeric(rows[a.label_column], errors="coerce")
-    rows, labels = rows[labels.notna()], labels[labels.notna()].astype(int).to_numpy()
+    ok = pd.DataFrame({"patient_id": [r.get("patient_id", "") for r in cache.rows], "_row": range(len(cache))})
+    rows = ok.merge(clinical[[a.id_column, a.label_column]], left_on="patient_id", right_on=a.id_column)
+    numeric = pd.to_numeric(rows[a.label_column], errors="coerce")
+    rows, labels = rows[numeric.notna()], numeric[numeric.notna()].astype(int).to_numpy()
     if len(np.unique(labels)) < 2:
         raise HaganError("augment needs at least two classes among the labelled volumes")
-    from .preprocess import cached_file
-
-    paths = [cached_file(Path(a.cache), p) for p in rows["path"]]
-    bad = [p for p, path in zip(rows["path"], paths) if path is None]
-    if bad:  # a manifest may be edited or damaged: a FIFO or a path out of the cache is never opened
-        raise HaganError(f"{len(bad)} volume(s) of {a.cache}/manifest.csv are missing, not regular files or outside "
-                         f"the cache, e.g. '{str(bad[0])[:80]}': preprocess again")  # fmt: skip
-    return paths, labels, rows["patient_id"].to_numpy(str)
+    return Labelled(cache, [int(i) for i in rows["_row"]], labels, rows["patient_id"].to_numpy(str))
 
 
 def split(labels: np.ndarray, groups: np.ndarray, cfg: Config) -> np.ndarray:
@@ -110,23 +127,23 @@ def write_split(cfg: Config, out: Path, overwrite: bool = False) -> tuple[Path, 
     guard = _guard(cfg, overwrite)
     for name in ("split.csv", "train_table.csv"):
         guard.check(out / name)
-    paths, labels, groups = load_real(cfg)
-    parts = split(labels, groups, cfg)
+    real = load_real(cfg)
+    parts = split(real.labels, real.groups, cfg)
     make_folder(out)
-    _write_split_csv(out / "split.csv", paths, labels, groups, parts, guard)
-    manifest = read_csv_table(Path(a.cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
-    train_paths = {str(p.relative_to(Path(a.cache))) for p, s in zip(paths, parts) if s == "train"}
-    label_of = {str(p.relative_to(Path(a.cache))): int(y) for p, y in zip(paths, labels)}
-    rows = manifest[manifest["path"].isin(train_paths)].copy()
-    rows[a.label_column] = [label_of[p] for p in rows["path"]]
-    write_rows(out / "train_table.csv", rows.to_dict("records"), list(rows.columns), guard)
+    _write_split_csv(out / "split.csv", real, parts, guard)
+    train = {i for i, part in zip(real.index, parts) if part == "train"}
+    label_of = {i: int(y) for i, y in zip(real.index, real.labels)}
+    rows = [{**row, a.label_column: label_of[i]} for i, row in enumerate(real.cache.rows) if i in train]
+    columns = [c for c in (real.cache.manifest[0] if real.cache.manifest else {}) if c != a.label_column]
+    columns.append(a.label_column)  # the label replaces a manifest column of that name
+    write_rows(out / "train_table.csv", rows, columns, guard)
     return out / "split.csv", out / "train_table.csv"
 
 
-def _write_split_csv(path: Path, paths, labels, groups, parts, guard: Outputs) -> None:
-    write_rows(path, [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
-                     for p, y, g, s in zip(paths, labels, groups, parts)],
-              ["patient_id", "path", "label", "split"], guard)  # fmt: skip
+def _write_split_csv(path: Path, real: Labelled, parts: np.ndarray, guard: Outputs) -> None:
+    rows = [{"patient_id": g, "path": str(p), "label": int(y), "split": s}
+            for p, y, g, s in zip(real.paths, real.labels, real.groups, parts)]  # fmt: skip
+    write_rows(path, rows, ["patient_id", "path", "label", "split"], guard)
 
 
 def _same_id(value) -> str:
@@ -134,7 +151,7 @@ def _same_id(value) -> str:
     return str(value).strip().casefold().lstrip("0") or "0"
 
 
-def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray, paths=(), cache=None) -> None:
+def check_no_leak(checkpoint: str | None, real: Labelled, parts: np.ndarray) -> None:
     """Refuse a GAN that saw a validation or test patient, or that cannot say what it saw. Overlap is looked for
     three ways: patient IDs (as ``_same_id`` compares them), series UIDs, and the volume files themselves."""
 
@@ -150,16 +167,15 @@ def check_no_leak(checkpoint: str | None, groups: np.ndarray, parts: np.ndarray,
     if not seen:
         raise HaganError(f"augment.checkpoint's training record names no patients (no patient_id column): {how}")
     held = parts != "train"
+    groups = real.groups
     overlap = sorted({g for g in groups[held] if _same_id(g) in seen})
     root = Path(record.get("data_dir", ""))
     seen_files = {str((root / f).resolve()) for f in record.get("files", [])}
     seen_series = set(record.get("series_uids") or []) - {""}
-    series_of: dict = {}
-    if cache is not None and (Path(cache) / "manifest.csv").is_file():
-        manifest = read_csv_table(Path(cache) / "manifest.csv", "manifest", dtype=str, keep_default_na=False)
-        series_of = {str((Path(cache) / p).resolve()): u for p, u in zip(manifest["path"], manifest["series_uid"])}
-    volumes = [str(Path(p).resolve()) for p, h in zip(paths, held) if h]
-    seen_volumes = [v for v in volumes if v in seen_files or series_of.get(v, "") in seen_series]
+    held_rows = [i for i, h in zip(real.index, held) if h]
+    volumes = [str(real.cache.path_of(i).resolve()) for i in held_rows]
+    series = [real.cache.rows[i].get("series_uid", "") for i in held_rows]
+    seen_volumes = [v for v, u in zip(volumes, series) if v in seen_files or (u and u in seen_series)]
     if overlap or seen_volumes:
         n_held = len(set(groups[held].tolist()))
         raise HaganError(
@@ -209,166 +225,6 @@ def synthesize(
     return x, y
 
 
-def classical_transform(c, seed: int):
-    """The classical augmentation as one MONAI Compose of random transforms on (1, D, H, W) volumes in [-1, 1],
-    seeded: the same seed draws the same sequence. Areas moved in from outside are air (the border value)."""
-    import math
-
-    from monai.transforms import (
-        Compose,
-        Rand3DElastic,
-        RandAffine,
-        RandFlip,
-        RandGaussianNoise,
-        RandScaleIntensity,
-        RandShiftIntensity,
-    )
-
-    rot = math.radians(c.rotate_deg)
-    steps = [RandAffine(prob=1.0, rotate_range=(rot,) * 3, scale_range=(c.scale,) * 3,
-                        translate_range=(c.translate_vox,) * 3, padding_mode="border")]  # fmt: skip
-    if c.elastic:
-        steps.append(Rand3DElastic(c.elastic_sigma, c.elastic_magnitude, prob=1.0, padding_mode="border"))
-    if c.flip_lr:
-        steps.append(RandFlip(prob=0.5, spatial_axis=2))  # W: the patient's right-left axis
-    steps += [RandScaleIntensity(c.intensity_scale, prob=1.0), RandShiftIntensity(c.intensity_shift, prob=1.0),
-              RandGaussianNoise(prob=1.0, std=c.noise_sd)]  # fmt: skip
-    return Compose(steps).set_random_state(seed=seed)
-
-
-def classical(x, transform):
-    """Classical augmentation of a batch (N, 1, D, H, W), one random draw per volume, clamped to [-1, 1]."""
-    import torch
-
-    out = [torch.as_tensor(transform(v), dtype=torch.float32) for v in x]
-    return torch.stack(out).clamp(-1, 1)
-
-
-def make_classifier(name: str, classes: int):
-    from monai.networks.nets import DenseNet121, resnet10, resnet18
-
-    if name == "densenet121":
-        return DenseNet121(spatial_dims=3, in_channels=1, out_channels=classes)
-    # a strided first convolution: the stem at full resolution dominated the cost, for no gain at 32^3-128^3
-    net = {"resnet10": resnet10, "resnet18": resnet18}[name]
-    return net(spatial_dims=3, n_input_channels=1, num_classes=classes, conv1_t_stride=2)
-
-
-def scores(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean recall over the classes present) and AUC (NaN with one class present)."""
-    pred = prob.argmax(1)
-    classes = np.unique(y)
-    balanced = float(np.mean([np.mean(pred[y == c] == c) for c in classes]))
-    if len(classes) < 2:
-        auc = float("nan")
-    elif prob.shape[1] == 2:  # the Mann-Whitney form of the AUC, ties counted half
-        pos, neg = prob[y == 1, 1], prob[y != 1, 1]
-        auc = float(
-            ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size)
-        )
-    else:
-        from sklearn.metrics import roc_auc_score
-
-        auc = float(roc_auc_score(y, prob, multi_class="ovr", labels=list(range(prob.shape[1]))))
-    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": balanced, "auc": auc}
-
-
-def train_arm(arm: str, seed: int, data: dict, cfg: Config, device: str = "cpu") -> dict:
-    """Train one classifier on ``device``; the best validation epoch is scored on the test split. The result
-    holds the test-split probabilities (``test_prob``) for the patient bootstrap."""
-    import torch
-
-    a = cfg.augment
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    transform = classical_transform(a.classical, seed) if "classical" in arm else None
-    x, y = data["train_x"], data["train_y"]
-    if "synthetic" in arm:
-        x, y = np.concatenate([x, data["syn_x"]]), np.concatenate([y, data["syn_y"]])
-    x, y = torch.from_numpy(x.astype(np.float32))[:, None], torch.from_numpy(y).long()
-    classes = int(max(data["train_y"].max(), data["test_y"].max())) + 1
-    net = make_classifier(a.classifier, classes).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=a.lr)
-
-    def predict(vols: np.ndarray) -> np.ndarray:
-        net.eval()
-        with torch.no_grad():
-            logits = torch.cat([net(torch.from_numpy(vols[i : i + a.batch_size].astype(np.float32))[:, None]
-                                    .to(device)).float().cpu() for i in range(0, len(vols), a.batch_size)])  # fmt: skip
-        return torch.softmax(logits, 1).numpy()
-
-    best, best_state = -1.0, None
-    for _ in range(a.epochs):
-        net.train()
-        order = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), a.batch_size):
-            idx = order[i : i + a.batch_size]
-            xb = classical(x[idx], transform) if transform is not None else x[idx]
-            loss = torch.nn.functional.cross_entropy(net(xb.to(device)), y[idx].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        val = scores(data["val_y"], predict(data["val_x"]))["balanced_accuracy"]
-        if val > best:
-            best, best_state = val, {k: v.clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best_state)
-    prob = predict(data["test_x"])
-    return {"val_balanced_accuracy": best, **scores(data["test_y"], prob),
-            "train_volumes": int(len(y)), "synthetic_volumes": int(len(y) - len(data["train_y"])),
-            "test_prob": prob}  # fmt: skip
-
-
-def bootstrap_differences(results: list[dict], arms, test_y, test_groups, n_boot: int, seed: int) -> dict:
-    """{arm: {metric: [lo, hi]}}: 95 % patient-bootstrap interval, over the test split, of the seed-averaged
-    difference of each arm from 'real' (same resampled patients for both; resamples where the AUC is undefined,
-    one class only, are left out of the AUC's interval)."""
-    rng = np.random.default_rng(seed)
-    seeds = sorted({r["seed"] for r in results})
-    prob = {(r["arm"], r["seed"]): r["test_prob"] for r in results}
-    uniq, inverse = np.unique(test_groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    diffs: dict = {arm: {m: [] for m in METRICS} for arm in arms if arm != "real"}
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
-        y = test_y[rows]
-        base = [scores(y, prob[("real", s)][rows]) for s in seeds]
-        for arm in diffs:
-            other = [scores(y, prob[(arm, s)][rows]) for s in seeds]
-            for m in METRICS:
-                d = np.mean([o[m] - b[m] for o, b in zip(other, base)])
-                if np.isfinite(d):
-                    diffs[arm][m].append(d)
-    return {arm: {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [None, None]
-                  for m, v in per.items()} for arm, per in diffs.items()}  # fmt: skip
-
-
-def compare(results: list[dict], arms, boot: dict | None = None) -> list[dict]:
-    """Per arm: mean and sd over seeds; the paired difference from 'real' with a 95 % t-interval over seeds, and
-    (``boot``) the patient-bootstrap interval of the test split."""
-    from scipy import stats
-
-    table = []
-    by = {(r["arm"], r["seed"]): r for r in results}
-    seeds = sorted({r["seed"] for r in results})
-    for arm in arms:
-        row = {"arm": arm, "seeds": len(seeds)}
-        for m in METRICS:
-            values = np.array([by[(arm, s)][m] for s in seeds])
-            row[f"{m}_mean"] = float(values.mean())
-            row[f"{m}_sd"] = float(values.std(ddof=1)) if len(seeds) > 1 else 0.0
-            if arm != "real":
-                diff = values - np.array([by[("real", s)][m] for s in seeds])
-                half = float("nan")
-                if len(diff) > 1:
-                    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
-                row[f"{m}_diff"] = float(diff.mean())
-                row[f"{m}_diff_ci"] = [float(diff.mean() - half), float(diff.mean() + half)]
-                if boot is not None:
-                    row[f"{m}_diff_boot_ci"] = boot[arm][m]
-        table.append(row)
-    return table
-
-
 def _examples_png(path: Path, data: dict) -> None:
     from hagan_clinic.plots import mid_slices_png
 
@@ -380,8 +236,42 @@ def _examples_png(path: Path, data: dict) -> None:
     mid_slices_png(rows, path, "real and synthetic training volumes per class")
 
 
-def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bool = False) -> list[dict]:
-    from hagan_clinic.preprocessing import decode_cache
+@dataclass
+class AugmentResult:
+    table: list[dict]  # per arm: means, sds and differences from 'real' (comparison.json)
+    out: Path
+
+    def summary(self) -> str:
+        """What ``hagan-clinic augment`` prints: each arm's scores, its difference from 'real', and the folder."""
+        lines = []
+        for row in self.table:
+            text = ", ".join(f"{m} {row[m + '_mean']:.3f} +- {row[m + '_sd']:.3f}" for m in METRICS)
+            if "auc_diff" in row:
+                lo, hi = row["balanced_accuracy_diff_ci"]
+                blo, bhi = row["balanced_accuracy_diff_boot_ci"]
+                text += (f"; balanced accuracy vs real {row['balanced_accuracy_diff']:+.3f} (seeds [{lo:+.3f}, "
+                         f"{hi:+.3f}]; test patients [{_signed(blo)}, {_signed(bhi)}])")  # fmt: skip
+            lines.append(f"{row['arm']}: {text}")
+        return "\n".join([*lines, f"written to {self.out}"])
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _downsample(data: dict, f: int, size: int) -> None:
+    """Every (N, S, S, S) array of ``data`` block-averaged by ``f`` in place: a coarser, cheaper classifier input."""
+    if size % f:
+        raise HaganError(f"augment.downsample {f} does not divide the grid size {size}")
+    for key in [k for k in data if k.endswith("_x")]:
+        x = data[key].astype(np.float32)
+        n, s = x.shape[0], size // f
+        data[key] = x.reshape(n, s, f, s, f, s, f).mean(axis=(2, 4, 6)).astype(np.float16)
+
+
+def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bool = False) -> AugmentResult:
+    """Every (arm, seed) of ``cfg.augment`` on one split of the cache's labelled volumes; split.csv, results.csv,
+    comparison.json, examples.png (and synthetic.npz) in ``out``."""
     from hagan_clinic.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -390,26 +280,21 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
     for name in ("split.csv", "results.csv", "comparison.json", "examples.png", "synthetic.npz"):
         guard.check(out / name)  # before any work
     make_folder(out)
-    paths, labels, groups = load_real(cfg)
+    real = load_real(cfg)
+    labels, groups = real.labels, real.groups
     parts = split(labels, groups, cfg)
     if any("synthetic" in arm for arm in a.arms):
-        check_no_leak(a.checkpoint, groups, parts, paths, a.cache)  # before any work: a leak invalidates every number
-    _write_split_csv(out / "split.csv", paths, labels, groups, parts, guard)
-    vols = np.stack([decode_cache(np.load(p)).astype(np.float16) for p in paths])
+        check_no_leak(a.checkpoint, real, parts)  # before any work: a leak invalidates every number
+    _write_split_csv(out / "split.csv", real, parts, guard)
+    vols = real.volumes()
     data = {f"{s}_{k}": v[parts == s] for s in ("train", "val", "test") for k, v in (("x", vols), ("y", labels))}
     if any("synthetic" in arm for arm in a.arms):
         counts = {int(c): int(round(a.synthetic_ratio * (data["train_y"] == c).sum())) for c in np.unique(labels)}
         data["syn_x"], data["syn_y"] = synthesize(cfg, counts, out, guard)
     _examples_png(out / "examples.png", data)
     guard.record(out / "examples.png")
-    f = a.downsample
-    if f > 1:  # a coarser classifier input: the same volumes, block-averaged (cheaper on a CPU)
-        if cfg.model.size % f:
-            raise HaganError(f"augment.downsample {f} does not divide the grid size {cfg.model.size}")
-        for key in [k for k in data if k.endswith("_x")]:
-            x = data[key].astype(np.float32)
-            n, s = x.shape[0], cfg.model.size // f
-            data[key] = x.reshape(n, s, f, s, f, s, f).mean(axis=(2, 4, 6)).astype(np.float16)
+    if a.downsample > 1:
+        _downsample(data, a.downsample, cfg.model.size)
     results = []
     with tracker.run("augment", tags={"stage": "augment"}):
         tracker.log_params({"arms": ",".join(a.arms), "seeds": ",".join(map(str, a.seeds)),
@@ -417,7 +302,7 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
                             **{f"n_{s}": int((parts == s).sum()) for s in ("train", "val", "test")}})  # fmt: skip
         for arm in a.arms:
             for seed in a.seeds:
-                print(f"augment: arm {arm}, seed {seed}", flush=True)
+                log.info("augment: arm %s, seed %s", arm, seed)
                 with tracker.run(f"{arm} seed {seed}", tags={"arm": arm, "seed": str(seed)}):
                     r = train_arm(arm, seed, data, cfg, device)
                     tracker.log_metrics({k: float(v) for k, v in r.items() if k != "test_prob"})
@@ -427,7 +312,7 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
         table = compare(results, a.arms, boot)
         write_rows(out / "results.csv", results, ["arm", "seed", *METRICS, "val_balanced_accuracy", "train_volumes",
                                                   "synthetic_volumes"], guard)  # fmt: skip
-        write_text(out / "comparison.json", json.dumps(table, indent=2) + "\n", guard)
+        write_json(out / "comparison.json", table, guard, sort_keys=False)
         for row in table:
             name = row["arm"].replace("+", "_")  # MLflow metric names take no '+'
             tracker.log_metrics({f"{name}.{k}": v for k, v in row.items() if isinstance(v, float)})
@@ -436,4 +321,4 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
                     tracker.log_metrics({f"{name}.{k}_low": v[0], f"{name}.{k}_high": v[1]})
         for name in ("split.csv", "results.csv", "comparison.json", "examples.png"):
             tracker.log_artifact(out / name)
-    return table
+    return AugmentResult(table, out)

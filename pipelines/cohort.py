@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hagan_clinic.errors import HaganError
+from hagan_clinic.errors import HaganError, describe
 from hagan_clinic.io.cohort import SeriesRecord
 from hagan_clinic.io.files import make_folder, regular_file, write_text
 
@@ -29,6 +28,11 @@ def status_counts(rows: list[dict]) -> dict[str, int]:
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return counts
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """'10 ok, 1 skipped, 0 failed': the counts as a command's summary line starts."""
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
 
 
 def _init_worker(threads: int) -> None:
@@ -170,8 +174,7 @@ class WorkerPool:
 
 # ---------------------------------------------------------------- one function over a cohort
 def _failure(record: SeriesRecord, err: BaseException) -> dict:
-    reason = str(err) if isinstance(err, HaganError) else f"{type(err).__name__}: {err}"
-    return {**record.row(), "status": "failed", "reason": " ".join(reason.split())[:300]}
+    return {**record.row(), "status": "failed", "reason": describe(err)}
 
 
 class OutputFailed(HaganError):
@@ -204,7 +207,7 @@ def run_series(
     Rows start from ``record.row()``; ``fn`` adds or overrides columns (status 'ok' unless it says otherwise).
     An exception inside ``fn`` becomes status 'failed' with the message as the reason.
     """
-    from tqdm import tqdm
+    from hagan_clinic.io.logs import progress_bar
 
     records = list(records)
     make_folder(state_dir)
@@ -216,8 +219,8 @@ def run_series(
             rows[r.digest] = row
         else:
             todo.append(r)
-    quiet = None if progress else True  # None: a bar on terminals only, none in logs
-    bar = tqdm(total=len(records), initial=len(rows), desc=desc, unit="series", file=sys.stderr, disable=quiet)
+    # a bar on terminals only, none in logs nor under --quiet
+    bar = progress_bar(len(records), desc, "series", initial=len(rows), **({} if progress else {"disable": True}))
     failed = 0
 
     def finish(record: SeriesRecord, row: dict) -> None:
@@ -254,7 +257,8 @@ def _finished_row(path: Path) -> dict | None:
 def _in_workers(todo: list[SeriesRecord], fn: Callable, workers: int, finish: Callable) -> None:
     """``finish(record, row)`` for each record of ``todo``, read by ``workers`` processes; a worker that dies fails
     the series it held only (see :class:`WorkerPool`)."""
-    queue, pending = deque(todo), {}
+    queue = deque(todo)
+    pending: dict[Task, SeriesRecord] = {}
     with WorkerPool(workers, max(1, (os.cpu_count() or 1) // workers)) as pool:
         while queue or pending:
             while queue and len(pending) < 2 * workers:  # a few in flight: few to run again after a death

@@ -20,42 +20,56 @@ and that its evaluation is honest, not what a trained model achieves. The summar
 
 from __future__ import annotations
 
+import logging
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from hagan_clinic.config import Config
+from hagan_clinic.errors import HaganError
+from hagan_clinic.io.cache import open_cache
+from hagan_clinic.io.files import make_folder, write_table
+
+log = logging.getLogger(__name__)
 
 N_PATIENTS = 60
 N_HELDOUT = 20
 
 
-def grid_lung_density(cache: Path, manifest: Path, cfg):
+def grid_lung_density(cache_dir: Path, cfg: Config):
     """Per patient, the mean HU inside the lungs of its volume on the model's grid (QCT's lung mask on the grid),
     NaN where no lung is found there: a measure of what the grid itself can see. A pandas DataFrame."""
     import pandas as pd
 
-    from hagan_clinic.io.files import read_csv_table
     from hagan_clinic.io.nifti import from_model_range
-    from hagan_clinic.preprocessing import decode_cache
     from hagan_clinic.qct import QCTError, measure_with_mask
 
-    rows = read_csv_table(manifest, "manifest", dtype=str, keep_default_na=False)
-    rows = rows[rows["status"] == "ok"]
+    cache = open_cache(cache_dir, cfg)
+    spacing = _spacing(cfg)
     values = []
-    for pid, rel in zip(rows["patient_id"], rows["path"]):
-        hu = from_model_range(decode_cache(np.load(cache / rel)), cfg.data.window)
+    for i, row in enumerate(cache.rows):
+        hu = from_model_range(cache.load(i), cfg.data.window)
         body = np.flatnonzero((hu > -500).any(axis=(1, 2)))  # the scan's slices, without the grid's air padding
         value = float("nan")
         if body.size:
             hu = hu[body[0] : body[-1] + 1]
             try:
-                _, mask = measure_with_mask(hu, tuple(cfg.data.spacing_mm))
+                _, mask = measure_with_mask(hu, spacing)
                 value = float(hu[mask].mean())
             except QCTError:
                 pass
-        values.append({"patient_id": pid, "grid_lung_density_hu": value})
+        values.append({"patient_id": row.get("patient_id", ""), "grid_lung_density_hu": value})
     return pd.DataFrame(values).groupby("patient_id", as_index=False).mean()
+
+
+def _spacing(cfg: Config) -> tuple[float, float, float]:
+    """The demo's grid spacing (x, y, z) in mm: its configs always set one."""
+    if cfg.data.spacing_mm is None:
+        raise HaganError("the demo needs a grid with a spacing (data.spacing_mm)")
+    return cfg.data.spacing_mm
 
 
 def _phantom_cohort(folder: Path, **params):
@@ -79,7 +93,36 @@ def _phantom_cohort(folder: Path, **params):
     return table
 
 
-def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
+@dataclass
+class DemoResult:
+    stages: list[tuple[str, str, str]]  # (stage, what it gave, where its artifacts are)
+    minutes: float
+    grid_note: str  # what the grid can see of %emphysema
+    checkpoint: Path
+    tracking_uri: str | None  # None without tracking
+
+    def summary(self) -> str:
+        """What ``hagan-clinic demo`` prints: a table of the stages, what the demo shows and cannot show, and where
+        to browse the runs."""
+        width = max(len(s[1]) for s in self.stages)
+        lines = [f"{'stage':<9} {'result':<{width}}  artifacts"]
+        lines += [f"{stage:<9} {text:<{width}}  {where}" for stage, text, where in self.stages]
+        lines.append(
+            f"\nDone in {self.minutes:.1f} min. What this shows: scanner files -> preprocessing -> "
+            "training -> generation -> features -> clinical regression -> augmentation -> evaluation,\n"
+            "tracked end to end. What it cannot show: the phantoms are simple anatomy, and a few minutes of training\n"
+            "learn little, so the deep features are not expected to beat QCT here, and FID from the model's own "
+            "encoder\nis lenient. A test split of 12 phantoms cannot show an augmentation effect either way. Nothing "
+            "was tuned\nto look good."
+        )
+        lines.append("\n" + textwrap.fill(self.grid_note, 115))
+        if self.tracking_uri:
+            lines.append(f"\nBrowse the runs: mlflow ui --backend-store-uri {self.tracking_uri}")
+        return "\n".join(lines)
+
+
+def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
+    """The seven stages on the phantom cohort, in ``out`` (a re-run reuses its cohort and resumes its training)."""
 
     from hagan_clinic.config import CONFIG_DIR, load_config
     from hagan_clinic.io.nifti import read_scan, to_model_range
@@ -95,7 +138,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
     from . import preprocess as preprocess_stage
     from . import regress as regress_stage
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     overrides = ["model.size=32", "data.spacing_mm=[12, 12, 12]", "train.iterations=60"] if fast else []
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides)
     shape = (32, 64, 64) if fast else (96, 128, 128)
@@ -108,7 +151,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
 
         # ---- 1. data: phantom DICOM cohort, and its preprocessed cache --------------------------------------
         with tracker.run("data", nested=True):
-            print("[1/7] phantom cohort and preprocessing", flush=True)
+            log.info("[1/7] phantom cohort and preprocessing")
             cohort, cache = out / "cohort", out / "cache"
             clinical = _phantom_cohort(cohort, n=N_PATIENTS, seed=cfg.seed, shape=list(shape), extras=True)
             _phantom_cohort(out / "heldout", n=N_HELDOUT, seed=cfg.seed + 1, shape=list(shape), extras=False)
@@ -123,7 +166,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
             summary.append(("data", text, str(cohort)))
 
         # ---- 2. train: on the augmentation split's training patients only ----------------------------------------
-        print("[2/7] training", flush=True)
+        log.info("[2/7] training")
         run_dir = out / "run"
         t0 = time.perf_counter()
         aug_settings = [f"augment.cache={cache}", f"augment.clinical={cohort / 'clinical.csv'}", "augment.epochs=5",
@@ -143,7 +186,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
 
         # ---- 3. generate ---------------------------------------------------------------------------------------
         with tracker.run("generate", nested=True):
-            print("[3/7] generating", flush=True)
+            log.info("[3/7] generating")
             import torch
 
             model = load_checkpoint(ckpt)
@@ -162,27 +205,27 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
                                         f"{slab_diff:.1e}", str(png)))  # fmt: skip
 
         # ---- 4. encode (with QCT) -------------------------------------------------------------------------------
-        print("[4/7] encoding the DICOM cohort", flush=True)
+        log.info("[4/7] encoding the DICOM cohort")
         features = out / "features.parquet"
         opts = encode_stage.EncodeOptions(ckpt, features, workers=0, qct=True)
         enc = encode_stage.run(cohort, opts, tracker)
         text = f"{enc.counts['ok']} series -> {cfg.model.latent_dim} features + QCT; {enc.counts['skipped']} skipped"
-        summary.append(("encode", f"{text} (report: {enc.report.name})", str(features)))
+        summary.append(("encode", f"{text} (report: {opts.report_path.name})", str(features)))
 
         # ---- 5. regress -----------------------------------------------------------------------------------------
-        print("[5/7] regression with baselines", flush=True)
+        log.info("[5/7] regression with baselines")
         # besides the clinical measures, what the grid resolves: the lung volume, and the grid's own mean lung
         # density, whose link to %emphysema says how much of it a grid this coarse can see at all
-        density = grid_lung_density(cache, prep.manifest, cfg)
+        density = grid_lung_density(cache, cfg)
         table = clinical.astype({"patient_id": str}).merge(density, on="patient_id", how="left")
         clinical_demo = out / "clinical_with_grid.csv"
-        table.to_csv(clinical_demo, index=False)
+        write_table(clinical_demo, table, "csv")
         both = table[["grid_lung_density_hu", "pct_emphysema"]].dropna()
         visible = float(np.corrcoef(both["grid_lung_density_hu"], both["pct_emphysema"])[0, 1] ** 2)
         tracker.log_metrics({"grid_density_vs_emphysema_r2": visible})
         targets = ["pct_emphysema", "fev1pp", "fev1_fvc", "lung_volume_ml", "grid_lung_density_hu"]
         ropts = regress_stage.RegressOptions(targets=targets, out=out / "regress", folds=5, seed=cfg.seed)
-        metrics = regress_stage.run(features, clinical_demo, ropts, tracker)
+        metrics = regress_stage.run(features, clinical_demo, ropts, tracker).metrics
         gold = metrics["gold"].get("classifier", {})
         nan = float("nan")
 
@@ -198,7 +241,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
         r2_volume = metrics["targets"]["lung_volume_ml"]["r2"]
         r2_density = metrics["targets"]["grid_lung_density_hu"]["r2"]
         grid_note = (
-            f"What the {cfg.model.size}^3 grid of {cfg.data.spacing_mm[0]:g} mm voxels can see: its own lung density "
+            f"What the {cfg.model.size}^3 grid of {_spacing(cfg)[0]:g} mm voxels can see: its own lung density "
             f"explains r^2 = {visible:.2f} of %emphysema across the phantoms, where QCT at the scans' own resolution "
             f"reaches R^2 {qct_emph:.2f}, so part of the emphysema signal (clusters of 2-15 mm) is lost below the "
             "grid's voxel and %emphysema wants a finer grid (paper_128 or paper_256, on a GPU). The lung volume, "
@@ -208,35 +251,22 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> dict:
         )  # fmt: skip
 
         # ---- 6. augment -----------------------------------------------------------------------------------------
-        print("[6/7] augmentation arms of a downstream classifier", flush=True)
+        log.info("[6/7] augmentation arms of a downstream classifier")
         cfg_aug = load_config(CONFIG_DIR / "demo.yaml", [*overrides, *aug_settings, f"augment.checkpoint={ckpt}"])
-        arms = augment_stage.run(cfg_aug, out / "augment", tracker)
+        arms = augment_stage.run(cfg_aug, out / "augment", tracker).table
         text = "; ".join(f"{r['arm']} {r['balanced_accuracy_mean']:.2f}" for r in arms)
         summary.append(("augment", f"balanced accuracy: {text}", str(out / "augment")))
 
         # ---- 7. evaluate ----------------------------------------------------------------------------------------
-        print("[7/7] evaluation on held-out phantoms", flush=True)
+        log.info("[7/7] evaluation on held-out phantoms")
         eopts = evaluate_stage.EvaluateOptions(ckpt, out / "heldout_cache", out / "evaluate", n=16 if fast else 64,
                                                seed=cfg.seed, measure="lung_volume_ml")  # fmt: skip
-        ev = evaluate_stage.run(eopts, tracker)
+        ev = evaluate_stage.run(eopts, tracker).metrics
         summary.append(("evaluate", f"FID {ev['fid']:.2f}, MMD^2 {ev['mmd2']:.3f} (own encoder); MS-SSIM generated "
                         f"{ev['ms_ssim_generated']:.2f} vs real {ev['ms_ssim_real']:.2f}; reconstruction MAE "
                         f"{ev['reconstruction']['mae_hu']:.0f} HU", str(out / "evaluate")))  # fmt: skip
         tracker.log_metrics({"demo_minutes": (time.perf_counter() - start) / 60})
 
-    width = max(len(s[1]) for s in summary)
-    print(f"\n{'stage':<9} {'result':<{width}}  artifacts")
-    for stage, result_text, where in summary:
-        print(f"{stage:<9} {result_text:<{width}}  {where}")
-    print(
-        f"\nDone in {(time.perf_counter() - start) / 60:.1f} min. What this shows: scanner files -> preprocessing -> "
-        "training -> generation -> features -> clinical regression -> augmentation -> evaluation,\n"
-        "tracked end to end. What it cannot show: the phantoms are simple anatomy, and a few minutes of training\n"
-        "learn little, so the deep features are not expected to beat QCT here, and FID from the model's own encoder\n"
-        "is lenient. A test split of 12 phantoms cannot show an augmentation effect either way. Nothing was tuned\n"
-        "to look good."
-    )
-    print("\n" + textwrap.fill(grid_note, 115))
-    if tracking:
-        print(f"\nBrowse the runs: mlflow ui --backend-store-uri {tracker.uri}")
-    return {"summary": summary, "checkpoint": str(ckpt)}
+    minutes = (time.perf_counter() - start) / 60
+    uri = getattr(tracker, "uri", None) if tracking else None
+    return DemoResult(summary, minutes, grid_note, ckpt, uri)

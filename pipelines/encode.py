@@ -16,33 +16,35 @@ same state folder; whichever process finds every batch done writes the table and
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from hagan_clinic.config import Config
-from hagan_clinic.errors import HaganError, short_repr
-from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
+from hagan_clinic.errors import HaganError
+from hagan_clinic.io.cohort import SeriesRecord
 from hagan_clinic.io.files import (
     Outputs,
     atomic_target,
     csv_safe_frame,
     make_folder,
     regular_file,
+    write_json,
     write_rows,
     write_text,
 )
+from hagan_clinic.io.logs import progress_bar
 
 from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, status_counts
-from .privacy import Scrubber, keyed, pseudonym, series_names
+from .encode_inputs import QCT_COLUMNS, Others, list_series, prepare_one
+from .privacy import Scrubber, keyed, pseudonym
 
+__all__ = ["EncodeOptions", "EncodeResult", "list_series", "prepare_one", "run"]
 ID_COLUMNS = ["patient_id", "study_uid", "series_uid", "kernel", "slice_thickness_mm"]
-QCT_COLUMNS = ["lung_volume_ml", "laa950_pct", "perc15_hu", "qct_warning"]
 REPORT_COLUMNS = [
     "patient_id", "study_uid", "series_uid", "modality", "kernel", "slice_thickness_mm", "n_slices", "source",
     "status", "reason", "notes",
@@ -50,7 +52,6 @@ REPORT_COLUMNS = [
 PSEUDONYMISED = ("patient_id", "study_uid", "series_uid", "source")
 NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
 SALT_CHECK = "hagan-clinic pseudonym salt check"  # its keyed digest tells salts apart without storing one
-Others = list[tuple[dict, set[str]]]  # report rows of the series not encoded, with the file names each may mention
 
 
 @dataclass
@@ -84,106 +85,14 @@ class EncodeResult:
     report: Path | None
     counts: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    shard: tuple[int, int] = (0, 1)
 
-
-# ---------------------------------------------------------------- listing the series
-def _cache_records(src: Path, cfg: Config, qct: bool) -> tuple[list[SeriesRecord], Others]:
-    """The ok series of a preprocess cache, and the report rows of the others. Any file of the cache may be damaged
-    or hostile: cache.json and the manifest as a whole are checked here (HaganError), each row in
-    :func:`~hagan_clinic.pipelines.preprocess.manifest_record` and each volume when it is read (that series failed)."""
-    from .preprocess import cache_settings, manifest_record, read_cache_settings, read_manifest
-
-    settings = read_cache_settings(src)
-    if settings.get("contract") != cfg.data_contract():
-        raise HaganError(
-            f"{src} was preprocessed for {short_repr(settings.get('contract'), 200)}, but the checkpoint's data "
-            f"contract is {cfg.data_contract()}: preprocess again, or give the DICOM/NIfTI folder"
-        )
-    wanted = cache_settings(cfg)
-    differ = sorted(k for k in wanted if k not in ("cache_dtype", "min_slices") and settings.get(k) != wanted[k])
-    if differ:
-        raise HaganError(
-            f"{src} was preprocessed with other settings ({', '.join(differ)}) than the checkpoint's config: "
-            "preprocess again with that config, or give the DICOM/NIfTI folder"
-        )
-    if qct:
-        raise HaganError("--qct needs the scans themselves (a DICOM or NIfTI folder), not a preprocess cache")
-    ok, others = [], []
-    for row in read_manifest(src):
-        names = series_names((), row.get("source", ""), src)
-        if row["status"] not in ("ok", "skipped", "failed"):
-            row = {**row, "status": "failed", "reason": f"manifest status {short_repr(row['status'])} is unknown"}
-        record = manifest_record(src, row) if row["status"] == "ok" else None
-        if isinstance(record, SeriesRecord):
-            ok.append(record)
-        else:
-            others.append(({**row, "status": "failed", "reason": record} if record else row, names))
-    return ok, others
-
-
-def list_series(src: Path, cfg: Config, qct: bool, progress: bool) -> tuple[list[SeriesRecord], Others]:
-    """The series to encode, and the report rows of the others with the file names each may mention."""
-    if not src.exists():
-        raise HaganError(f"source not found: {src}")
-    if (src / "cache.json").exists():  # a preprocess cache, whole or damaged
-        ok, others = _cache_records(src, cfg, qct)
-    else:
-        d = cfg.data
-        found = discover(src, d.modality, d.min_slices, d.irregular, progress=progress)
-        base = src.parent if src.is_file() else src
-        ok = found.ok
-        others = [(r.row(), series_names(r.paths, r.folder, base)) for r in found.records if r.status != "ok"]
-    if not ok and not others:
-        raise HaganError(f"{src}: no DICOM series, NIfTI files or preprocess cache found")
-    return ok, others
-
-
-# ---------------------------------------------------------------- one series (in a worker process)
-def prepare_one(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
-    """Read and preprocess one series: {'grid': float16 (S, S, S) or None, 'row': ..., 'read_s', 'prep_s'}."""
-    from hagan_clinic.preprocessing import encode_cache, to_model_grid
-
-    from .preprocess import load_cached_grid, require_finite
-
-    cfg = Config.from_dict(cfg_dict)
-    row = {"status": "ok", "reason": "", "notes": ""}
-    t0 = time.perf_counter()
-    try:
-        if record.kind == "cache":
-            name = record.key.removeprefix("cache:")
-            grid = encode_cache(load_cached_grid(record.paths[0], cfg.model.size, name), "float16")
-            return {"grid": grid, "row": row, "read_s": time.perf_counter() - t0, "prep_s": 0.0}
-        volume = load_series(record, cfg.data.modality, cfg.data.irregular)
-        t1 = time.perf_counter()
-        grid, info = to_model_grid(volume, cfg)
-        require_finite(grid)
-        t2 = time.perf_counter()
-    except HaganError as err:  # the reason is cut to length once file names are out of it (Scrubber.row)
-        return {"grid": None, "row": {**row, "status": "failed", "reason": " ".join(str(err).split())}}
-    meta = volume.meta
-    row.update(kernel=meta.get("kernel") or record.kernel, slice_thickness_mm=meta.get("slice_thickness_mm"))
-    row["notes"] = "; ".join(n for n in (meta.get("notes", ""), *info.notes) if n)
-    if qct:
-        row.update(_qct_cells(volume, row["kernel"], row["slice_thickness_mm"]))
-    return {"grid": encode_cache(grid, "float16"), "row": row, "read_s": t1 - t0, "prep_s": t2 - t1}
-
-
-def _qct_cells(volume, kernel: str, thickness: float | None) -> dict:
-    """The --qct columns of one series: the measures, or none and the reason in ``qct_warning`` (the features
-    are valid either way). A measure that is NaN or infinite (NaN/inf voxels in the lungs) is never reported."""
-    from hagan_clinic.qct import measure
-
-    try:
-        values = measure(volume.hu.astype(np.float32, copy=False), volume.spacing, volume.valid,
-                         kernel=kernel, slice_thickness_mm=thickness)  # fmt: skip
-    except HaganError as err:  # no lung found
-        return {"qct_warning": " ".join(str(err).split())}
-    measured = {k: float(values[k]) for k in QCT_COLUMNS[:3]}
-    bad = [k for k, v in measured.items() if not math.isfinite(v)]
-    if bad:
-        note = f"no QCT measure: {', '.join(bad)} not finite (NaN/inf voxels in the lungs?)"
-        return {"qct_warning": "; ".join(w for w in (note, values.get("warning", "")) if w)}
-    return {**{k: round(v, 3) for k, v in measured.items()}, "qct_warning": values["warning"]}
+    def summary(self) -> str:
+        """What ``hagan-clinic encode`` prints: the counts, the table and the report; or that other shards are at
+        work."""
+        if self.table is None:
+            return f"shard {self.shard[0]}/{self.shard[1]} done; the table is written by the last shard to finish"
+        return f"{', '.join(f'{v} {k}' for k, v in self.counts.items())}: {self.table} (report: {self.report})"
 
 
 def _safe_prepare(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
@@ -243,14 +152,14 @@ def _check_state(state: Path, settings: dict) -> None:
             )
     if not path.exists():
         make_folder(state)
-        write_text(path, json.dumps(settings, indent=2) + "\n")
+        write_json(path, settings, sort_keys=False)
 
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _report_row(record_row: dict, result_row: dict, scrub: Scrubber, names: set[str] = frozenset()) -> dict:
+def _report_row(record_row: dict, result_row: dict, scrub: Scrubber, names: Set[str] = frozenset()) -> dict:
     """A report row; with a salt its identifiers pseudonymised and its free text rid of the series' file names
     (``names``) and of every path, without one its paths made relative to the source."""
     row = {k: _plain(record_row.get(k)) for k in REPORT_COLUMNS + QCT_COLUMNS if k in record_row}
@@ -351,8 +260,6 @@ def _write_outputs(
 
 
 def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
-    from tqdm import tqdm
-
     from hagan_clinic.io.torch_files import file_sha256
     from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.tracking import NullTracker
@@ -389,8 +296,8 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             "device": opts.device, "workers": opts.workers, "qct": opts.qct, "shard": f"{shard}/{n_shards}",
             "pseudonymized": bool(opts.pseudonymize), "encode_mode": cfg.model.encode_mode,
         })  # fmt: skip
-        bar = tqdm(total=sum(len(batches[k]) for k in mine), initial=done_series, desc="encoding", unit="series",
-                   disable=None if opts.progress else True)  # fmt: skip
+        hidden = {} if opts.progress else {"disable": True}
+        bar = progress_bar(sum(len(batches[k]) for k in mine), "encoding", "series", initial=done_series, **hidden)
         start, encoded = time.perf_counter(), 0
         prepare = partial(_safe_prepare, cfg_dict=cfg.to_dict(), qct=opts.qct)
         pool = None
@@ -410,7 +317,7 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
                 tasks = queue.popleft()
                 if i + 2 < len(todo):
                     submit(todo[i + 2])
-                results = [_collect(pool, t) if t else prepare(r) for t, r in zip(tasks, batches[k])]
+                results = [_collect(pool, t) if pool and t else prepare(r) for t, r in zip(tasks, batches[k])]
                 grids = [res["grid"] for res in results if res["grid"] is not None]
                 t = time.perf_counter()
                 z = _encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
@@ -431,7 +338,9 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             per = {f"{k}_s_per_series": v / encoded for k, v in seconds.items()}
             tracker.log_metrics({**per, "series_per_min": 60 * encoded / (time.perf_counter() - start)})
         if any(_batch_done(state / f"batch_{k:06d}.npz", latent) is None for k in range(len(batches))):
-            return EncodeResult(None, None, {"encoded_here": encoded}, seconds)  # other shards still at work
+            return EncodeResult(
+                None, None, {"encoded_here": encoded}, seconds, opts.shard
+            )  # other shards still at work
         report, counts = _write_outputs(opts, src, state, len(batches), others, latent, scrub)
         write_text(state / "complete", "")
         tracker.log_metrics({f"series_{k}": float(v) for k, v in counts.items()})
@@ -440,4 +349,4 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             tracker.log_artifact(out)
         else:  # too large for an artifact store: its place and identity instead
             tracker.log_params({"table_path": str(out.resolve()), "table_sha256": file_sha256(out)})
-    return EncodeResult(out, report, counts, seconds)
+    return EncodeResult(out, report, counts, seconds, opts.shard)

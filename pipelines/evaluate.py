@@ -11,14 +11,16 @@ Fig. 5: slices along a latent direction that moves a measure, with the measure p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hagan_clinic.errors import HaganError, short_repr
-from hagan_clinic.io.files import Outputs, atomic_target, make_folder, write_text
+from hagan_clinic.config import Config
+from hagan_clinic.errors import HaganError
+from hagan_clinic.io.cache import Cache, load_grid, looks_like_cache, open_cache, require_finite
+from hagan_clinic.io.files import Outputs, atomic_target, make_folder, write_json
+from hagan_clinic.io.logs import progress
 
 MEASURES = ("laa950_pct", "lung_volume_ml", "mean_hu")
 
@@ -44,38 +46,30 @@ class EvaluateOptions:
 OUTPUT_NAMES = ("metrics.json", "samples.png", "latent_direction.png")
 
 
-def real_volumes(folder: Path, contract: dict) -> list[Path]:
-    """The real volumes: a preprocess cache's ok rows (the cache made under the model's data ``contract``), else
-    every .npy (on the grid) and NIfTI scan under ``folder`` (each checked when it is loaded)."""
-    from .preprocess import cached_file, read_cache_settings, read_manifest
-
+def real_volumes(folder: Path, cfg: Config) -> tuple[list[Path], Cache | None]:
+    """The real volumes, and their cache when ``folder`` is one: a preprocess cache's ok rows (refused in one line
+    when it was made at other settings than the checkpoint's config), else every .npy (on the grid) and NIfTI scan
+    under ``folder`` (each checked when it is loaded)."""
     if not folder.is_dir():
         raise HaganError(f"real volumes not found: {folder}")
-    if (folder / "manifest.csv").exists() or (folder / "cache.json").exists():  # a preprocess cache
-        made_for = read_cache_settings(folder).get("contract")
-        if made_for != contract:
-            raise HaganError(
-                f"{folder} was preprocessed for {short_repr(made_for, 200)}, but the checkpoint's data contract is "
-                f"{contract}: preprocess the scans again with the checkpoint's config"
-            )
-        files = []
-        for row in (r for r in read_manifest(folder) if r["status"] == "ok"):
-            path = cached_file(folder, row["path"])
-            if path is None:
-                raise HaganError(f"{folder}: manifest path {short_repr(row['path'])} is not a file in the cache")
-            files.append(path)
+    cache = None
+    if looks_like_cache(folder):
+        cache = open_cache(folder, cfg, by="the checkpoint")
+        cache.require_volumes()
+        files = [cache.path_of(i) for i in range(len(cache))]
     else:
         files = sorted(p for p in folder.rglob("*") if p.name.endswith((".npy", ".nii", ".nii.gz")))
     if len(files) < 2:
         raise HaganError(f"{folder}: {len(files)} real volume(s); at least 2 are needed")
-    return files
+    return files, cache
 
 
-def training_volumes(opts: EvaluateOptions, contract: dict) -> tuple[list[Path], str]:
+def training_volumes(opts: EvaluateOptions, cfg: Config) -> tuple[list[Path], str]:
     """The model's training volumes for the memorisation check: ``--train``, else the checkpoint's training
-    record (its data folder and files). ([], reason) when neither is at hand."""
+    record (its data folder and files). ([], reason) when neither is at hand. A cache among them is checked
+    against the checkpoint's config like ``--real``."""
     if opts.train is not None:
-        return real_volumes(opts.train, contract), f"--train {opts.train}"
+        return real_volumes(opts.train, cfg)[0], f"--train {opts.train}"
     from hagan_clinic.models.hagan import training_record
 
     record = training_record(opts.checkpoint)
@@ -86,21 +80,22 @@ def training_volumes(opts: EvaluateOptions, contract: dict) -> tuple[list[Path],
     missing = [f for f in files if not f.is_file()]
     if missing or len(files) < 2:
         return [], f"the training volumes of the record are not at hand ({len(missing)} of {len(files)} missing)"
+    if looks_like_cache(root):
+        open_cache(root, cfg, by="the checkpoint")
     return files, f"training record ({root})"
 
 
-def load_real(path: Path, cfg) -> np.ndarray:
-    """One real volume on the model's grid: a cache array as stored, a NIfTI scan preprocessed as encode does."""
+def load_real(path: Path, cfg: Config) -> np.ndarray:
+    """One real volume on the model's grid, float32 (S, S, S) in [-1, 1]: a cached array as stored (checked: no
+    pickles, the grid's shape, finite values), a NIfTI scan preprocessed as encode does."""
     from hagan_clinic.io.nifti import read_scan
     from hagan_clinic.io.volume import SeriesError
     from hagan_clinic.preprocessing import model_input
 
-    from .preprocess import load_cached_grid, require_finite
-
     size = cfg.model.size
     try:
-        if path.suffix == ".npy":  # checked before it is read: no pickles, the grid's shape, finite values
-            vol = load_cached_grid(path, size, path.name)
+        if path.suffix == ".npy":
+            vol = load_grid(path, size, path.name)
         else:
             vol = model_input(read_scan(path, cfg.data.modality), cfg)
             require_finite(vol)
@@ -137,28 +132,27 @@ def measure_volume(vol: np.ndarray, contract: dict, measure: str) -> float:
         return float("nan")
 
 
-def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, load) -> dict:
-    """Generated volumes against the model's training volumes, with the held-out real volumes (``--real``, less
-    any file whose content is a training file's) as the yardstick; 'skipped' with the reason when no training set is
-    at hand: the check is never silently against the wrong set."""
+def _memorisation(opts, cfg, net, rec_model, training, real_files, real_cache, real_feats, gen_feats) -> dict:
+    """Generated volumes against the model's training volumes (``training``: their files and where they came from),
+    with the held-out real volumes (``--real``, less any file whose content is a training file's) as the yardstick;
+    'skipped' with the reason when no training set is at hand: the check is never silently against the wrong set."""
     import torch
 
+    from hagan_clinic.io.torch_files import file_sha256
     from hagan_clinic.metrics import memorisation_check
 
-    train_files, source = training_volumes(opts, cfg.data_contract())
+    train_files, source = training
     if not train_files:
         return {"skipped": source}
-    from hagan_clinic.io.torch_files import file_sha256
-
     trained = {file_sha256(f) for f in train_files}  # by content: a copy under another name is still seen
     keep = [i for i, f in enumerate(real_files) if file_sha256(f) not in trained]
-    by_record = _trained_by_record(opts)  # and by patient or series
+    by_record = _trained_by_record(opts, real_cache)  # and by patient or series
     keep = [i for i in keep if real_files[i] not in by_record]
     if len(keep) < 2:
         return {"skipped": "fewer than 2 of the --real volumes are held out from the training set"}
     feats = []
     for i in range(0, len(train_files), opts.batch_size):
-        x = torch.from_numpy(np.stack([load(p, cfg) for p in train_files[i : i + opts.batch_size]]))[:, None]
+        x = torch.from_numpy(np.stack([load_real(p, cfg) for p in train_files[i : i + opts.batch_size]]))[:, None]
         with torch.no_grad():
             feats.append(
                 rec_model.encode(x).double().cpu().numpy() if opts.feature_net == "encoder" else net.extract(x)
@@ -171,20 +165,18 @@ def _memorisation(opts, cfg, net, rec_model, real_files, real_feats, gen_feats, 
     return result
 
 
-def _trained_by_record(opts) -> set:
+def _trained_by_record(opts: EvaluateOptions, cache: Cache | None) -> set[Path]:
     """The --real cache files whose patient or series the checkpoint's training record names."""
     from hagan_clinic.models.hagan import training_record
 
     from .augment import _same_id
-    from .preprocess import read_manifest
 
     record = training_record(opts.checkpoint)
-    manifest = opts.real / "manifest.csv"
-    if record is None or not manifest.is_file():
+    if record is None or cache is None:
         return set()
     patients = {_same_id(p) for p in record.get("patient_ids") or []}
     series = set(record.get("series_uids") or []) - {""}
-    return {opts.real / row["path"] for row in read_manifest(opts.real)
+    return {cache.path_of(i) for i, row in enumerate(cache.rows)
             if _same_id(row.get("patient_id", "")) in patients or row.get("series_uid", "") in series}  # fmt: skip
 
 
@@ -253,15 +245,134 @@ def _montage(path: Path, vols, steps, values, measure: str) -> None:
     plt.close(fig)
 
 
-def run(opts: EvaluateOptions, tracker=None) -> dict:
+@dataclass
+class EvaluateResult:
+    metrics: dict  # what metrics.json holds
+    out: Path
+
+    def summary(self) -> str:
+        """What ``hagan-clinic evaluate`` prints: the distribution metrics, diversity, and the memorisation check."""
+        m, mem = self.metrics, self.metrics["memorisation"]
+        lines = [
+            f"FID {m['fid']:.3f}, MMD^2 {m['mmd2']:.4f} ({m['feature_net']}); MS-SSIM generated "
+            f"{m['ms_ssim_generated']:.3f}, real {m['ms_ssim_real']:.3f}; written to {self.out}"
+        ]
+        if "skipped" in mem:
+            lines.append(f"memorisation: not checked ({mem['skipped']})")
+        else:
+            verdict = "not flagged"
+            if mem["flagged"]:
+                verdict = "FLAGGED: generated volumes sit closer to the training set than held-out ones"
+            lines.append(
+                f"memorisation vs the training set: median ratio {mem['median_ratio']:.2f}, fraction closer than "
+                f"held-out p5 {mem['fraction_closer_than_heldout_p5']:.2f}: {verdict}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class _Pass:
+    """Features (N, F), latents (N, L), the measure (N,) and a few volumes (S, S, S) kept, of one set of volumes."""
+
+    feats: np.ndarray
+    z: np.ndarray
+    values: np.ndarray
+    kept: list[np.ndarray]
+
+
+def _real_pass(files: list[Path], cfg: Config, opts: EvaluateOptions, rec_model, net) -> _Pass:
+    """The real volumes through the encoder (and the feature network), a few kept for diversity and reconstruction."""
     import torch
 
+    feats: list[np.ndarray] = []
+    zs: list[np.ndarray] = []
+    values: list[float] = []
+    kept: list[np.ndarray] = []
+    keep = max(opts.n_diversity, opts.n_recon)
+    for i in progress(range(0, len(files), opts.batch_size), "real volumes", "batch"):
+        vols = [load_real(p, cfg) for p in files[i : i + opts.batch_size]]
+        kept += vols[: max(0, keep - len(kept))]
+        x = torch.from_numpy(np.stack(vols))[:, None]
+        with torch.no_grad():
+            zs.append(rec_model.encode(x).float().cpu().numpy())
+        # with the encoder as the feature network, its features are these latents: no second pass
+        feats.append(zs[-1].astype(np.float64) if opts.feature_net == "encoder" else net.extract(x))
+        values += [measure_volume(v, cfg.data_contract(), opts.measure) for v in vols]
+    return _Pass(np.concatenate(feats), np.concatenate(zs), np.asarray(values), kept)
+
+
+def _generated_pass(cfg: Config, opts: EvaluateOptions, gen_model, net) -> _Pass:
+    """``opts.n`` generated volumes (seeded latents, classes drawn as training did), a few kept for diversity."""
+    import torch
+
+    from hagan_clinic.sampling import sample_labels, sample_latent
+
+    labels = sample_labels(opts.n, cfg.model.num_classes, None)
+    feats: list[np.ndarray] = []
+    zs: list[np.ndarray] = []
+    values: list[float] = []
+    kept: list[np.ndarray] = []
+    for i in progress(range(0, opts.n, opts.batch_size), "generated", "batch"):
+        idx = range(i, min(opts.n, i + opts.batch_size))
+        z = torch.cat([sample_latent(opts.seed, k, cfg.model.latent_dim) for k in idx])
+        y = None if labels[0] is None else torch.tensor([labels[k] for k in idx])
+        with torch.no_grad():
+            x = gen_model.generate(z, y, slab=opts.slab)
+        feats.append(net.extract(x))
+        vols = [v[0].float().cpu().numpy() for v in x]
+        kept += vols[: max(0, opts.n_diversity - len(kept))]
+        zs.append(z.numpy())
+        values += [measure_volume(v, cfg.data_contract(), opts.measure) for v in vols]
+    return _Pass(np.concatenate(feats), np.concatenate(zs), np.asarray(values), kept)
+
+
+def _reconstruction(vols: list[np.ndarray], cfg: Config, rec_model, slab: int | None) -> dict:
+    """Encode then generate each real volume: mean MAE (model range and HU), PSNR, SSIM, and how many."""
+    import torch
+
+    from hagan_clinic.metrics import mae, psnr, ssim_3d
+
+    recon: dict[str, list[float]] = {"mae": [], "mae_hu": [], "psnr": [], "ssim": []}
+    lo, hi = cfg.data.window
+    classes: list[int | None] = [*range(cfg.model.num_classes)] or [None]
+    for vol in vols:
+        # a conditional model also needs the class, which a real volume does not carry: the best class is used
+        candidates = []
+        with torch.no_grad():
+            z = rec_model.encode(torch.from_numpy(vol)[None, None])
+            for c in classes:
+                y = None if c is None else torch.tensor([c])
+                candidates.append(rec_model.generate(z, y, slab=slab)[0, 0].float().cpu().numpy())
+        x_hat = min(candidates, key=lambda c: mae(vol, c))
+        recon["mae"].append(mae(vol, x_hat))
+        recon["mae_hu"].append(mae(vol, x_hat) * (hi - lo) / 2)
+        recon["psnr"].append(psnr(vol, x_hat))
+        recon["ssim"].append(ssim_3d(vol, x_hat))
+    return {k: float(np.mean(v)) for k, v in recon.items() if v} | {"n": len(recon["mae"])}
+
+
+def _log(tracker, metrics: dict, opts: EvaluateOptions, out: Path) -> None:
+    with tracker.run("evaluate", tags={"stage": "evaluate"}):
+        described = {k: v for k, v in metrics.items() if k.startswith("feature_net")}  # the network's name, file, hash
+        tracker.log_params({"checkpoint_sha256": metrics["checkpoint_sha256"], **described, "n_generated": opts.n,
+                            "n_real": metrics["n_real"], "seed": opts.seed, "measure": opts.measure})  # fmt: skip
+        flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        flat.update({f"memorisation.{k}": float(v) for k, v in metrics["memorisation"].items()
+                     if isinstance(v, (int, float))})  # fmt: skip
+        flat.update({f"reconstruction.{k}": v for k, v in metrics["reconstruction"].items()})
+        tracker.log_metrics({k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)})
+        for name in OUTPUT_NAMES:  # what this run wrote, never other files in the folder
+            if (out / name).is_file():
+                tracker.log_artifact(out / name, "evaluate")
+
+
+def run(opts: EvaluateOptions, tracker=None) -> EvaluateResult:
+    """Evaluate the checkpoint against the real volumes; metrics.json and the figures in ``opts.out``."""
     from hagan_clinic.feature_nets import hagan_encoder, medicalnet
     from hagan_clinic.io.torch_files import file_sha256
-    from hagan_clinic.metrics import frechet_distance, mae, mmd2, psnr, ssim_3d
+    from hagan_clinic.metrics import frechet_distance, mmd2
     from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.plots import mid_slices_png
-    from hagan_clinic.sampling import sample_labels, sample_latent
     from hagan_clinic.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -273,89 +384,36 @@ def run(opts: EvaluateOptions, tracker=None) -> dict:
     gen_model = load_checkpoint(opts.checkpoint, opts.device, ema=True)
     rec_model = load_checkpoint(opts.checkpoint, opts.device, ema=False, require=("EH", "EG"))  # trained with raw G
     cfg, sha = gen_model.config, file_sha256(opts.checkpoint)
-    contract, latent = cfg.data_contract(), cfg.model.latent_dim
+    contract = cfg.data_contract()
     if contract["spacing_mm"] is None and opts.measure != "mean_hu":
         measure_volume(np.zeros((1, 1, 1), np.float32), contract, opts.measure)  # the one-line refusal, up front
-    files = real_volumes(opts.real, contract)
+    files, real_cache = real_volumes(opts.real, cfg)
+    training = training_volumes(opts, cfg)  # before any work too: a cache made at other settings is refused
     net = hagan_encoder(rec_model, sha) if opts.feature_net == "encoder" else medicalnet(opts.feature_net, opts.device)
-    out = opts.out
-    make_folder(out)
-    from tqdm import tqdm
-
-    # real volumes: features, a few kept for diversity and reconstruction
-    real_feats, real_kept, real_z, real_values = [], [], [], []
-    for i in tqdm(range(0, len(files), opts.batch_size), desc="real volumes", unit="batch", disable=None):
-        vols = [load_real(p, cfg) for p in files[i : i + opts.batch_size]]
-        real_kept += vols[: max(0, max(opts.n_diversity, opts.n_recon) - len(real_kept))]
-        x = torch.from_numpy(np.stack(vols))[:, None]
-        with torch.no_grad():
-            real_z.append(rec_model.encode(x).float().cpu().numpy())
-        # with the encoder as the feature network, its features are these latents: no second pass
-        real_feats.append(real_z[-1].astype(np.float64) if opts.feature_net == "encoder" else net.extract(x))
-        real_values += [measure_volume(v, contract, opts.measure) for v in vols]
-    real_feats, real_z = np.concatenate(real_feats), np.concatenate(real_z)
-    # generated volumes: features, the measure, latent vectors, a few kept
-    labels = sample_labels(opts.n, cfg.model.num_classes, None)
-    gen_feats, gen_kept, zs, values = [], [], [], []
-    for i in tqdm(range(0, opts.n, opts.batch_size), desc="generated", unit="batch", disable=None):
-        idx = range(i, min(opts.n, i + opts.batch_size))
-        z = torch.cat([sample_latent(opts.seed, k, latent) for k in idx])
-        y = None if labels[0] is None else torch.tensor([labels[k] for k in idx])
-        with torch.no_grad():
-            x = gen_model.generate(z, y, slab=opts.slab)
-        gen_feats.append(net.extract(x))
-        vols = [v[0].float().cpu().numpy() for v in x]
-        gen_kept += vols[: max(0, opts.n_diversity - len(gen_kept))]
-        zs.append(z.numpy())
-        values += [measure_volume(v, contract, opts.measure) for v in vols]
-    gen_feats, zs, values = np.concatenate(gen_feats), np.concatenate(zs), np.asarray(values)
+    out = make_folder(opts.out)
+    real = _real_pass(files, cfg, opts, rec_model, net)
+    gen = _generated_pass(cfg, opts, gen_model, net)
     metrics: dict = {"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n, "n_real": len(files)}
-    metrics["fid"] = frechet_distance(gen_feats, real_feats)
-    metrics["mmd2"] = mmd2(gen_feats, real_feats)
-    metrics["ms_ssim_generated"] = _pairwise_ms_ssim(gen_kept)
-    metrics["ms_ssim_real"] = _pairwise_ms_ssim(real_kept[: opts.n_diversity])
-    metrics["memorisation"] = _memorisation(opts, cfg, net, rec_model, files, real_feats, gen_feats, load_real)
-    # encode then generate, on real volumes
-    recon = {"mae": [], "mae_hu": [], "psnr": [], "ssim": []}
-    lo, hi = cfg.data.window
-    classes = list(range(cfg.model.num_classes)) or [None]
-    for vol in real_kept[: opts.n_recon]:
-        # a conditional model also needs the class, which a real volume does not carry: the best class is used
-        candidates = []
-        with torch.no_grad():
-            z = rec_model.encode(torch.from_numpy(vol)[None, None])
-            for c in classes:
-                y = None if c is None else torch.tensor([c])
-                candidates.append(rec_model.generate(z, y, slab=opts.slab)[0, 0].float().cpu().numpy())
-        x_hat = min(candidates, key=lambda c: mae(vol, c))
-        recon["mae"].append(mae(vol, x_hat))
-        recon["mae_hu"].append(mae(vol, x_hat) * (hi - lo) / 2)
-        recon["psnr"].append(psnr(vol, x_hat))
-        recon["ssim"].append(ssim_3d(vol, x_hat))
-    metrics["reconstruction"] = {k: float(np.mean(v)) for k, v in recon.items() if v} | {"n": len(recon["mae"])}
-    fits = {"generated": (zs, values), "encoded real": (real_z, np.asarray(real_values))}
+    metrics["fid"] = frechet_distance(gen.feats, real.feats)
+    metrics["mmd2"] = mmd2(gen.feats, real.feats)
+    metrics["ms_ssim_generated"] = _pairwise_ms_ssim(gen.kept)
+    metrics["ms_ssim_real"] = _pairwise_ms_ssim(real.kept[: opts.n_diversity])
+    metrics["memorisation"] = _memorisation(
+        opts, cfg, net, rec_model, training, files, real_cache, real.feats, gen.feats
+    )
+    metrics["reconstruction"] = _reconstruction(real.kept[: opts.n_recon], cfg, rec_model, opts.slab)
+    fits = {"generated": (gen.z, gen.values), "encoded real": (real.z, real.values)}
     metrics["latent_direction"] = _latent_direction(gen_model, fits, opts, contract, out)
     metrics["latent_direction"]["measure_computable"] = {
-        "generated": int(np.isfinite(values).sum()),
-        "real": int(np.isfinite(real_values).sum()),
+        "generated": int(np.isfinite(gen.values).sum()),
+        "real": int(np.isfinite(real.values).sum()),
     }
-    rows = [(f"generated {i}", v) for i, v in enumerate(gen_kept[:3])] + [
-        (f"real {i}", v) for i, v in enumerate(real_kept[:3])
-    ]
+    rows = [(f"generated {i}", v) for i, v in enumerate(gen.kept[:3])]
+    rows += [(f"real {i}", v) for i, v in enumerate(real.kept[:3])]
     mid_slices_png(rows, out / "samples.png", "generated (top) and real (bottom)")
     for name in ("latent_direction.png", "samples.png"):
         if (out / name).is_file():
             guard.record(out / name)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n", guard)
-    with tracker.run("evaluate", tags={"stage": "evaluate"}):
-        tracker.log_params({"checkpoint_sha256": sha, **net.describe(), "n_generated": opts.n,
-                            "n_real": len(files), "seed": opts.seed, "measure": opts.measure})  # fmt: skip
-        flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        flat.update({f"memorisation.{k}": float(v) for k, v in metrics["memorisation"].items()
-                     if isinstance(v, (int, float))})  # fmt: skip
-        flat.update({f"reconstruction.{k}": v for k, v in metrics["reconstruction"].items()})
-        tracker.log_metrics({k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)})
-        for name in OUTPUT_NAMES:  # what this run wrote, never other files in the folder
-            if (out / name).is_file():
-                tracker.log_artifact(out / name, "evaluate")
-    return metrics
+    write_json(out / "metrics.json", metrics, guard, sort_keys=False, default=float)
+    _log(tracker, metrics, opts, out)
+    return EvaluateResult(metrics, opts.out)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from hagan_clinic.errors import one_line
 from hagan_clinic.io.cohort import SeriesRecord
 
 SCRUBBED = ("reason", "notes", "qct_warning", "warning")  # the free-text columns of the reports
@@ -110,5 +111,5 @@ class Scrubber:
         for column in SCRUBBED:
             value = row.get(column)
             if isinstance(value, str) and value:
-                row[column] = " ".join(self.text(value, names).split())[:300]
+                row[column] = one_line(self.text(value, names), 300)
         return row

@@ -19,16 +19,17 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
-from hagan_clinic.io.files import Outputs, make_folder, regular_file, write_rows, write_text
+from hagan_clinic.io.files import Outputs, make_folder, regular_file, table_format, write_rows, write_table, write_text
 from hagan_clinic.io.volume import Volume
 
-from .cohort import OutputFailed, run_series, status_counts
+from .cohort import OutputFailed, counts_text, run_series, status_counts
 from .privacy import Scrubber
 
 COLUMNS = [
@@ -129,6 +130,10 @@ class QCTResult:
     counts: dict[str, int]
     rows: list[dict]
 
+    def summary(self) -> str:
+        """What ``hagan-clinic qct`` prints: the series per status, and the table."""
+        return f"{counts_text(self.counts)}: {self.path}"
+
 
 def run(
     src: str | Path,
@@ -139,17 +144,18 @@ def run(
     masks: str | Path | None = None,
     external_masks: str | Path | None = None,
     overwrite: bool = False,
+    fmt: str | None = None,
 ) -> QCTResult:
-    """Measure every CT series under ``src`` into the CSV ``out``; ``masks``: a folder to write each lung mask
-    to; ``external_masks``: a folder of the user's lung masks to measure instead of ours (see the module)."""
+    """Measure every CT series under ``src`` into the table ``out`` (``fmt`` csv or parquet; default: from the
+    name, which must then end in .csv or .parquet); ``masks``: a folder to write each lung mask to;
+    ``external_masks``: a folder of the user's lung masks to measure instead of ours (see the module)."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaganError(f"source not found: {src}")
-    if out.suffix.lower() != ".csv":
-        raise HaganError(f"--out must be a .csv file, got '{out}'")
+    fmt = table_format(out, fmt)  # before any work: a name that contradicts the format is refused
     guard = Outputs("qct", [src if src.is_file() else None], overwrite)
     guard.check(out)  # before any work
-    options = {}
+    options: dict[str, Any] = {}  # only the folders given: measure_one's defaults stand for the others
     if external_masks is not None:
         if not Path(external_masks).is_dir():
             raise HaganError(f"--mask: no folder of lung masks at {external_masks}")
@@ -170,7 +176,12 @@ def run(
     by_digest = {r.digest: row for r, row in zip(found.ok, done)}
     scrub = Scrubber(src, None)  # reasons name files relative to the source, as the source column does
     rows = [scrub.row(by_digest.get(r.digest, r.row())) for r in found.records]
-    write_rows(out, rows, COLUMNS, guard)
+    if fmt == "csv":
+        write_rows(out, rows, COLUMNS, guard)
+    else:
+        import pandas as pd
+
+        write_table(out, pd.DataFrame([{c: row.get(c) for c in COLUMNS} for row in rows], columns=COLUMNS), fmt, guard)
     shutil.rmtree(state, ignore_errors=True)
     counts = status_counts(rows)
     return QCTResult(out, counts, rows)

@@ -1,22 +1,31 @@
 """``hagan-clinic regress`` and ``predict``: grouped cross-validated regression of clinical measures, GOLD stage,
 and the fitted models applied to new feature tables. Imports no torch (see hagan_clinic.regression).
 
-Outputs in DIR: metrics.json, predictions.csv (out-of-fold), pred_vs_true_<target>.png, gold_confusion.png,
-model.joblib (every model refitted on all rows; a pickle: load only files you made).
+Outputs in DIR: metrics.json, predictions.csv or .parquet (out-of-fold), pred_vs_true_<target>.png,
+gold_confusion.png, model.joblib (every model refitted on all rows; a pickle: load only files you made). The
+summaries, figures and MLflow names are made in :mod:`.regress_report`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from hagan_clinic.errors import short_repr
-from hagan_clinic.io.files import Outputs, csv_safe_frame, make_folder, read_csv_table, regular_file, write_text
+from hagan_clinic.errors import one_line, short_repr
+from hagan_clinic.io.files import (
+    Outputs,
+    make_folder,
+    read_csv_table,
+    regular_file,
+    table_format,
+    write_table,
+    write_text,
+)
 from hagan_clinic.regression import (
     MAX_SEED,
     Dataset,
@@ -31,12 +40,25 @@ from hagan_clinic.regression import (
     fit_classifier,
     fit_regressor,
     gold_from_spirometry,
-    gold_labels,
     gold_scores,
     gold_values,
     join_tables,
     outer_folds,
 )
+from hagan_clinic.regression import gold_labels as gold_codes
+
+from .regress_report import (
+    PredictResult,
+    RegressResult,
+    check_finite,
+    mlflow_metrics,
+    plot_name,
+    write_confusion,
+    write_scatter,
+)
+
+if TYPE_CHECKING:
+    from hagan_clinic.tracking import NullTracker
 
 
 @dataclass
@@ -51,6 +73,11 @@ class RegressOptions:
     seed: int = 0
     feature_regex: str = r"z\d+"
     overwrite: bool = False
+    fmt: str = "csv"  # of the predictions table: csv or parquet
+
+    @property
+    def predictions_name(self) -> str:
+        return f"predictions.{self.fmt}"
 
 
 def read_table(path: str | Path, what: str, id_column: str | None = None) -> pd.DataFrame:
@@ -65,7 +92,13 @@ def read_table(path: str | Path, what: str, id_column: str | None = None) -> pd.
         # IDs keep leading zeros; cells neutralised for spreadsheets read back as written
         return read_csv_table(path, f"{what} table", dtype={id_column: str} if id_column in head else None)
     except Exception as err:  # pandas and pyarrow raise many types for damaged files
-        raise RegressionError(f"{path}: not a readable table ({' '.join(str(err).split())[:100]})") from None
+        raise RegressionError(f"{path}: not a readable table ({one_line(err, 100)})") from None
+
+
+def gold_labels(codes: np.ndarray | pd.Series) -> np.ndarray:
+    """GOLD codes as text labels ('0'..'4', 'PRISm'; None where unknown): one type per column, so that the table
+    is the same as CSV and as parquet (which refuses a column of integers mixed with 'PRISm')."""
+    return np.array([None if isinstance(v, float) else str(v) for v in gold_codes(codes)], dtype=object)
 
 
 def _cv_predict(fit, x, y, fold, groups, rows, seed) -> np.ndarray:
@@ -80,60 +113,11 @@ def _fit_mean(x, y, groups, seed):
     return MeanModel().fit(x, y)
 
 
-def r2_text(scores: dict, key: str = "r2") -> str:
-    """'r2 0.912 [0.850, 0.950]': one R^2 and its interval, as the console and the plot titles show it."""
-    low, high = scores[f"{key}_ci"]
-    interval = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
-    return f"{key} {scores[key]:.3f}{interval}"
-
-
-def _plot_name(target: str) -> str:
-    """The scatter plot's file name: a column name may hold any character, a file name may not."""
-    return "pred_vs_true_" + re.sub(r"[^A-Za-z0-9_.-]", "_", target)[:100] + ".png"
-
-
-def _scatter(path: Path, name: str, y: np.ndarray, pred: np.ndarray, scores: dict, guard: Outputs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    title = f"{name}: {r2_text(scores)}"
-    fig, ax = plt.subplots(figsize=(4.4, 4.4))
-    ax.scatter(y, pred, s=12, alpha=0.7)
-    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set(xlabel=f"{name} (true)", ylabel=f"{name} (out-of-fold prediction)", title=title)
-    ax.text(0.02, 0.98, f"n {scores['n']}, {scores['n_patients']} patients", transform=ax.transAxes, va="top")
-    fig.tight_layout()
-    with guard.target(path, ".png") as tmp:  # the title in the file too, for anyone checking it
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Title": title})
-    plt.close(fig)
-
-
-def _confusion_png(path: Path, scores: dict[str, dict], guard: Outputs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(scores), figsize=(4.4 * len(scores), 4), squeeze=False)
-    for ax, (name, s) in zip(axes[0], scores.items()):
-        m, labels = np.asarray(s["confusion"]), s["labels"]
-        ax.imshow(m, cmap="Blues")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set(xlabel="predicted GOLD", ylabel="true GOLD", xticks=range(len(labels)), yticks=range(len(labels)),
-               xticklabels=labels, yticklabels=labels, title=f"{name}: kappa {s['quadratic_kappa']:.2f}")  # fmt: skip
-    fig.tight_layout()
-    with guard.target(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def _qct_rows(data: Dataset, rows: np.ndarray, fold: np.ndarray, folds: int) -> tuple[np.ndarray | None, str]:
     """Rows the QCT baseline can be fitted on, or None and why not (QCT failed for most series: an MR cohort)."""
     groups = data.ids
+    if data.qct is None:
+        return None, "the feature table has no QCT columns"
     qrows = rows & np.isfinite(data.qct).all(axis=1)
     patients = len(np.unique(groups[qrows]))
     if patients < max(folds, 3):
@@ -263,42 +247,11 @@ def _gold(data: Dataset, opts: RegressOptions, fold, preds: pd.DataFrame, metric
         preds["gold_rules_pred"] = gold_labels(np.where(both, rules, np.nan))
 
 
-def mlflow_metrics(metrics: dict) -> dict[str, float]:
-    """The numbers of metrics.json under the same names: NAME.KEY, NAME.baseline_KIND.KEY, gold.KIND.KEY; an
-    interval KEY_ci becomes KEY_ci_low and KEY_ci_high."""
-    flat: dict[str, float] = {}
-
-    def add(prefix: str, scores: dict) -> None:
-        for key, value in scores.items():
-            if key.endswith("_ci") and value[0] is not None:
-                flat[f"{prefix}.{key}_low"], flat[f"{prefix}.{key}_high"] = value
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[f"{prefix}.{key}"] = value
-
-    for name, scores in metrics["targets"].items():
-        add(name, scores)
-    for kind, per_target in metrics["baselines"].items():
-        for name, scores in per_target.items():
-            add(f"{name}.baseline_{kind}", scores)
-    for kind, scores in metrics["gold"].items():
-        add(f"gold.{kind}", scores)
-    return flat
-
-
-def _check_finite(value, where: str = "metrics") -> None:
-    """No NaN or inf in a result that is written as ok (json.dumps would write NaN, which is no JSON): an
-    undefined score is refused with its name instead of being printed as a number."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _check_finite(item, where)
-    elif isinstance(value, float) and not np.isfinite(value):
-        raise RegressionError(f"{where} is {value}: the values are too extreme or too few to score")
-
-
-def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dict:
+def run(
+    features_path: str | Path, clinical_path: str | Path, opts: RegressOptions, tracker: NullTracker | None = None
+) -> RegressResult:
+    """Cross-validate every target of ``opts`` (and GOLD) on the joined tables and write the outputs to
+    ``opts.out``; every argument and column is checked before any fitting."""
     import joblib
 
     from hagan_clinic.tracking import NullTracker
@@ -310,17 +263,21 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         raise RegressionError("--folds must be at least 2")
     if not 0 <= opts.seed <= MAX_SEED:
         raise RegressionError(f"--seed must be from 0 to {MAX_SEED}, got {opts.seed}")
+    unknown = [t for t in opts.log_targets if t not in opts.targets]
+    if unknown:
+        raise RegressionError(f"--log-targets: '{unknown[0]}' is not one of --targets")
+    table_format(opts.predictions_name, opts.fmt)
     features = read_table(features_path, "feature", opts.id_column)
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
     for name in opts.targets:  # every column checked before hours of fitting, not after
         clinical_target(data, name)
-    if opts.gold_required:
+    if opts.gold_required and opts.gold_column:
         gold_values(data, opts.gold_column)
     out = opts.out
     guard = Outputs("regress", [features_path, clinical_path], opts.overwrite)
-    names = ["metrics.json", "predictions.csv", "model.joblib", "gold_confusion.png"]
-    names += [_plot_name(name) for name in opts.targets]
+    names = ["metrics.json", opts.predictions_name, "model.joblib", "gold_confusion.png"]
+    names += [plot_name(name) for name in opts.targets]
     for name in names:  # before hours of fitting
         guard.check(out / name)
     make_folder(out)
@@ -335,15 +292,15 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         metrics["join"] = data.join
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
                                "patients": int(len(np.unique(data.ids)))}  # fmt: skip
-        _check_finite(metrics)
+        check_finite(metrics)
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
-        write_text(out / "predictions.csv", csv_safe_frame(preds).to_csv(index=False), guard)
+        write_table(out / opts.predictions_name, preds, opts.fmt, guard)
         for name, s in metrics["targets"].items():  # the rows the title's R^2 is computed on
-            _scatter(out / _plot_name(name), name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
+            write_scatter(out / plot_name(name), name, preds.loc[scored[name], f"{name}_true"].to_numpy(),
                      preds.loc[scored[name], f"{name}_pred"].to_numpy(), s, guard)  # fmt: skip
         gold_plots = {k: v for k, v in metrics["gold"].items() if k != "majority_baseline"}
         if gold_plots:
-            _confusion_png(out / "gold_confusion.png", gold_plots, guard)
+            write_confusion(out / "gold_confusion.png", gold_plots, guard)
         bundle = {"models": models, "feature_columns": data.feature_columns, "id_column": opts.id_column,
                   "log_targets": opts.log_targets, "targets": opts.targets}  # fmt: skip
         with guard.target(out / "model.joblib", ".joblib") as tmp:
@@ -352,21 +309,27 @@ def run(features_path, clinical_path, opts: RegressOptions, tracker=None) -> dic
         for name in names:  # what this run wrote, never other files in the folder
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "regress")
-    return metrics
+    return RegressResult(metrics, out)
 
 
 def predict(
-    model_path: str | Path, features_path: str | Path, out: str | Path, overwrite: bool = False
-) -> tuple[pd.DataFrame, list[str]]:
-    """Apply a model.joblib written by ``regress`` to a feature table; writes CSV with one prediction per target.
+    model_path: str | Path,
+    features_path: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    fmt: str | None = None,
+) -> PredictResult:
+    """Apply a model.joblib written by ``regress`` to a feature table; writes a table (``fmt`` csv or parquet,
+    default: from the name of ``out``, csv when it says neither) with one prediction per target.
 
-    Returns the table and notes: a ratio target (FEV1/FVC) predicted in percent, by a model fitted on percentages,
-    is divided by 100 before the GOLD rules (PRISm as its own category) read it."""
+    Predictions stay on the scale each model was fitted on; the GOLD rules (PRISm as its own category) read the
+    predicted spirometry when both fev1pp and fev1_fvc were fitted."""
     import joblib
 
-    model_path = Path(model_path)
+    model_path, out = Path(model_path), Path(out)
     if not model_path.is_file():
         raise RegressionError(f"model not found: {model_path}")
+    fmt = table_format(out, fmt) if fmt or out.suffix.lower() in (".csv", ".parquet", ".pq") else "csv"
     guard = Outputs("predict", [model_path, features_path], overwrite)
     guard.check(out)
     try:
@@ -384,7 +347,8 @@ def predict(
     for k, column in enumerate(columns):
         check_magnitude(x[:, k], f"feature column {short_repr(str(column))}")
     ok = np.isfinite(x).all(axis=1)
-    result, notes = pd.DataFrame({id_column: table[id_column].astype(str)}), []
+    result = pd.DataFrame({id_column: table[id_column].astype(str)})
+    notes: list[str] = []
     for name, model in models.items():
         pred = np.full(len(table), np.nan)
         if ok.any():
@@ -397,5 +361,5 @@ def predict(
     if {"fev1pp", "fev1_fvc"} <= set(models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
         result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
-    write_text(Path(out), csv_safe_frame(result).to_csv(index=False), guard)
-    return result, notes
+    write_table(out, result, fmt, guard)
+    return PredictResult(result, out, notes)

@@ -94,10 +94,11 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
     import hashlib
 
     import hagan_clinic.pipelines.augment as aug
+    import hagan_clinic.pipelines.augment_arms as arms
     import torch
 
     from hagan_clinic.config import load_config
-    from hagan_clinic.preprocessing import decode_cache
+    from hagan_clinic.io.cache import decode_grid
 
     seen: list[str] = []
 
@@ -114,14 +115,14 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
                 seen.extend(digest(v[0]) for v in x.cpu().numpy())
             return self.inner(x)
 
-    make = aug.make_classifier
-    monkeypatch.setattr(aug, "make_classifier", lambda name, classes: Spy(make(name, classes)))
+    make = arms.make_classifier
+    monkeypatch.setattr(arms, "make_classifier", lambda name, classes: Spy(make(name, classes)))
     overrides = _args(cohort)[4::2]  # the --set values of the common arguments
     cfg = load_config("tiny", [*overrides, "augment.arms=[real,real+synthetic,real+synthetic+classical]"])
     aug.run(cfg, tmp_path / "aug")
     split = pd.read_csv(tmp_path / "aug" / "split.csv")
-    held = {digest(decode_cache(np.load(p))) for p in split.loc[split["split"] != "train", "path"]}
-    train = {digest(decode_cache(np.load(p))) for p in split.loc[split["split"] == "train", "path"]}
+    held = {digest(decode_grid(np.load(p))) for p in split.loc[split["split"] != "train", "path"]}
+    train = {digest(decode_grid(np.load(p))) for p in split.loc[split["split"] == "train", "path"]}
     with np.load(tmp_path / "aug" / "synthetic.npz") as syn:
         synthetic = {digest(v) for v in syn["x"]}
     assert seen and set(seen) == held  # every val/test volume scored, nothing else
@@ -130,7 +131,7 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
 
 def test_classical_augmentation_is_monai_seeded_and_flips_only_when_asked():
     import torch
-    from hagan_clinic.pipelines.augment import classical, classical_transform
+    from hagan_clinic.pipelines.augment_arms import classical, classical_transform
     from monai.transforms import RandAffine, RandFlip
 
     from hagan_clinic.config import ClassicalConfig
@@ -211,3 +212,17 @@ def test_bad_settings_are_one_line_errors(cohort, tmp_path, capsys):
         tiny_config("augment.arms=[real,real+magic]")
     with pytest.raises(ConfigError, match="keep it"):
         tiny_config("augment.arms=[real+classical]")
+
+
+def test_the_summary_is_what_the_command_prints(tmp_path):
+    from hagan_clinic.pipelines.augment import AugmentResult
+
+    base = {f"{m}_{k}": v for m in ("accuracy", "balanced_accuracy", "auc") for k, v in (("mean", 0.5), ("sd", 0.1))}
+    other = {**base, "auc_diff": 0.0, "balanced_accuracy_diff": 0.125, "balanced_accuracy_diff_ci": [-0.25, 0.5],
+             "balanced_accuracy_diff_boot_ci": [None, 0.75]}  # fmt: skip
+    table = [{"arm": "real", **base}, {"arm": "real+classical", **other}]
+    scores = "accuracy 0.500 +- 0.100, balanced_accuracy 0.500 +- 0.100, auc 0.500 +- 0.100"
+    assert AugmentResult(table, tmp_path).summary() == (
+        f"real: {scores}\nreal+classical: {scores}; balanced accuracy vs real +0.125 (seeds [-0.250, +0.500]; test "
+        f"patients [n/a, +0.750])\nwritten to {tmp_path}"
+    )

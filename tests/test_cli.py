@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import assert_refused, run_cli
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
@@ -212,3 +215,174 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"), "--no-tracking")
     assert code == 0, err
     assert first_slice.stat().st_mtime_ns == mtime
+
+
+# ---------------------------------------------------------------- flags that mean the same everywhere
+WRITES = {"generate", "import-reference", "train", "preprocess", "qct", "encode", "regress", "predict", "evaluate",
+          "augment", "phantoms", "demo"}  # fmt: skip
+COMPUTE = {"generate", "train", "encode", "evaluate", "augment"}
+SETTINGS = {"train", "preprocess", "qct", "encode", "regress", "evaluate", "augment"}
+COUNTED = {"generate", "evaluate", "phantoms"}
+TABLES = {"qct", "encode", "regress", "predict"}
+
+
+def test_every_command_takes_the_shared_flags_alike(capsys):
+    from hagan_clinic.cli import cli
+    from hagan_clinic.cli.options import WORKERS_HELP
+
+    assert {"-q", "--quiet", "-v", "--verbose"} <= {o for p in cli.params for o in p.opts}
+    for name, cmd in cli.commands.items():
+        opts = {o for p in cmd.params for o in p.opts}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= opts, name
+        assert ("--out" in opts) == (name in WRITES), name
+        assert ("--device" in opts) == (name in COMPUTE), name
+        assert ({"--config", "--set"} <= opts) == (name in SETTINGS), name
+        assert ({"-n", "--n"} <= opts) == (name in COUNTED), name
+        assert ("--format" in opts) == (name in TABLES), name
+        for p in cmd.params:
+            if "--workers" in p.opts:  # one default rule, said once
+                assert (p.help, p.default) == (WORKERS_HELP, None), name
+            if "--format" in p.opts:
+                assert list(p.type.choices) == ["csv", "parquet"], name
+        code, out, _ = run(capsys, name, "--help")
+        assert code == 0 and "--quiet" in out and "--verbose" in out, name
+
+
+def test_the_default_number_of_workers_is_one_rule():
+    from hagan_clinic.cli.options import default_workers
+
+    assert [default_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 0, 1, 2, 4, 4]
+
+
+@pytest.mark.parametrize("command", ["preprocess", "qct", "encode"])
+def test_every_workers_flag_defaults_to_the_rule(capsys, monkeypatch, tmp_path, command):
+    from hagan_clinic.errors import HaganError
+
+    seen = {}
+
+    def fake_run(src, *args, **kwargs):
+        seen["workers"] = args[0].workers if command == "encode" else kwargs["workers"]
+        raise HaganError("stop here")
+
+    monkeypatch.setattr(f"hagan_clinic.pipelines.{command}.run", fake_run)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    extra = ["--checkpoint", "m.pt", "--no-tracking"] if command == "encode" else []
+    code, _, err = run_cli(capsys, command, tmp_path, "--out", "t.csv" if command != "preprocess" else "c", *extra)
+    assert code == 2 and "stop here" in err
+    assert seen["workers"] == 4
+
+
+def test_encode_settings_come_from_the_config_and_flags_override_them(capsys, monkeypatch, tmp_path):
+    from hagan_clinic.config import CONFIG_DIR
+    from hagan_clinic.errors import HaganError
+
+    seen = []
+
+    def fake_run(src, opts, tracker):
+        seen.append(opts)
+        raise HaganError("stop here")
+
+    monkeypatch.setattr("hagan_clinic.pipelines.encode.run", fake_run)
+    config = tmp_path / "encode.yaml"
+    config.write_text(
+        f"extends: {CONFIG_DIR / 'base.yaml'}\nencode:\n  batch_size: 4\n  precision: bf16\n  workers: 3\n"
+    )
+    args = ["encode", tmp_path, "--checkpoint", "m.pt", "--out", "f.parquet", "--no-tracking", "--config", config]
+    run_cli(capsys, *args)
+    assert (seen[-1].batch_size, seen[-1].precision, seen[-1].workers, seen[-1].fmt) == (4, "bf16", 3, "parquet")
+    run_cli(capsys, *args, "--set", "encode.batch_size=5")
+    assert seen[-1].batch_size == 5
+    run_cli(capsys, *args, "--batch-size", "1", "--workers", "0", "--precision", "fp32")
+    assert (seen[-1].batch_size, seen[-1].precision, seen[-1].workers) == (1, "fp32", 0)
+    code, _, err = run_cli(capsys, *args, "--set", "encode.batch_size=0")
+    assert_refused(code, err, "encode.batch_size")
+    code, _, err = run_cli(capsys, *args[:5], "f.parquet", "--format", "csv")  # the name says parquet
+    assert_refused(code, err, "f.parquet", "--format")
+    assert len(seen) == 3
+
+
+def test_evaluate_settings_come_from_the_config_and_flags_override_them(capsys, monkeypatch):
+    from hagan_clinic.errors import HaganError
+
+    seen = []
+
+    def fake_run(opts, tracker):
+        seen.append(opts)
+        raise HaganError("stop here")
+
+    monkeypatch.setattr("hagan_clinic.pipelines.evaluate.run", fake_run)
+    args = ["evaluate", "--checkpoint", "m.pt", "--real", "r", "--out", "o", "--no-tracking"]
+    run_cli(capsys, *args)
+    assert (seen[-1].n, seen[-1].measure, seen[-1].batch_size, seen[-1].seed) == (512, "laa950_pct", 4, 0)
+    run_cli(capsys, *args, "--set", "evaluate.n=7", "--set", "evaluate.measure=mean_hu", "--set", "seed=3")
+    assert (seen[-1].n, seen[-1].measure, seen[-1].seed) == (7, "mean_hu", 3)
+    run_cli(capsys, *args, "--set", "evaluate.n=7", "-n", "9", "--seed", "4")
+    assert (seen[-1].n, seen[-1].seed) == (9, 4)
+
+
+def test_check_config_shows_the_command_sections(capsys):
+    code, out, _ = run(capsys, "check-config", "base", "--set", "encode.batch_size=4")
+    assert code == 0
+    doc = yaml.safe_load(out)  # the derived line is a YAML comment
+    assert doc["encode"] == {"batch_size": 4, "workers": None, "precision": "fp32"}
+    assert doc["regress"]["targets"] == ["fev1pp", "fev1_fvc", "pct_emphysema"] and doc["regress"]["folds"] == 5
+    assert doc["evaluate"]["n"] == 512
+
+
+def test_train_device_overrides_the_config(capsys, volume_dir, tmp_path):
+    args = ["train", "--config", "tiny", "--data", volume_dir, "--no-tracking"]
+    code, out, err = run_cli(capsys, *args, "--set", "device=cuda:7", "--device", "cpu", "--dry-run")
+    assert code == 0, err
+    assert yaml.safe_load(out)["device"] == "cpu"
+    code, _, err = run_cli(capsys, *args, "--device", "tpu")
+    assert_refused(code, err, "--device", "tpu")
+    # a run that the config would send to a GPU this machine lacks trains where --device says
+    steps = ["--set", "train.iterations=1", "--set", "train.checkpoint_every=1", "--set", "train.image_every=0"]
+    code, out, err = run_cli(
+        capsys, *args, *steps, "--set", "device=cuda:7", "--device", "cpu", "--out", tmp_path / "r"
+    )
+    assert code == 0, err
+    assert "trained to iteration 1" in out
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal: progress bars show there unless --quiet."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _on_a_terminal(monkeypatch, *args) -> tuple[int, str]:
+    term = _Terminal()
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", term)
+        code = main([str(a) for a in args])
+    return code, term.getvalue()
+
+
+def test_quiet_silences_progress_and_keeps_results(capsys, monkeypatch, tmp_path):
+    phantom = ["-n", "1", "--shape", "16,16,16"]
+    code, err = _on_a_terminal(monkeypatch, "phantoms", "--out", tmp_path / "a", *phantom)
+    assert code == 0 and "phantoms" in err  # the progress bar
+    code, err = _on_a_terminal(monkeypatch, "qct", tmp_path / "a", "--out", tmp_path / "a.csv")
+    assert code == 0 and "qct" in err
+    for flags in (["--quiet", "phantoms"], ["phantoms", "-q"]):  # on the group or on the command
+        target = tmp_path / flags[0].strip("-")
+        code, err = _on_a_terminal(monkeypatch, *flags, target, *phantom)
+        assert code == 0 and err == ""
+        assert (target / "clinical.csv").is_file()
+    code, err = _on_a_terminal(monkeypatch, "qct", tmp_path / "a", "--out", tmp_path / "b.csv", "--quiet")
+    assert code == 0 and err == ""
+    out, _ = capsys.readouterr()
+    assert out.count("1 patients:") == 3 and out.count("b.csv") == 1  # results still on stdout
+
+
+def test_phantoms_take_out_as_a_flag_or_positionally(capsys, tmp_path):
+    for args in (["--out", tmp_path / "flag"], [tmp_path / "positional"]):
+        code, out, err = run_cli(capsys, "phantoms", *args, "-n", "1", "--shape", "16,16,16")
+        assert code == 0, err
+        assert out.strip().endswith(f"{args[-1] / 'clinical.csv'}") and (args[-1] / "clinical.csv").is_file()
+    code, _, err = run_cli(capsys, "phantoms", tmp_path / "a", "--out", tmp_path / "b", "-n", "1")
+    assert code == 2 and "--out" in err and not (tmp_path / "a").exists()
+    code, _, err = run_cli(capsys, "phantoms", "-n", "1")
+    assert code == 2 and "--out" in err

@@ -224,3 +224,18 @@ def test_mask_names_of_series_without_uid_never_collide(tmp_path):
     assert main(["qct", str(src), "--out", str(tmp_path / "q.csv"), "--masks", str(masks)]) == 0
     names = sorted(p.name for p in masks.iterdir())
     assert len(names) == 2 and all(n.startswith("a_ct_") for n in names), names
+
+
+def test_qct_writes_the_table_format_its_name_or_format_says(tmp_path, capsys):
+    src = tmp_path / "one"
+    assert main(["phantoms", "--out", str(src), "-n", "1", "--seed", "3", "--shape", SHAPE]) == 0
+    assert main(["qct", str(src), "--out", str(tmp_path / "q.csv")]) == 0
+    assert main(["qct", str(src), "--out", str(tmp_path / "q.parquet")]) == 0
+    text, parquet = pd.read_csv(tmp_path / "q.csv"), pd.read_parquet(tmp_path / "q.parquet")  # real parquet
+    assert list(parquet.columns) == list(text.columns) and (parquet["status"] == "ok").all()
+    pd.testing.assert_frame_equal(parquet[["lung_volume_ml", "laa950_pct"]], text[["lung_volume_ml", "laa950_pct"]])
+    assert main(["qct", str(src), "--out", str(tmp_path / "q.table"), "--format", "parquet"]) == 0
+    assert len(pd.read_parquet(tmp_path / "q.table")) == len(text)
+    capsys.readouterr()
+    assert main(["qct", str(src), "--out", str(tmp_path / "r.csv"), "--format", "parquet"]) == 2
+    assert "r.csv" in capsys.readouterr().err and not (tmp_path / "r.csv").exists()

@@ -103,3 +103,41 @@ def test_config_is_frozen_and_round_trips():
         "size": 32,
         "resize": "spacing",
     }
+
+
+# ---------------------------------------------------------------- defaults said once
+def test_the_defaults_are_the_base_config():
+    assert Config() == load_config("base")
+
+
+def test_base_yaml_states_every_key():
+    from hagan_clinic.config import config_keys
+
+    def keys(node: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in node.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    stated = keys(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text()))
+    assert stated == {key for key, _, _ in config_keys()}
+
+
+def test_the_readme_key_table_is_generated_from_the_config():
+    from pathlib import Path
+
+    from hagan_clinic.config import markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = readme.index("| key | default | meaning |")
+    end = next(i for i in range(start, len(readme)) if not readme[i].startswith("|"))
+    assert "\n".join(readme[start:end]) == markdown_table(), "run: python -m hagan_clinic.config --markdown"
+
+
+def test_command_flags_pass_through_the_config_validation():
+    from hagan_clinic.config import ConfigError
+
+    cfg = load_config("base").with_values({"n": 7, "slab": None}, "evaluate").with_values({"seed": 3})
+    assert (cfg.evaluate.n, cfg.evaluate.slab, cfg.seed) == (7, None, 3)
+    with pytest.raises(ConfigError, match="regress.log_targets"):
+        load_config("base").with_values({"targets": ["a"], "log_targets": ["b"]}, "regress")

@@ -384,3 +384,13 @@ def test_bad_arguments_are_one_line_errors(capsys, checkpoint, tmp_path, case, n
     code, _, err = encode(capsys, src, tmp_path / "features.parquet", "--checkpoint", str(ckpt), *FAST)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "features.parquet").exists()
+
+
+def test_the_summary_is_what_the_command_prints(tmp_path):
+    from hagan_clinic.pipelines.encode import EncodeResult
+
+    table, report = tmp_path / "f.parquet", tmp_path / "f.report.csv"
+    done = EncodeResult(table, report, {"ok": 2, "skipped": 0, "failed": 1})
+    assert done.summary() == f"2 ok, 0 skipped, 1 failed: {table} (report: {report})"
+    waiting = EncodeResult(None, None, {"encoded_here": 2}, shard=(1, 3))
+    assert waiting.summary() == "shard 1/3 done; the table is written by the last shard to finish"

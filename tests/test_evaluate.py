@@ -80,3 +80,19 @@ def test_evaluate_bad_input_is_one_line(setup, tmp_path, capsys):
         assert main(["evaluate", *args, "--n", "4", "--out", str(tmp_path / "o"), "--no-tracking"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err
+
+
+def test_the_summary_is_what_the_command_prints(tmp_path):
+    from hagan_clinic.pipelines.evaluate import EvaluateResult
+
+    metrics = {"fid": 1.23456, "mmd2": 0.012345, "feature_net": "hagan-encoder", "ms_ssim_generated": 0.5,
+               "ms_ssim_real": 0.25, "memorisation": {"skipped": "no record"}}  # fmt: skip
+    assert EvaluateResult(metrics, tmp_path).summary() == (
+        f"FID 1.235, MMD^2 0.0123 (hagan-encoder); MS-SSIM generated 0.500, real 0.250; written to {tmp_path}\n"
+        "memorisation: not checked (no record)"
+    )
+    metrics["memorisation"] = {"flagged": True, "median_ratio": 0.5, "fraction_closer_than_heldout_p5": 0.75}
+    assert EvaluateResult(metrics, tmp_path).summary().splitlines()[1] == (
+        "memorisation vs the training set: median ratio 0.50, fraction closer than held-out p5 0.75: FLAGGED: "
+        "generated volumes sit closer to the training set than held-out ones"
+    )

@@ -219,3 +219,11 @@ def test_click_usage_errors_keep_their_hint(capsys):
     code, _, err = run_cli(capsys, "phantoms", "o", "--shape", "1" * 200 + ",1")
     assert code == 2
     assert_one_line(err, "(see 'hagan-clinic phantoms --help')")
+
+
+def test_one_helper_makes_an_exception_one_line():
+    from hagan_clinic.errors import describe
+
+    assert describe(HaganError("bad\n  value")) == "bad value"  # the user's message as it is
+    assert describe(KeyError("x\ny")) == "KeyError: 'x\\ny'"
+    assert describe(ValueError("v" * 1000), 40) == "ValueError: " + "v" * 25 + "..."

@@ -337,7 +337,7 @@ def test_a_fifo_among_the_cached_volumes_is_refused_by_training_and_augment(caps
     victim = sorted((out / "volumes").glob("*.npy"))[0]
     victim.unlink()
     os.mkfifo(victim)
-    with pytest.raises(HaganError, match="not files"):
+    with pytest.raises(HaganError, match="not regular files"):
         VolumeFolder.from_config(load_config("tiny"), out)
     clinical = tmp_path / "clinical.csv"
     ids = [r["patient_id"] for r in manifest_of(out).to_dict("records") if r["status"] == "ok"]

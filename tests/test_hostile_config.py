@@ -201,3 +201,21 @@ def test_a_huge_unknown_key_is_quoted_short(capsys, tmp_path):
 def test_a_huge_set_item_is_quoted_short(capsys):
     code, _, err = check_config(capsys, "tiny", "--set", "x" * 100_000)
     assert_refused(code, err, "--set", "expected section.key=value")
+
+
+# ---------------------------------------------------------------- the reader on its own (io: no config needed)
+def test_the_yaml_reader_merges_extends_and_refuses_in_its_own_terms(tmp_path):
+    import subprocess
+    import sys
+
+    from hagan_clinic.io.yaml_file import YamlFileError, read_yaml
+
+    (tmp_path / "parent.yaml").write_text("a: {x: 1, y: 2}\nb: [1, 2]\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\na: {y: 3}\nb: [4]\n")
+    assert read_yaml(tmp_path / "child.yaml") == {"a": {"x": 1, "y": 3}, "b": [4]}  # mappings merge, lists replace
+    (tmp_path / "bomb.yaml").write_text(billion_laughs() + "\n")
+    with pytest.raises(YamlFileError, match="bomb.yaml: too many YAML aliases"):
+        read_yaml(tmp_path / "bomb.yaml")
+    # the reader sits below the config: importing it loads no config model
+    code = "import sys, hagan_clinic.io.yaml_file; print('hagan_clinic.config' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import hagan_clinic.io.dicom as dicom
+import hagan_clinic.io.dicom_header as dicom_header
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
 from hagan_clinic.io.dicom_write import write_series
 from hagan_clinic.io.nifti import read_scan
@@ -117,21 +117,21 @@ def test_broken_and_looping_links_are_failed_and_folder_links_skipped(tmp_path):
 def test_large_file_without_dicom_magic_is_not_parsed(tmp_path, monkeypatch):
     series(tmp_path / "s")
     (tmp_path / "s" / "RAWDATA").write_bytes(b"\x08\x00" * 200)
-    monkeypatch.setattr(dicom, "MAX_NON_DICOM_BYTES", 100)
-    real = dicom.pydicom.dcmread
+    monkeypatch.setattr(dicom_header, "MAX_NON_DICOM_BYTES", 100)
+    real = dicom_header.pydicom.dcmread
 
     def dcmread(path, *args, **kwargs):
         assert Path(path).name != "RAWDATA", "a large file without the DICM magic was parsed"
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(dicom.pydicom, "dcmread", dcmread)
+    monkeypatch.setattr(dicom_header.pydicom, "dcmread", dcmread)
     found = discover(tmp_path, min_slices=2, progress=False)
     assert found.ignored_files == 1 and len(found.records) == 1 and found.records[0].status == "ok"
 
 
 def test_dicom_file_over_the_size_bound_is_failed_as_too_large(tmp_path, monkeypatch):
     paths = series(tmp_path / "s")
-    monkeypatch.setattr(dicom, "MAX_DICOM_BYTES", 1024)
+    monkeypatch.setattr(dicom_header, "MAX_DICOM_BYTES", 1024)
     (tmp_path / "s" / "IM9999.dcm").write_bytes(paths[0].read_bytes() + b"\0" * 2048)
     found = discover(tmp_path, min_slices=2, progress=False)
     big = by_name(found, "IM9999.dcm")

@@ -160,3 +160,15 @@ def test_a_seed_out_of_range_is_a_clear_error(capsys, tables, seed):
 def test_the_largest_seed_runs(capsys, tables):
     code, _, err = regress(capsys, tables(), "--targets", "y", "--seed", str(2**32 - 1))
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- what is written: file names and numbers
+def test_a_hostile_target_name_gives_a_plain_plot_name_and_an_undefined_score_is_named():
+    from hagan_clinic.pipelines.regress_report import check_finite, plot_name
+
+    name = plot_name("../" * 100 + "fev1\n\0é")
+    assert name.startswith("pred_vs_true_") and name.endswith(".png") and len(name) <= 117
+    assert "/" not in name and name.isascii() and name.isprintable()
+    check_finite({"targets": {"y": {"r2": 0.5, "r2_ci": [0.1, 0.9]}}})
+    with pytest.raises(regression.RegressionError, match=r"metrics\.targets\.y\.r2_ci is nan"):
+        check_finite({"targets": {"y": {"r2": 0.5, "r2_ci": [0.1, float("nan")]}}})

@@ -12,9 +12,9 @@ from conftest import tiny_config, write_volumes
 from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
 
 import hagan_clinic.models.hagan as checkpoint_module
+from hagan_clinic.io.cache import decode_grid
 from hagan_clinic.metrics import memorisation_check
 from hagan_clinic.models.hagan import HAGAN
-from hagan_clinic.preprocessing import decode_cache
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def sets(tmp_path_factory):
 
 def _copying_generator(monkeypatch, paths):
     """Make every loaded checkpoint 'generate' the given volumes in turn, whatever the latent."""
-    volumes = cycle([torch.from_numpy(decode_cache(np.load(p))) for p in paths])
+    volumes = cycle([torch.from_numpy(decode_grid(np.load(p))) for p in paths])
     load = checkpoint_module.load_checkpoint
 
     def patched(*args, **kwargs):
@@ -47,7 +47,7 @@ def test_a_generator_that_copies_its_training_set_is_flagged(sets, tmp_path, mon
     _copying_generator(monkeypatch, sets[source])
     opts = EvaluateOptions(sets["root"] / "tiny.pt", sets["root"] / "held", tmp_path / "eval", n=10,
                            measure="mean_hu", n_recon=1, n_diversity=2, train=sets["root"] / "train")  # fmt: skip
-    m = run(opts)["memorisation"]
+    m = run(opts).metrics["memorisation"]
     assert m["flagged"] is flagged and m["n_train"] == 10 and m["n_heldout"] == 10
     if flagged:
         assert m["median_generated_to_train"] == pytest.approx(0.0, abs=1e-6)
@@ -67,7 +67,7 @@ def test_held_out_volumes_that_are_training_volumes_are_left_out(sets, tmp_path,
     _copying_generator(monkeypatch, sets["fresh"])
     opts = EvaluateOptions(sets["root"] / "tiny.pt", mixed, tmp_path / "eval", n=4, measure="mean_hu", n_recon=1,
                            n_diversity=2, train=sets["root"] / "train")  # fmt: skip
-    m = run(opts)["memorisation"]
+    m = run(opts).metrics["memorisation"]
     assert m["heldout_excluded_as_training"] == 3 and m["n_heldout"] == 6
 
 

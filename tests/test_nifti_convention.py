@@ -186,18 +186,6 @@ def test_preprocess_nifti_views_sit_where_the_scan_is(tmp_path, dicom_scan):
     assert np.abs(brightest_world_ras(img) - marker_ras).max() <= 8.0
 
 
-def test_one_nifti_reader_and_writer():
-    """Only hagan_clinic.io.nifti touches nibabel: every command reads and writes NIfTI the same way."""
-    root = Path(__file__).resolve().parents[1]
-    users = sorted(
-        str(p.relative_to(root))
-        for folder in ("hagan_clinic", "pipelines")
-        for p in (root / folder).rglob("*.py")
-        if "nibabel" in p.read_text() or "nib." in p.read_text()
-    )
-    assert users == ["hagan_clinic/io/nifti.py"]
-
-
 def test_non_finite_voxels_are_no_measurement_and_never_silent(tmp_path):
     """NaN or inf in a NIfTI scan is read as 'no measurement' (never air or tissue), noted, and a lung that runs
     into it is reported as partial rather than measured short without a word."""

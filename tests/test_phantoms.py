@@ -23,9 +23,11 @@ from hagan_clinic.phantoms import (
     PARENCHYMA,
     WALL,
     PhantomError,
+    check_shape,
     draw_cohort,
     draw_patient,
     gold_stage,
+    parse_shape,
     render_thorax,
     write_cohort,
 )
@@ -157,6 +159,23 @@ def test_bad_arguments_raise(tmp_path, kwargs):
         write_cohort(tmp_path, progress=False, **kwargs)
     assert isinstance(err.value, HaganError) and "\n" not in str(err.value)
     assert not (tmp_path / "clinical.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("16,16", "expected three integers"),
+        ("²,16,16", "expected three integers"),
+        ("9" * 5000 + ",16,16", "expected three integers"),
+        ("8,64,64", "from 16 to 2048"),
+        ("2048x2048x2048", "voxels per series"),
+    ],
+)
+def test_a_shape_is_parsed_and_bounded_in_one_public_place(text, needle):
+    assert parse_shape("24,48x48") == parse_shape(" 24 , 48 , 48 ") == check_shape(np.array(SMALL)) == SMALL
+    with pytest.raises(PhantomError, match=needle) as err:
+        parse_shape(text)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])  # a sharp, a padded GE and a 3 mm Toshiba profile

@@ -201,3 +201,10 @@ def test_manifest_is_a_training_table(capsys, cohort, tmp_path):
     assert len(data) == 3
     for i in range(len(data)):
         assert data.load(i).shape == (32, 32, 32)
+
+
+def test_the_summary_is_what_the_command_prints(tmp_path):
+    from hagan_clinic.pipelines.preprocess import PreprocessResult
+
+    result = PreprocessResult(tmp_path / "manifest.csv", {"ok": 3, "skipped": 1, "failed": 0}, [])
+    assert result.summary() == f"3 ok, 1 skipped, 0 failed: {tmp_path / 'manifest.csv'}"

@@ -9,7 +9,7 @@ import pytest
 from hagan_clinic.config import load_config
 from hagan_clinic.io.nifti import from_model_range
 from hagan_clinic.io.volume import SeriesError, Volume
-from hagan_clinic.preprocessing import decode_cache, encode_cache, normalise_intensity, to_model_grid
+from hagan_clinic.preprocessing import normalise_intensity, to_model_grid
 
 AIR, TISSUE = -1024.0, 40.0
 
@@ -162,15 +162,3 @@ def test_mr_scaling_ignores_the_scanners_units():
     a, _ = to_model_grid(Volume(hu, (8.0, 8.0, 8.0)), cfg)
     b, _ = to_model_grid(Volume(hu * 1000.0, (8.0, 8.0, 8.0)), cfg)
     np.testing.assert_allclose(a, b, atol=1e-4)
-
-
-@pytest.mark.parametrize(("dtype", "atol"), [("float16", 2.0**-11), ("int16", 0.5 / 32767 + 1e-7)])
-def test_cache_encoding_round_trips(dtype, atol):
-    values = np.r_[-1.0, 1.0, 0.0, np.random.default_rng(3).uniform(-1, 1, 997)].astype(np.float32).reshape(10, 10, 10)
-    stored = encode_cache(values, dtype)
-    assert stored.dtype == np.dtype(dtype) and stored.shape == values.shape
-    back = decode_cache(stored)
-    assert back.dtype == np.float32
-    assert np.abs(back - values).max() <= atol
-    assert back.min() >= -1.0 and back.max() <= 1.0
-    assert back.ravel()[0] == -1.0 and back.ravel()[1] == 1.0 and back.ravel()[2] == 0.0

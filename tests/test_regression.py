@@ -414,6 +414,42 @@ def test_predict_names_a_missing_feature_column(cohort, capsys, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_predict_writes_the_format_its_name_or_format_says(cohort, capsys, tmp_path):
+    x = np.random.default_rng(12).normal(size=(5, D))
+    feature_table(x, [f"N{i}" for i in range(5)]).to_csv(tmp_path / "new.csv", index=False)
+    args = ["predict", "--model", str(cohort.out / "model.joblib"), "--features", "new.csv", "--out"]
+    assert main([*args, "p.parquet"]) == 0 and main([*args, "p.csv"]) == 0, capsys.readouterr().err
+    parquet = pd.read_parquet(tmp_path / "p.parquet")  # real parquet, not CSV text under a parquet name
+    text = pd.read_csv(tmp_path / "p.csv", dtype={"gold_pred": str, "gold_rules_pred": str})
+    assert list(parquet.columns) == list(text.columns) and parquet["patient_id"].tolist() == text["patient_id"].tolist()
+    assert np.allclose(parquet["fev1pp_pred"], text["fev1pp_pred"])
+    assert main([*args, "q.tbl", "--format", "parquet"]) == 0
+    assert len(pd.read_parquet(tmp_path / "q.tbl")) == 5
+    capsys.readouterr()
+    code = main([*args, "q.parquet", "--format", "csv"])  # a name that contradicts --format is refused
+    assert_one_line_error(code, capsys.readouterr().err, "q.parquet", "--format")
+    assert not (tmp_path / "q.parquet").exists()
+
+
+def test_regress_takes_its_settings_from_the_config_and_writes_parquet(cohort, capsys, tmp_path):
+    from hagan_clinic.config import CONFIG_DIR
+
+    (tmp_path / "regress.yaml").write_text(
+        f"extends: {CONFIG_DIR / 'base.yaml'}\nregress:\n  targets: [fev1pp]\n  folds: 3\n"
+    )
+    features, clinical = cohort.root / "features.csv", cohort.root / "clinical.csv"
+    args = ("--config", "regress.yaml", "--set", "seed=1", "--format", "parquet", "--no-tracking")
+    code = regress(features, clinical, tmp_path / "out", *args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    preds = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+    assert sorted(preds["fold"].unique()) == [0, 1, 2]  # regress.folds, from the config
+    assert [c for c in preds.columns if c.endswith("_pred") and not c.startswith("gold")] == ["fev1pp_pred"]
+    assert out.splitlines()[-1] == f"written to {tmp_path / 'out'}"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["targets"].keys() == {"fev1pp"}
+
+
 # ---------------------------------------------------------------- MLflow
 def test_mlflow_run_has_params_metrics_and_artifacts(cohort):
     from mlflow import MlflowClient

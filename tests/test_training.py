@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -18,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import Config, load_config
-from hagan_clinic.models.discriminator import DiscriminatorOutput
 from hagan_clinic.models.hagan import HAGAN, load_checkpoint
 from hagan_clinic.training import loop, losses
-from hagan_clinic.training.loop import PHASES, TrainingError, _low_res, _phase_loss, _requires_grad, train
+from hagan_clinic.training.loop import TrainingError, train
+from hagan_clinic.training.losses import PHASES
 from hagan_clinic.training.state import load_state
 
 LOSSES = ("loss_D", "loss_G", "loss_EH", "loss_EG")
@@ -75,10 +75,6 @@ def assert_same(a, b, where: str = "state") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
 # ---- 1. a run folder ----------------------------------------------------------------------------------------
@@ -138,47 +134,46 @@ def test_train_writes_the_run_folder(volume_dir, tmp_path):
     assert torch.isfinite(model.generate(model.encode(x))).all()
 
 
-# ---- 2. phase isolation -------------------------------------------------------------------------------------
+@pytest.fixture
+def train_log(monkeypatch):
+    """The training package's log records; the logging set-up that ``configure`` changes is restored after."""
+    from hagan_clinic.io import logs
+
+    root = logging.getLogger(logs.LOGGER)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "propagate", root.propagate)
+    level = root.level
+    monkeypatch.setitem(logs._state, "verbosity", logs._state["verbosity"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("hagan_clinic.training")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    root.setLevel(level)  # through setLevel: it also clears the loggers' cached levels
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [(), ("model.num_classes=2", "train.r1_gamma=1.0", "train.d_loss=separate")],
-    ids=["reference", "conditional-r1-separate"],
-)
-def test_each_phase_changes_only_its_own_network(overrides):
-    cfg = load_config("tiny", overrides)
-    tc, mc = cfg.train, cfg.model
-    model = HAGAN.from_config(cfg).train()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 1, 32, 32, 32, generator=gen) * 2 - 1
-    y = torch.tensor([0, 1]) if mc.num_classes else None
-    r = 3 * mc.upsample
-    real_slab, real_low = model.select_image_slab(x, r), _low_res(x, mc.upsample, tc.low_res)
-    z_d = torch.randn(2, mc.latent_dim, generator=gen)
-    z_g = torch.randn(2, mc.latent_dim, generator=gen)
-    # ONE optimiser over every network: it steps whatever received a gradient, so a phase that leaked
-    # gradient into another network (or one that left another network trainable) changes that network too
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for phase in PHASES:
-        before = params(model)
-        _requires_grad(model, phase)
-        assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {phase}
-        opt.zero_grad(set_to_none=True)
-        loss, parts = _phase_loss(phase, model, tc, real_slab, real_low, x, y, z_d, z_g, r)
-        assert loss.ndim == 0 and torch.isfinite(loss), phase
-        loss.backward()
-        with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
-        assert with_grad == {phase}, f"phase {phase} sent gradients to {sorted(with_grad)}"
-        opt.step()
-        changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        assert changed == {phase}, f"phase {phase} changed {sorted(changed)}"
-        if phase == "D" and mc.num_classes:
-            assert {"loss_D_class", "loss_D_r1"} <= parts.keys()
-        if phase == "G" and mc.num_classes:
-            assert "loss_G_class" in parts
-    _requires_grad(model, None)
-    assert not any(p.requires_grad for p in model.parameters())
+@pytest.mark.parametrize("verbosity", [0, -1], ids=["normal", "quiet"])
+def test_progress_is_a_log_line_per_log_step_off_a_terminal_and_nothing_under_quiet(
+    volume_dir, tmp_path, capsys, train_log, verbosity
+):
+    from hagan_clinic.io import logs
+
+    logs.configure(verbosity)
+    train(tiny("train.iterations=2", "train.log_every=1"), tmp_path / "run", volume_dir)  # stderr: not a terminal
+    err = capsys.readouterr().err
+    lines = [r.getMessage() for r in train_log]
+    if verbosity < 0:
+        assert lines == [] and err == ""
+        return
+    assert lines[0] == f"training run: 4 volumes in {volume_dir}; 1 process(es) on cpu"
+    assert [line.split(" ")[0] for line in lines[1:]] == ["[1/2]", "[2/2]"]
+    assert all(f"{k}=" in lines[-1] for k in (*LOSSES, "it_per_s"))
+    assert "\r" not in err  # no progress bar
+
+
+# ---- 2. one step per network ---------------------------------------------------------------------------------
 
 
 def test_the_loop_steps_each_network_once_per_iteration(volume_dir, tmp_path):
@@ -378,9 +373,9 @@ def test_crashing_run_is_marked_failed(volume_dir, tmp_path, monkeypatch):
 def test_autocast_runs_convolutions_in_the_chosen_dtype(precision, dtype):
     conv = torch.nn.Conv3d(2, 2, 3)
     x = torch.randn(1, 2, 6, 6, 6)
-    with loop._autocast(torch.device("cpu"), precision):
+    with loop.autocast(torch.device("cpu"), precision):
         assert conv(x).dtype == dtype
-    with loop._autocast(torch.device("cpu"), "fp32"):
+    with loop.autocast(torch.device("cpu"), "fp32"):
         assert conv(x).dtype == torch.float32
 
 
@@ -394,22 +389,32 @@ def fp32_reference(tmp_path_factory, make_volumes):
     return root / "volumes", metrics(root / "run")
 
 
+# Tolerances from a measured spread: 20 seeds x 1 and 2 threads (fp16: 6 seeds x 2 threads) on an AVX-512 Xeon with
+# AMX (native bf16 and fp16), plus one report from another x86-64 machine; each is at least 5x the worst seen.
+# - first: iteration 1's loss_D, computed before any optimiser step, so only the arithmetic differs. Worst seen:
+#   channels_last 1.7e-7 (a float32 rounding or two), bf16 8e-4, fp16 4.1e-5.
+# - every other logged loss comes after at least one Adam step. With beta1 = 0 (the reference's) every step moves
+#   each weight by about lr whatever the size of its gradient, so a weight whose gradient is within rounding noise of
+#   zero moves one way or the other by chance: any difference in arithmetic (memory layout, thread count, CPU) can
+#   grow to a fair part of one step's effect on the loss (5-10% here). Worst seen: channels_last 1.7e-3 here and
+#   2.8e-4 on the other machine (median 3e-6), bf16 3.9e-2, fp16 7.1e-3; fp32 itself, 1 vs 2 threads: 3.3e-6.
 @pytest.mark.parametrize(
-    ("overrides", "rel"),
+    ("overrides", "first", "rel"),
     [
-        (("train.precision=bf16",), 0.05),
-        (("train.precision=fp16",), 0.01),
-        (("train.channels_last=true",), 1e-4),
+        (("train.precision=bf16",), 1e-2, 0.2),
+        (("train.precision=fp16",), 1e-3, 0.05),
+        (("train.channels_last=true",), 1e-5, 1e-2),
     ],
     ids=["bf16", "fp16", "channels_last"],
 )
-def test_precision_options_train_close_to_fp32(fp32_reference, tmp_path, overrides, rel):
+def test_precision_options_train_close_to_fp32(fp32_reference, tmp_path, overrides, first, rel):
     data, reference = fp32_reference
     cfg = tiny("train.iterations=2", "train.log_every=1", *overrides)
     out = tmp_path / "run"
     result = train(cfg, out, data, progress=False)
     assert result.nonfinite_skipped == 0
     lines = metrics(out)
+    assert lines[0]["loss_D"] == pytest.approx(reference[0]["loss_D"], rel=first)
     for line, ref in zip(lines, reference):
         for key in LOSSES:
             assert math.isfinite(line[key])
@@ -494,60 +499,6 @@ def test_ema_generator_is_saved_and_selectable(volume_dir, tmp_path):
     assert_same(with_ema.EG.state_dict(), raw.EG.state_dict())
 
 
-def test_ema_update_is_a_moving_average():
-    live, ema = torch.nn.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4)
-    torch.nn.init.constant_(live.weight, 3.0)
-    torch.nn.init.constant_(ema.weight, 1.0)
-    live.register_buffer("count", torch.tensor(7.0))
-    ema.register_buffer("count", torch.tensor(0.0))
-    loop._ema_update(ema, live, 0.75)
-    torch.testing.assert_close(ema.weight, torch.full((4,), 1.5))  # 0.75 * 1 + 0.25 * 3
-    assert ema.count == 7.0  # buffers are copied
-
-
-def fake_output(high: torch.Tensor, low: torch.Tensor) -> DiscriminatorOutput:
-    return DiscriminatorOutput(high, low, None, None)
-
-
-def test_discriminator_loss_averaged_and_separate():
-    real = fake_output(torch.tensor([[2.0], [0.5]]), torch.tensor([[1.0], [-1.0]]))
-    fake = fake_output(torch.tensor([[-1.0], [0.3]]), torch.tensor([[0.0], [2.0]]))
-
-    def bce(logit, target):
-        return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, target))
-
-    averaged = load_config("tiny").train
-    separate = load_config("tiny", ["train.d_loss=separate", "train.d_high_weight=2", "train.d_low_weight=0.5"]).train
-    torch.testing.assert_close(
-        losses.discriminator_loss(real, fake, averaged),
-        bce((real.high + real.low) / 2, 1.0) + bce((fake.high + fake.low) / 2, 0.0),
-    )
-    torch.testing.assert_close(
-        losses.discriminator_loss(real, fake, separate),
-        2 * (bce(real.high, 1.0) + bce(fake.high, 0.0)) + 0.5 * (bce(real.low, 1.0) + bce(fake.low, 0.0)),
-    )
-    torch.testing.assert_close(losses.generator_loss(fake, averaged), bce((fake.high + fake.low) / 2, 1.0))
-    torch.testing.assert_close(
-        losses.generator_loss(fake, separate), 2 * bce(fake.high, 1.0) + 0.5 * bce(fake.low, 1.0)
-    )
-
-
-def test_r1_penalty_matches_the_analytic_gradient():
-    tc = load_config("tiny", ["train.r1_gamma=4.0"]).train
-    slab = torch.randn(3, 1, 2, 2, 2, requires_grad=True)
-    low = torch.randn(3, 1, 2, 2, 2, requires_grad=True)
-    w_slab, w_low = torch.randn(1, 1, 2, 2, 2), torch.randn(1, 1, 2, 2, 2)
-    high = (slab * w_slab).flatten(1).sum(1, keepdim=True)
-    low_logit = (low * w_low).flatten(1).sum(1, keepdim=True)
-    out = fake_output(high, low_logit)
-    # averaged: d logit / d slab = w_slab / 2, d logit / d low = w_low / 2
-    expected = 0.5 * 4.0 * ((w_slab / 2).pow(2).sum() + (w_low / 2).pow(2).sum())
-    torch.testing.assert_close(losses.r1_penalty(out, (slab, low), tc), expected)
-    tc_sep = load_config("tiny", ["train.r1_gamma=4.0", "train.d_loss=separate"]).train
-    expected_sep = 0.5 * 4.0 * (w_slab.pow(2).sum() + w_low.pow(2).sum())
-    torch.testing.assert_close(losses.r1_penalty(out, (slab, low), tc_sep), expected_sep)
-
-
 def test_separate_d_loss_with_r1_trains(volume_dir, tmp_path):
     out = tmp_path / "run"
     train(
@@ -558,46 +509,17 @@ def test_separate_d_loss_with_r1_trains(volume_dir, tmp_path):
         assert math.isfinite(line["loss_D_r1"]) and line["loss_D_r1"] > 0
 
 
-def test_low_res_matches_a_direct_computation():
-    x = torch.randn(2, 1, 32, 32, 32)
-    nearest = _low_res(x, 4, "nearest")
-    assert nearest.shape == (2, 1, 8, 8, 8)
-    assert torch.equal(nearest, F.interpolate(x, scale_factor=0.25, mode="nearest"))  # the reference's
-    assert nearest[1, 0, 2, 5, 7] == x[1, 0, 8, 20, 28]
-    area = _low_res(x, 4, "area")
-    torch.testing.assert_close(area, x.reshape(2, 1, 8, 4, 8, 4, 8, 4).mean(dim=(3, 5, 7)))
-    torch.testing.assert_close(area[1, 0, 2, 5, 7], x[1, 0, 8:12, 20:24, 28:32].mean())
-    # what the generator's low-resolution branch is compared with really is this x_low
-    assert not torch.allclose(area, nearest)
-
-
 def test_the_loop_makes_x_low_as_configured(volume_dir, tmp_path, monkeypatch):
     seen = []
-    real = loop._low_res
+    real = losses.low_res
 
     def spy(x, factor, how):
         seen.append((factor, how))
         return real(x, factor, how)
 
-    monkeypatch.setattr(loop, "_low_res", spy)
+    monkeypatch.setattr(losses, "low_res", spy)
     train(tiny("train.iterations=1", "train.low_res=nearest"), tmp_path / "run", volume_dir, progress=False)
     assert seen == [(4, "nearest")]
-
-
-def test_encoder_weight_scales_the_encoder_losses():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 1, 32, 32, 32, generator=gen) * 2 - 1
-    z = torch.randn(2, 32, generator=gen)
-    results = {}
-    for weight in (1.0, 5.0):
-        cfg = load_config("tiny", [f"train.encoder_weight={weight}"])
-        model = HAGAN.from_config(cfg).train()
-        slab, low = model.select_image_slab(x, 8), _low_res(x, 4, "area")
-        with torch.no_grad():
-            results[weight] = [
-                float(_phase_loss(p, model, cfg.train, slab, low, x, None, z, z, 8)[0]) for p in ("EH", "EG")
-            ]
-    assert results[5.0] == pytest.approx([5 * v for v in results[1.0]], rel=1e-5)
 
 
 # ---- 8. conditional training --------------------------------------------------------------------------------
@@ -701,20 +623,19 @@ def test_dry_run_prints_config_and_data_summary(volume_dir, capsys):
 DRIVER = '''
 """torchrun driver: the command line, plus each rank's final weights and the volumes it read (for the test)."""
 import os, sys, torch
-import hagan_clinic.training.loop as loop
 from hagan_clinic.cli import main
 from hagan_clinic.data import VolumeFolder
+from hagan_clinic.models.hagan import HAGAN
 
 models, seen = [], []
+_from_config = HAGAN.from_config.__func__
 
-class Capture(loop.HAGAN):
-    @classmethod
-    def from_config(cls, config):
-        model = super().from_config(config)
-        models.append(model)
-        return model
+def from_config(cls, config):
+    model = _from_config(cls, config)
+    models.append(model)
+    return model
 
-loop.HAGAN = Capture
+HAGAN.from_config = classmethod(from_config)
 _load = VolumeFolder.load
 def load(self, index):
     seen.append(int(index))

@@ -279,7 +279,7 @@ def discover(
             continue
         folder = str(path.parent.relative_to(base))
         if header.series_uid:
-            key = ("uid", header.series_uid)
+            key: tuple = ("uid", header.series_uid)
         else:  # no UID: the folder and the image geometry stand in for it
             key = ("folder", folder, header.modality, header.rows, header.cols,
                    orientation_key(header.orientation) if header.orientation else None)  # fmt: skip

@@ -8,7 +8,6 @@ enhanced multi-frame form. Input volumes follow the canonical orientation of :mo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -23,6 +23,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from .files import atomic_target
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -53,15 +55,14 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         ds.compress(ts, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = ts
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True, implicit_vr=ts.is_implicit_VR, little_endian=True)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True, implicit_vr=ts.is_implicit_VR, little_endian=True)
 
 
 def _base_dataset(sop_class: str, sop_uid: str, study_uid: str, series_uid: str, info: dict) -> Dataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta

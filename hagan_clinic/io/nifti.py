@@ -19,9 +19,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
+from nibabel.spatialimages import SpatialImage
 
+from ..errors import one_line
 from .files import atomic_target
-from .volume import SeriesError, Volume
+from .volume import SeriesError, Volume, xyz
 
 OUTSIDE_FOV_HU = -1500.0  # CT values below this are padding (-2048, -3024), not air
 XFORM_CODES = {"scanner": 1, "aligned": 2}  # NIfTI xform codes: scanner-based, or aligned to another scan
@@ -56,7 +58,7 @@ def centred_origin(shape_dhw: Sequence[int], spacing_xyz: Sequence[float]) -> tu
     """LPS origin (mm) of voxel (0, 0, 0) that puts the centre of a (D, H, W) grid at (0, 0, 0): for volumes
     without a scanner position (generated ones)."""
     d, h, w = shape_dhw
-    return tuple(-(n - 1) / 2.0 * float(s) for n, s in zip((w, h, d), spacing_xyz))
+    return xyz(-(n - 1) / 2.0 * float(s) for n, s in zip((w, h, d), spacing_xyz))
 
 
 def write_scan(
@@ -114,7 +116,7 @@ def write_array(
     """Write a (D, H, W) array in the convention above; without ``origin_lps`` the grid is centred on (0, 0, 0)
     and the file says 'aligned' rather than 'scanner'."""
     origin = centred_origin(array_dhw.shape, spacing_xyz) if origin_lps is None else origin_lps
-    volume = Volume(hu=array_dhw, spacing=tuple(spacing_xyz), origin=tuple(origin))
+    volume = Volume(hu=array_dhw, spacing=xyz(spacing_xyz, "spacing"), origin=xyz(origin, "origin"))
     return write_scan(path, volume, dtype, description, "aligned" if origin_lps is None else "scanner")
 
 
@@ -126,11 +128,22 @@ def _canonical(img) -> tuple[np.ndarray, np.ndarray]:
     return ornt, img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
 
 
+def _load(path: str | Path) -> SpatialImage:
+    """The image, header read and pixels not yet. nibabel types its loader as returning any file-based image; every
+    format it opens as a scan (NIfTI-1 and -2, Analyze, MGH) is a spatial image, and anything else is refused."""
+    img = nib.load(str(path))
+    if not isinstance(img, SpatialImage):
+        raise SeriesError(f"not a volume image ({type(img).__name__})")
+    return img
+
+
 def header_shape(path: str | Path) -> tuple[int, ...]:
     """The stored shape of a NIfTI file, from its header alone (SeriesError when it cannot be read)."""
     _probe(path)
     try:
-        return tuple(int(n) for n in nib.load(str(path)).shape)
+        return tuple(int(n) for n in _load(path).shape)
+    except SeriesError:
+        raise
     except Exception as err:  # nibabel raises many types for damaged files
         raise _unreadable(err, path) from None
 
@@ -140,7 +153,7 @@ def _open(path: str | Path):
     with the reason for a damaged, non-3D, implausible or mirrored (version 0.1) file."""
     _probe(path)
     try:
-        img = nib.squeeze_image(nib.load(str(path)))
+        img = nib.squeeze_image(_load(path))
         if len(img.shape) != 3:
             raise SeriesError(f"not a 3D volume (shape {img.shape})")
         if int(np.prod(img.shape, dtype=np.float64)) > MAX_VOXELS:
@@ -218,10 +231,11 @@ def read_shape(path: str | Path) -> tuple[int, int, int]:
 
 def _reason(err: BaseException, path: str | Path) -> str:
     """The exception's type and plain cause, one line, without the file's path (nibabel's messages carry it)."""
-    text = " ".join(str(err).split())
+    text = str(err)
     for quoted in (f"'{path}'", f'"{path}"', str(path)):
         text = text.replace(quoted, "the file")
-    return f"{type(err).__name__}: {text[:100]}" if text else type(err).__name__
+    text = one_line(text, 100)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _refuse_mirrored(img) -> None:
@@ -289,7 +303,7 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
         raise _unreadable(err, path) from None
     refuse_implausible_values(data, modality)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # RAS -> LPS
-    spacing = tuple(float(s) for s in np.linalg.norm(lps[:3, :3], axis=0))
+    spacing = xyz(np.linalg.norm(lps[:3, :3], axis=0), "spacing")
     notes = ""
     if not np.allclose(np.abs(lps[:3, :3]), np.diag(spacing), atol=1e-3 * max(spacing)):
         notes = "oblique affine (read as the nearest axial grid)"
@@ -308,7 +322,7 @@ def read_scan(path: str | Path, modality: str = "CT") -> Volume:
     return Volume(
         hu=hu,
         spacing=spacing,
-        origin=tuple(lps[:3, 3]),
+        origin=xyz(lps[:3, 3], "origin"),
         valid=valid,
         meta={"patient_id": name, "modality": modality, "source": path.name, "notes": notes},
     )

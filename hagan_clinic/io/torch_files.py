@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import HaganError
+from ..errors import HaganError, one_line
 from .files import atomic_target
 
 #: Values in a file's plain data (config, record, the keys of its state dicts) with shared containers expanded.
@@ -54,8 +54,8 @@ def load_untrusted(path: str | Path, what: str = "checkpoint") -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = " ".join(str(err).split()) or type(err).__name__
-        raise CheckpointError(f"{path}: not a readable {what} ({first[:200]})") from None
+        first = one_line(err, 200) or type(err).__name__
+        raise CheckpointError(f"{path}: not a readable {what} ({first})") from None
 
 
 def check_expanded_size(payload: Any, path: str | Path) -> None:

@@ -8,6 +8,7 @@ patient's right on the left of the image).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,15 @@ META_KEYS = (
 
 class SeriesError(HaganError):
     """A series (or volume file) that cannot be turned into a volume; the message is the reason, for a report."""
+
+
+def xyz(values: Iterable[float], what: str = "a position") -> tuple[float, float, float]:
+    """Three numbers (x, y, z) as floats; ValueError naming ``what`` for any other count."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 3:
+        raise ValueError(f"{what} must hold 3 values (x, y, z), got {len(numbers)}")
+    x, y, z = numbers
+    return x, y, z
 
 
 @dataclass
@@ -61,12 +71,13 @@ class Volume:
         unknown = set(self.meta) - set(META_KEYS)
         if unknown:
             raise ValueError(f"Volume.meta: keys not allowed: {sorted(unknown)}")
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
+        self.spacing = xyz(self.spacing, "Volume.spacing")
+        self.origin = xyz(self.origin, "Volume.origin")
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)
+        d, h, w = self.hu.shape
+        return d, h, w
 
     def affine_lps(self) -> np.ndarray:
         """4x4 mapping (x, y, z) = (W, H, D) voxel indices to LPS mm."""

@@ -122,6 +122,7 @@ class HighBranch(nn.Module):
             raise ValueError(f"slab must be >= 1 feature slice, got {chunk}")
         h = holder.pop()
         for i, stage in enumerate(self.stages):
+            assert isinstance(stage, HighStage)  # ModuleList items are typed as any Module
             step = chunk * 2**i  # the same output slices per chunk at every stage
             depth = h.shape[2]
             out = h.new_empty((h.shape[0], stage.conv.out_channels, 2 * depth, 2 * h.shape[3], 2 * h.shape[4]))

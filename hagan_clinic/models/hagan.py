@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import NUM_SLABS, Config, ConfigError
-from ..errors import short_repr
+from ..errors import one_line, short_repr
 from ..io.torch_files import CheckpointError, atomic_torch_save, check_expanded_size, file_sha256, load_untrusted
 from .discriminator import Discriminator
 from .encoder import GroundEncoder, SlabEncoder
@@ -279,14 +279,9 @@ def load_checkpoint(
         try:
             getattr(model, name.removesuffix("_ema")).load_state_dict(state)
         except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: {name} weights do not fit the config ({_first_line(err)})") from None
+            raise CheckpointError(f"{path}: {name} weights do not fit the config ({one_line(err)})") from None
     model.parts = tuple(parts)
     return model.to(device).eval()
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300]
 
 
 def training_record(path: str | Path) -> dict[str, Any] | None:

@@ -14,7 +14,8 @@ change no lung voxel. The truth (lung volume, %LAA-950, 15th percentile) is meas
 final integer HU, exactly what a reader of the written DICOM sees.
 
 Public API: ``draw_patient``/``draw_cohort`` -> PatientParams, ``render_thorax`` -> ThoraxPhantom, ``write_cohort``
--> the clinical table, ``gold_stage``, ``clinical_row``, ``PROFILES``, ``PhantomError``.
+-> the clinical table, ``gold_stage``, ``clinical_row``, ``parse_shape``/``check_shape`` (a grid shape from text or
+numbers, within bounds), ``PROFILES``, ``PhantomError``.
 """
 
 from .cohort import clinical_row, write_cohort
@@ -41,7 +42,7 @@ from .params import (
     draw_patient,
     gold_stage,
 )
-from .render import ThoraxPhantom, render_thorax
+from .render import ThoraxPhantom, check_shape, parse_shape, render_thorax
 
 __all__ = [
     "AIR",
@@ -63,10 +64,12 @@ __all__ = [
     "PhantomError",
     "ScannerProfile",
     "ThoraxPhantom",
+    "check_shape",
     "clinical_row",
     "draw_cohort",
     "draw_patient",
     "gold_stage",
+    "parse_shape",
     "render_thorax",
     "write_cohort",
 ]

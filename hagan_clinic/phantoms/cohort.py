@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from .params import (
     gold_stage,
     patient_id,
 )
-from .render import _check_shape, render_thorax
+from .render import check_shape, render_thorax
 
 
 def clinical_row(params: PatientParams, truth: dict) -> dict:
@@ -36,7 +37,27 @@ def clinical_row(params: PatientParams, truth: dict) -> dict:
 
 
 # ---------------------------------------------------------------- writing the cohort
-def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool, dict]) -> dict:
+class PatientObjects(TypedDict):
+    """The objects beside the patient (draw_patient's keyword arguments)."""
+
+    couch_mm: float
+    cushions: bool
+    stomach: bool
+
+
+class SeriesHeader(TypedDict):
+    """Header values shared by a phantom patient's series (write_series's extra keyword arguments)."""
+
+    patient_name: str
+    birth_date: str
+    sex: str
+    manufacturer: str
+    model: str
+    kernel: str
+    institution: str
+
+
+def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool, PatientObjects]) -> dict:
     from ..io.dicom_write import uid, write_series  # pydicom only when writing
 
     out, seed, index, shape, extras, objects = args
@@ -44,9 +65,11 @@ def _write_patient(args: tuple[Path, int, int, tuple[int, int, int], bool, dict]
     ph = render_thorax(params, shape)
     vol, prof = ph.volume, params.profile
     study = uid("hagan-phantom", seed, index, "study")
-    header = {"patient_name": f"PHANTOM^{params.patient_id}", "birth_date": params.birth_date, "sex": params.sex,
-              "manufacturer": prof.manufacturer, "model": prof.model, "kernel": prof.kernel,
-              "institution": "HAGAN PHANTOM HOSPITAL"}  # fmt: skip
+    header: SeriesHeader = {
+        "patient_name": f"PHANTOM^{params.patient_id}", "birth_date": params.birth_date, "sex": params.sex,
+        "manufacturer": prof.manufacturer, "model": prof.model, "kernel": prof.kernel,
+        "institution": "HAGAN PHANTOM HOSPITAL",
+    }  # fmt: skip
     folder = out / params.patient_id / "STUDY_1"
     write_series(folder / "SERIES_2", vol.hu, vol.spacing, patient_id=params.patient_id, study_uid=study,
                  series_uid=uid(study, "series", 2), origin=vol.origin, slice_thickness=prof.slice_thickness_mm,
@@ -90,10 +113,10 @@ def write_cohort(
         raise PhantomError(f"n must be an integer >= 1, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise PhantomError(f"seed must be an integer from 0 to {MAX_SEED}, got {short_repr(seed)}")
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
-    objects = {"couch_mm": couch_mm, "cushions": bool(cushions), "stomach": bool(stomach)}
+    objects: PatientObjects = {"couch_mm": couch_mm, "cushions": bool(cushions), "stomach": bool(stomach)}
     draw_patient(seed, 0, **objects)  # bad object arguments fail here, before anything is written
     out = Path(out)
     guard = Outputs("phantoms", overwrite=overwrite)

@@ -195,12 +195,14 @@ def _emphysema_blobs(rng: np.random.Generator, p: PatientParams, fraction: float
     lo, hi = np.array([-200.0, -200.0, 0.0]), np.array([200.0, 200.0, 300.0])
     pts = rng.uniform(lo, hi, (40000, 3))
     lung_ml = _in_any_lung(p, *pts.T).mean() * np.prod(hi - lo) / 1000
-    budget, blobs = fraction * lung_ml * 1000 * 1.25, []  # x1.25: spheres overlap and are clipped to parenchyma
+    blobs: list[tuple[float, ...]] = []
+    budget = fraction * lung_ml * 1000 * 1.25  # x1.25: spheres overlap and are clipped to parenchyma
     while budget > 0 and len(blobs) < 3000:
         c = rng.uniform(lo, hi, (2000, 3))
         z_low = np.where(c[:, 0] < 0, p.lungs[0].z_low, p.lungs[1].z_low)
         w = (c[:, 2] - z_low) / p.lungs[0].height
-        keep = _in_any_lung(p, *c.T, margin=4.0) & (rng.random(len(c)) < 0.35 + 0.65 * w)  # upper lobes first
+        x, y, z = c.T
+        keep = _in_any_lung(p, x, y, z, margin=4.0) & (rng.random(len(c)) < 0.35 + 0.65 * w)  # upper lobes first
         for centre in c[keep]:
             level = float(rng.integers(0, 21))
             for _ in range(int(rng.integers(1, 7))):
@@ -246,11 +248,12 @@ def draw_patient(
     ax = (ca - mw) / 2 * 1.05
     z_low = rng.uniform(22, 38)
     height = min(235 * s, 285 - z_low)
-    lungs = tuple(
-        Lung(side, side * (mw + ax), 0.1 * cb, ax, cb * 1.02, z_low + (5 if side < 0 else 0), height,
-             rng.uniform(2.2, 2.8), rng.uniform(25, 35) if side < 0 else rng.uniform(18, 28))
-        for side in (-1, 1)
-    )  # fmt: skip
+
+    def draw_lung(side: int) -> Lung:
+        return Lung(side, side * (mw + ax), 0.1 * cb, ax, cb * 1.02, z_low + (5 if side < 0 else 0), height,
+                    rng.uniform(2.2, 2.8), rng.uniform(25, 35) if side < 0 else rng.uniform(18, 28))  # fmt: skip
+
+    lungs = (draw_lung(-1), draw_lung(1))  # right, then left: the order the random draws were made in
     heart = (rng.uniform(20, 32), 0.1 * cb - rng.uniform(30, 40), z_low + rng.uniform(50, 65),
              rng.uniform(52, 62), rng.uniform(42, 50), rng.uniform(45, 55))  # fmt: skip
     trachea_y, rt = spine_y - spine_r - 22, rng.uniform(7.5, 10)

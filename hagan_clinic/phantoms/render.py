@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,18 +163,18 @@ def _paint_outside_objects(plane: np.ndarray, p: PatientParams, x2, y2) -> None:
     if p.cushions is not None:
         cu, a, b = p.cushions, p.body_a, p.body_b
         thick, front = cu.blanket
-        c = cu.cover_mm
+        cover = cu.cover_mm
 
         def ellipse(k: float) -> np.ndarray:
             return (x2 / (a + k)) ** 2 + (y2 / (b + k)) ** 2 <= 1
 
-        outer = ellipse(thick + 2 * c) & ~ellipse(0) & (y2 < front)
-        foam = ellipse(thick + c) & ~ellipse(c) & (y2 < front - c)
+        outer = ellipse(thick + 2 * cover) & ~ellipse(0) & (y2 < front)
+        foam = ellipse(thick + cover) & ~ellipse(cover) & (y2 < front - cover)
         for wx, wy, rn, rt, angle in cu.wedges:
             u = (x2 - wx) * np.cos(angle) + (y2 - wy) * np.sin(angle)
             v = (y2 - wy) * np.cos(angle) - (x2 - wx) * np.sin(angle)
             outer = outer | ((u / rn) ** 2 + (v / rt) ** 2 <= 1)
-            foam = foam | ((u / (rn - c)) ** 2 + (v / (rt - c)) ** 2 <= 1)
+            foam = foam | ((u / (rn - cover)) ** 2 + (v / (rt - cover)) ** 2 <= 1)
         foam &= plane == AIR
         plane[_covered(foam, outer) & (plane == AIR)] = CUSHION_COVER
         plane[foam] = CUSHION_FOAM
@@ -252,25 +254,38 @@ def _noise(p: PatientParams, grid: _Grid) -> np.ndarray:
     return noise
 
 
-def _check_shape(shape) -> tuple[int, int, int]:
-    shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                                  and MIN_EDGE <= s <= MAX_EDGE for s in shape):  # fmt: skip
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """A grid shape written as 'D,H,W' or 'DxHxW' (slices, rows, cols; e.g. '96,128,128'), checked by
+    :func:`check_shape`; raises PhantomError."""
+    parts = text.replace("x", ",").split(",")
+    # ASCII digits only, and few of them: int() of a thousands-digit string raises (and str.isdigit takes '²')
+    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]{1,9}", p.strip()) for p in parts):
+        raise PhantomError(f"expected three integers like 96,128,128, got {text[:40]!r}")
+    return check_shape(int(p) for p in parts)
+
+
+def check_shape(shape: Iterable[int]) -> tuple[int, int, int]:
+    """``shape`` as (slices, rows, cols) if it is three integers from MIN_EDGE to MAX_EDGE voxels, at most
+    MAX_VOXELS in all (checked before any memory is asked for); raises PhantomError."""
+    dims = tuple(shape)
+    if len(dims) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                  and MIN_EDGE <= s <= MAX_EDGE for s in dims):  # fmt: skip
         raise PhantomError(
-            f"shape must be three integers from {MIN_EDGE} to {MAX_EDGE} (slices, rows, cols), got {short_repr(shape)}"
+            f"shape must be three integers from {MIN_EDGE} to {MAX_EDGE} (slices, rows, cols), got {short_repr(dims)}"
         )
-    voxels = int(np.prod([int(s) for s in shape]))
+    voxels = int(np.prod([int(s) for s in dims]))
     if voxels > MAX_VOXELS:  # rendering takes ~20 bytes a voxel: bound it before any memory is asked for
         raise PhantomError(
-            f"shape {'x'.join(str(int(s)) for s in shape)} is {voxels:,} voxels per series; phantoms have at most "
+            f"shape {'x'.join(str(int(s)) for s in dims)} is {voxels:,} voxels per series; phantoms have at most "
             f"{MAX_VOXELS:,} (e.g. 512,512,512): choose a smaller shape"
         )
-    return tuple(int(s) for s in shape)
+    slices, rows, cols = (int(s) for s in dims)
+    return slices, rows, cols
 
 
 def render_thorax(params: PatientParams, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> ThoraxPhantom:
     """Rasterise ``params`` on a (D, H, W) grid covering 400 x 400 x 300 mm; deterministic for given params."""
-    grid = _Grid(_check_shape(shape))
+    grid = _Grid(check_shape(shape))
     labels = _anatomy(params, grid)
     hu = _hu_table(params)[labels]
     hu += _noise(params, grid)

@@ -1,1 +1,2 @@
-"""Training HA-GAN: losses, the four-phase loop, training-state checkpoints, distributed helpers."""
+"""Training HA-GAN: the loss object (losses), what a run updates (build), the four-phase loop (loop), training-state
+files (state) and several processes under torchrun (distributed)."""

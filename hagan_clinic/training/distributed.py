@@ -9,12 +9,13 @@ testable without starting processes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..devices import torchrun_env
 
 
 @dataclass
@@ -79,18 +80,17 @@ class DistContext:
 
 
 def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
-    """The context torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (one process without them).
+    """The context torchrun describes (one process without torchrun), with its process group set up.
 
     NCCL on CUDA, gloo on CPU; each rank takes GPU LOCAL_RANK.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = torchrun_env()
+    if not env.active:
         return DistContext(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend)
-    return DistContext(rank=rank, world=world, local_rank=local), device
+    return DistContext(rank=env.rank, world=env.world, local_rank=env.local_rank), device

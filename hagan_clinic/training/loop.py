@@ -1,27 +1,23 @@
-"""The HA-GAN training loop: per iteration, one update each of D, G, E^H and E^G.
+"""The HA-GAN training loop: per iteration, one update each of D, G, E^H and E^G, then the EMA generator.
 
-One slab start r (on the feature grid, so real and generated slabs cover the same slices) is drawn per
-iteration and shared by the batch and all four phases:
-
-1. D:   real (S^H(x), x_low) -> 1, fake G(z, r) -> 0 [+ class CE on real] [+ R1 on real]
-2. G:   fresh z; D(G(z, r)) -> 1 [+ class_weight_g * class CE]
-3. E^H: L1(G^H(E^H(S^H(x))), S^H(x)), G frozen
-4. E^G: z_hat = E^G(E^H of all 8 slabs, no grad); (L1(G(z_hat, r) slab) + L1(low-res)) / 2, G frozen
+The maths of each phase live in :class:`~hagan_clinic.training.losses.HAGANLoss`; the loop owns their order, which
+network has gradients, the optimiser steps and grad scalers, non-finite losses, logging, snapshots and state dumps.
 
 Run folder: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log step),
 ``checkpoints/`` (``snapshot_<it>.pt`` for sampling, ``state_<it>.pt`` for resuming; the last ``keep_last`` of
-each), ``previews/`` (PNG mid-slices) and ``model.pt`` (the final snapshot).
+each), ``previews/`` (PNG mid-slices) and ``model.pt`` (the final snapshot). Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
 import resource
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,20 +27,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import NUM_SLABS, Config
+from ..config import Config
 from ..data import ShardedSampler, VolumeFolder
+from ..devices import resolve_device
 from ..errors import HaganError
+from ..io.files import atomic_target, make_folder, write_text
+from ..io.logs import progress_bar, quiet
 from ..io.torch_files import file_sha256
 from ..models.hagan import HAGAN
 from ..tracking import NullTracker
-from . import losses
+from .build import Trainables, build
 from .distributed import DistContext, init_from_env
+from .losses import PHASES
 from .state import global_rng_state, latest_state, load_state, rotate, save_state, set_global_rng_state
 
-PHASES = ("D", "G", "EH", "EG")
 _FAULT_ENV = "HAGAN_CLINIC_KILL_AFTER_ITERATION"  # tests: SIGKILL this process right after that iteration
+#: what a training state records of the data, to refuse resuming on other data
+_DATA_KEYS = ("files_sha256", "table_sha256", "n_volumes")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(HaganError):
@@ -61,29 +62,15 @@ class TrainResult:
     run_id: str | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name}: CUDA is not available on this machine")
-    return device
-
-
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The forward passes' autocast for ``train.precision`` (none for fp32)."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _low_res(x: torch.Tensor, factor: int, how: str) -> torch.Tensor:
-    """x_low: the whole volume at the feature grid's resolution."""
-    if how == "nearest":  # the reference: F.interpolate(scale_factor=1/4), i.e. every 4th voxel
-        return x[:, :, ::factor, ::factor, ::factor]
-    return F.avg_pool3d(x, kernel_size=factor)
-
-
-def _requires_grad(model: HAGAN, part: str | None) -> None:
+def train_only(model: HAGAN, part: str | None) -> None:
+    """Let only network ``part`` (None: none) take gradients, so that a phase never updates another network."""
     for name in PHASES:
         getattr(model, name).requires_grad_(name == part)
 
@@ -95,15 +82,14 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, one plain line per log step elsewhere (CI logs, nohup)."""
+    """A progress bar on a terminal, one plain log line per log step elsewhere (CI logs, nohup); neither under
+    ``--quiet``."""
 
     def __init__(self, start: int, total: int, enabled: bool) -> None:
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="it", file=sys.stderr, dynamic_ncols=True)
+        self.enabled = enabled and not quiet()
+        self.bar = progress_bar(total, "train", "it", initial=start, dynamic_ncols=True) if self.enabled else None
+        if self.bar is not None and self.bar.disable:  # stderr is not a terminal
+            self.bar = None
 
     def step(self) -> None:
         if self.bar is not None:
@@ -114,11 +100,29 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         elif self.enabled:
-            print(f"[{it}/{total}] {text}", file=sys.stderr, flush=True)
+            log.info("[%d/%d] %s", it, total, text)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _MetricsFile:
+    """metrics.jsonl, rewritten whole and atomically at each log step, so that a crash never leaves half a line.
+    On resume, the lines past the resumed iteration are dropped (the run repeats them exactly)."""
+
+    def __init__(self, path: Path, iteration: int) -> None:
+        self.path = path
+        old = path.read_text().splitlines() if path.exists() else []
+        self.lines = [line for line in old if line and json.loads(line)["iteration"] <= iteration]
+        write_text(path, self._text())
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+        write_text(self.path, self._text())
+
+    def _text(self) -> str:
+        return "".join(line + "\n" for line in self.lines)
 
 
 def prepare_run_dir(out: Path, resume: str | None) -> Path | None:
@@ -153,11 +157,12 @@ def train(
 
     ``resume``: None (fresh run), "latest" (the newest state in ``out``) or a state file.
     ``tracker``: a Tracker, or None for no tracking. ``dist``: a DistContext (default: from torchrun's env).
+    ``progress``: a progress bar (or, off a terminal, a log line per log step) unless ``--quiet``.
     """
     tc, out = cfg.train, Path(out)
 
     # ---- initialise: device, processes, seeds --------------------------------------------------------------
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, what="device")
     if dist is None:
         dist, device = init_from_env(device)
     main = dist.is_main
@@ -174,16 +179,10 @@ def train(
     sampler = ShardedSampler(len(data), cfg.seed, dist.rank, dist.world)
     labels_all = None if data.labels is None else torch.tensor(data.labels)
 
-    # ---- networks and optimisers --------------------------------------------------------------------------
-    model = HAGAN.from_config(cfg).to(device).train()
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    ema = copy.deepcopy(model.G).eval().requires_grad_(False) if tc.ema else None
-    opts = make_optimizers(model, tc)
-    fp16 = tc.precision == "fp16"
-    scalers = {p: torch.amp.GradScaler(device.type, enabled=fp16) for p in PHASES}
+    # ---- networks, optimisers, grad scalers, loss ---------------------------------------------------------
+    parts = build(cfg, device)
+    model, ema = parts.model, parts.ema
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + dist.rank)  # z and slab starts, on the CPU
-    mcfg = cfg.model
 
     # ---- resume -------------------------------------------------------------------------------------------
     start, run_id, nonfinite_total, nonfinite_run, window = 0, None, 0, 0, {}
@@ -192,18 +191,12 @@ def train(
         if state["config"]["model"] != cfg.to_dict()["model"]:
             raise TrainingError(f"{resume_path}: the model config differs from this run's; resume with the same model")
         saved = state.get("training_set")
-        now = {k: training_set[k] for k in ("files_sha256", "table_sha256", "n_volumes")}
-        if saved is not None and saved != now:  # the record must cover every volume the model has seen
+        if saved is not None and saved != {k: training_set[k] for k in _DATA_KEYS}:  # who the model has seen
             raise TrainingError(
                 f"{resume_path}: this run was trained on other data ({saved['n_volumes']} volumes, table sha256 "
                 f"{str(saved['table_sha256'])[:12] or '-'}); resume with the same data and table"
             )
-        for p in PHASES:
-            getattr(model, p).load_state_dict(state["models"][p])
-            opts[p].load_state_dict(state["optimizers"][p])
-            scalers[p].load_state_dict(state["scalers"][p])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        parts.load_state_dict(state)
         sampler.load_state_dict(state["sampler"][dist.rank] if len(state["sampler"]) == dist.world else {})
         rng = state["rng"][dist.rank]
         set_global_rng_state(rng["global"])
@@ -214,11 +207,12 @@ def train(
     else:
         dist.broadcast_state(model)  # identical initial weights on every rank (they are, by seed; cheap insurance)
 
+    metrics_file = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "config.yaml", cfg.to_yaml())
-        _truncate_metrics(out / "metrics.jsonl", start)
-    preview_z = torch.randn(1, mcfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 7))
+        make_folder(out)
+        write_text(out / "config.yaml", cfg.to_yaml())
+        metrics_file = _MetricsFile(out / "metrics.jsonl", start)
+    preview_z = torch.randn(1, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 7))
 
     def batch() -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = sampler.next_indices(tc.batch_size)
@@ -248,17 +242,14 @@ def train(
             {
                 "iteration": it,
                 "config": cfg.to_dict(),
-                "models": {p: getattr(model, p).state_dict() for p in PHASES},
-                "ema": None if ema is None else ema.state_dict(),
-                "optimizers": {p: opts[p].state_dict() for p in PHASES},
-                "scalers": {p: scalers[p].state_dict() for p in PHASES},
+                **parts.state_dict(),
                 "rng": rngs,
                 "sampler": samplers,
                 "nonfinite_total": nonfinite_total,
                 "nonfinite_run": nonfinite_run,
                 "window": window_now,
                 "mlflow_run_id": tracker.run_id,
-                "training_set": {k: training_set[k] for k in ("files_sha256", "table_sha256", "n_volumes")},
+                "training_set": {k: training_set[k] for k in _DATA_KEYS},
             },
         )
 
@@ -273,13 +264,14 @@ def train(
             tracker.log_params(cfg.to_dict())
             tracker.set_tags({f"data.{k}": v for k, v in cfg.data_contract().items()})
         if main:
-            print(f"training {name}: {data.summary()}; {dist.world} process(es) on {device}", file=sys.stderr)
+            log.info("training %s: %s; %d process(es) on %s", name, data.summary(), dist.world, device)
         t_window = time.perf_counter()
         it = start
         try:
             while it < tc.iterations:
+                # ---- the four phases and the EMA ----------------------------------------------------------
                 x, y = batch()
-                values, finite = train_step(model, opts, scalers, tc, x, y, gen, dist, ema)
+                values, finite = train_step(parts, x, y, gen, dist)
                 it += 1
                 bar.step()
                 nonfinite_run = 0 if finite else nonfinite_run + 1
@@ -296,6 +288,7 @@ def train(
                         window[f"_n.{key}"] = window.get(f"_n.{key}", 0.0) + 1
                 window["_n"] = window.get("_n", 0.0) + 1
 
+                # ---- tick: log ----------------------------------------------------------------------------
                 if it % tc.log_every == 0 or it == tc.iterations:
                     elapsed = time.perf_counter() - t_window
                     n = window.pop("_n", 1.0)
@@ -304,19 +297,17 @@ def train(
                     metrics = {**last, "it_per_s": n / max(elapsed, 1e-9), "peak_memory_mb": _peak_memory_mb(device)}
                     metrics["nonfinite_skipped"] = nonfinite_total
                     tracker.log_metrics(metrics, step=it)
-                    if main:
-                        _append_metrics(out / "metrics.jsonl", {"iteration": it, **metrics})
-                    bar.log(
-                        it,
-                        tc.iterations,
-                        {k: metrics[k] for k in ("loss_D", "loss_G", "loss_EH", "loss_EG", "it_per_s") if k in metrics},
-                    )
+                    if metrics_file is not None:
+                        metrics_file.append({"iteration": it, **metrics})
+                    shown = ("loss_D", "loss_G", "loss_EH", "loss_EG", "it_per_s")
+                    bar.log(it, tc.iterations, {k: metrics[k] for k in shown if k in metrics})
                     t_window = time.perf_counter()
 
                 if main and ((tc.image_every and it % tc.image_every == 0) or it == tc.iterations):
                     png = _preview(model, x[:1], y[:1] if y is not None else None, preview_z, out, it)
                     tracker.log_artifact(png, "previews")
 
+                # ---- tick: training state and snapshot ----------------------------------------------------
                 if it % tc.checkpoint_every == 0 or it == tc.iterations:
                     save_training_state(it, window)
                     if main:
@@ -342,124 +333,46 @@ def train(
 
 
 def train_step(
-    model: HAGAN,
-    opts: dict[str, torch.optim.Optimizer],
-    scalers: dict[str, torch.amp.GradScaler],
-    tc: Any,
+    parts: Trainables,
     x: torch.Tensor,
     y: torch.Tensor | None,
     gen: torch.Generator,
     dist: DistContext | None = None,
-    ema: torch.nn.Module | None = None,
     phase_context: Callable[[str], AbstractContextManager] = lambda phase: nullcontext(),
 ) -> tuple[dict[str, float], bool]:
-    """One iteration on the real batch x (N, 1, S, S, S) with labels y: D, G, E^H, E^G updated in turn.
+    """One iteration on the real batch x (N, 1, S, S, S) with labels y (N,) or None: D, G, E^H, E^G updated in turn,
+    then the EMA generator.
 
-    The slab start r and the two latent batches are drawn from ``gen`` (on the CPU, so runs are reproducible
-    across devices). A phase whose loss is not finite on some rank is skipped on every rank. Returns the losses
-    by name and whether all four were finite. ``phase_context`` wraps each phase (benchmarks time them).
+    The slab start and the latents are drawn from ``gen`` (see HAGANLoss.draw). A phase whose loss is not finite on
+    some rank is skipped on every rank. Returns the losses by name and whether all four were finite.
+    ``phase_context`` wraps each phase (benchmarks time them).
     """
     dist = dist or DistContext()
-    mcfg, device = model.config.model, x.device
-    k = int(torch.randint(mcfg.feature_size - mcfg.feature_slab_depth + 1, (1,), generator=gen))
-    r = k * mcfg.upsample
-    real_slab = model.select_image_slab(x, r)
-    real_low = _low_res(x, mcfg.upsample, tc.low_res)
-    z_d = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
-    z_g = torch.randn(x.shape[0], mcfg.latent_dim, generator=gen).to(device)
+    model, loss, precision = parts.model, parts.loss, parts.loss.tc.precision
+    inputs = loss.draw(x, y, gen)
     values: dict[str, float] = {}
     finite = True
     for phase in PHASES:
         with phase_context(phase):
-            _requires_grad(model, phase)
-            opts[phase].zero_grad(set_to_none=True)
-            with _autocast(device, tc.precision):
-                loss, parts = _phase_loss(phase, model, tc, real_slab, real_low, x, y, z_d, z_g, r)
-            ok = dist.all_true(bool(torch.isfinite(loss)), device)
-            values[f"loss_{phase}"] = float(loss.detach())
-            values.update(parts)
+            train_only(model, phase)
+            opt, scaler = parts.optimizers[phase], parts.scalers[phase]
+            opt.zero_grad(set_to_none=True)
+            with autocast(x.device, precision):
+                value, extra = loss.phase(phase, inputs)
+            ok = dist.all_true(bool(torch.isfinite(value)), x.device)  # every rank takes the same branch
+            values[f"loss_{phase}"] = float(value.detach())
+            values.update(extra)
             if not ok:
                 finite = False
                 continue
-            scalers[phase].scale(loss).backward()
+            scaler.scale(value).backward()
             dist.average_gradients(getattr(model, phase))
-            scalers[phase].step(opts[phase])
-            scalers[phase].update()
-    _requires_grad(model, None)
-    if ema is not None:
-        _ema_update(ema, model.G, tc.ema_decay)
+            scaler.step(opt)
+            scaler.update()
+    train_only(model, None)
+    if parts.ema is not None:
+        loss.update_ema(parts.ema)
     return values, finite
-
-
-def make_optimizers(model: HAGAN, tc: Any) -> dict[str, torch.optim.Adam]:
-    """One Adam per network, with the fused kernel (one pass over all parameters instead of one per tensor)."""
-    lrs = {"D": tc.lr_d, "G": tc.lr_g, "EH": tc.lr_eh, "EG": tc.lr_eg}
-    return {
-        p: torch.optim.Adam(getattr(model, p).parameters(), lr=lrs[p], betas=tc.betas, eps=tc.eps, fused=True)
-        for p in PHASES
-    }
-
-
-def _phase_loss(
-    phase: str,
-    model: HAGAN,
-    tc: Any,
-    real_slab: torch.Tensor,
-    real_low: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    z_d: torch.Tensor,
-    z_g: torch.Tensor,
-    r: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of one phase (its own network is the only one with requires_grad) and its named parts."""
-    parts: dict[str, float] = {}
-    if phase == "D":
-        with torch.no_grad():
-            fake_slab, fake_low = model.G(z_d, r, y)
-        if tc.r1_gamma > 0:
-            real_slab = real_slab.detach().requires_grad_(True)
-            real_low = real_low.detach().requires_grad_(True)
-        real = model.D(real_slab, real_low, r)
-        fake = model.D(fake_slab, fake_low, r)
-        loss = losses.discriminator_loss(real, fake, tc)
-        cls = losses.class_loss(real, y)
-        if cls is not None:
-            parts["loss_D_class"] = float(cls.detach())
-            loss = loss + cls
-        if tc.r1_gamma > 0:
-            r1 = losses.r1_penalty(real, (real_slab, real_low), tc)
-            parts["loss_D_r1"] = float(r1.detach())
-            loss = loss + r1
-        return loss, parts
-    if phase == "G":
-        fake_slab, fake_low = model.G(z_g, r, y)
-        out = model.D(fake_slab, fake_low, r)
-        loss = losses.generator_loss(out, tc)
-        cls = losses.class_loss(out, y)
-        if cls is not None:
-            parts["loss_G_class"] = float(cls.detach())
-            loss = loss + tc.class_weight_g * cls
-        return loss, parts
-    if phase == "EH":
-        recon = model.G.high(model.EH(real_slab))
-        return tc.encoder_weight * losses.l1(recon, real_slab), parts
-    # E^G: E^H of every slab without gradient, as the reference computes them
-    with torch.no_grad():
-        d = model.config.model.slab_depth
-        feats = torch.cat([model.EH(x[:, :, i * d : (i + 1) * d]) for i in range(NUM_SLABS)], dim=2)
-    z_hat = model.EG(feats)
-    fake_slab, fake_low = model.G(z_hat, r, y)
-    rec = (losses.l1(fake_slab, real_slab) + losses.l1(fake_low, real_low)) / 2
-    return tc.encoder_weight * rec, parts
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), live.parameters()):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), live.buffers()):
-        e.copy_(b)
 
 
 @torch.no_grad()
@@ -474,32 +387,12 @@ def _preview(model: HAGAN, x: torch.Tensor, y: torch.Tensor | None, z: torch.Ten
         fake = model.generate(z.to(x.device), y)
     finally:
         model.train(was_training)
-    rows = [("real", x[0, 0]), ("reconstruction", recon[0, 0]), ("generated", fake[0, 0])]
-    rows = [(k, v.float().cpu().numpy()) for k, v in rows]
+    volumes = [("real", x[0, 0]), ("reconstruction", recon[0, 0]), ("generated", fake[0, 0])]
+    rows = [(k, v.float().cpu().numpy()) for k, v in volumes]
     return mid_slices_png(rows, out / "previews" / f"iter_{it:07d}.png", f"iteration {it}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _copy_file(src: Path, dst: Path) -> Path:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+    with atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
     return dst
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop log lines past the resumed iteration (the run repeats them exactly)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
-    _write_text(path, "".join(line + "\n" for line in keep))

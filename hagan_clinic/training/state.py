@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ _NUMBERED = re.compile(r"^(state|snapshot)_(\d+)\.pt$")
 
 
 def global_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # numpy's legacy state (its default): ('MT19937', keys, pos, has_gauss, cached_gaussian)
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -1,0 +1,129 @@
+"""The flags the commands share. Each means the same wherever it appears, with one help text:
+
+``--out`` (what the command writes), ``-n/--n`` (how many), ``--device`` (where torch computes), ``--config`` and
+``--set`` (settings; flags of the same meaning override the config), ``--workers`` (one default rule,
+:func:`default_workers`), ``--format csv|parquet`` (tables), ``--seed``, ``--overwrite``, ``--no-tracking``, and
+``--quiet``/``--verbose`` (accepted by the group and by every command).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..devices import DEVICE_HELP
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SET_HELP = "Override a config value, e.g. --set model.size=128 (repeatable)."
+OVERWRITE_HELP = "Replace existing output files that this command did not write (never needed to re-run it)."
+WORKERS_HELP = "Worker processes (0: none, work in this process). Default: 0 on 1-2 cores, else half the cores (max 4)."
+FORMAT_HELP = "Table format. Default: from the --out name"  # each command adds what a name without one means
+#: Every --seed: numpy, torch and sklearn all take 32-bit seeds (the same bound as the config's seed).
+SEED = click.IntRange(0, 2**32 - 1)
+
+
+def default_workers(cores: int | None = None) -> int:
+    """The one default of every ``--workers``: none on one or two cores (a worker process would compete with the
+    main process instead of overlapping it), else half the cores, at most four (reading is I/O-bound beyond)."""
+    cores = cores if cores is not None else os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
+def workers_or_default(workers: int | None) -> int:
+    return default_workers() if workers is None else workers
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # a flag not given leaves what the group (or main) set
+        from ..io.logs import configure
+
+        configure(-1 if param.name == "quiet" else 1)
+
+
+def verbosity(f: F) -> F:
+    """``-q/--quiet`` (warnings only, no progress bars) and ``-v/--verbose`` (debug lines); stdout keeps results."""
+    f = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_verbosity,
+                     help="More log lines on stderr (debug).")(f)  # fmt: skip
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_verbosity,
+                        help="No progress bars or info lines on stderr; warnings and errors only.")(f)  # fmt: skip
+
+
+def out_option(help: str, folder: bool, required: bool = True, default: str | None = None) -> Callable[[F], F]:
+    kind = click.Path(file_okay=False) if folder else click.Path(dir_okay=False)
+    return click.option("--out", required=required, default=default, type=kind, help=help,
+                        show_default=default is not None)  # fmt: skip
+
+
+def count_option(default: int | None, minimum: int, what: str) -> Callable[[F], F]:
+    hint = "" if default is not None else " Default: the config's"
+    return click.option("-n", "--n", "n", type=click.IntRange(min=minimum), default=default,
+                        show_default=default is not None, help=f"{what}.{hint}")  # fmt: skip
+
+
+def device_option(from_config: bool) -> Callable[[F], F]:
+    if from_config:
+        return click.option("--device", default=None, help=f"{DEVICE_HELP} Default: the config's device.")
+    return click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+
+
+def workers_option(f: F) -> F:
+    return click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)(f)
+
+
+def format_option(default: str | None) -> Callable[[F], F]:
+    """``--format csv|parquet``; ``default``: the format of an --out name that says neither (None: refused)."""
+    tail = f"{default} when it says neither" if default else "name it .csv or .parquet, or give --format"
+    return click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
+                        help=f"{FORMAT_HELP} ({tail}).")  # fmt: skip
+
+
+def config_options(default: str | None, what: str) -> Callable[[F], F]:
+    """``--config`` (a path or a shipped config's name) and ``--set``; ``default`` None makes --config required."""
+
+    def apply(f: F) -> F:
+        f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(f)
+        help = f"Config: a path, or a shipped config's name (base, tiny, demo, ...): {what}."
+        option = click.option("--config", "config_file", required=default is None, default=default, help=help,
+                              show_default=default is not None)  # fmt: skip
+        return option(f)
+
+    return apply
+
+
+def seed_option(from_config: bool, help: str = "Same seed, same result.") -> Callable[[F], F]:
+    if from_config:
+        return click.option("--seed", type=SEED, default=None, help=f"{help} Default: the config's seed.")
+    return click.option("--seed", type=SEED, default=0, show_default=True, help=help)
+
+
+overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+no_tracking_option = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+
+
+def table_format(out: str | Path, fmt: str | None, default: str) -> str:
+    """The format of the table ``out``: ``fmt``, else its name's (.csv, .parquet), else ``default``; a name that
+    says the other format than ``fmt`` is refused (a p.parquet holding CSV text would fool every reader)."""
+    from ..io.files import table_format as named_format
+
+    if fmt is None and Path(out).suffix.lower() not in (".csv", ".parquet", ".pq"):
+        return default
+    return named_format(out, fmt)
+
+
+def tracker(no_tracking: bool):
+    """MLflow tracking, or none (``--no-tracking``)."""
+    from ..tracking import NullTracker, Tracker
+
+    return NullTracker() if no_tracking else Tracker()
+
+
+def load(config_file: str, overrides: tuple[str, ...]):
+    """The config of ``--config`` with ``--set`` applied (looked up at call time: tests replace it)."""
+    from .. import config
+
+    return config.load_config(config_file, overrides)
