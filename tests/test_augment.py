@@ -56,6 +56,7 @@ def _args(root, *extra):
             "--set", "augment.bootstrap=200", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_write_split_gives_the_gan_the_training_patients_only(cohort):
     split = pd.read_csv(cohort / "split" / "split.csv", dtype={"patient_id": str})
     table = pd.read_csv(cohort / "split" / "train_table.csv", dtype={"patient_id": str})
@@ -88,6 +89,7 @@ def test_a_gan_that_saw_validation_or_test_patients_is_refused(cohort, tmp_path,
         assert f"{held} of the {held} validation/test patients" in err
 
 
+@pytest.mark.slow
 def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
     """Every volume the classifiers are scored on (validation and test) is a real cached volume of that split,
     and no synthetic volume is ever among them: checked on the arrays that reach the network in eval mode."""
@@ -153,6 +155,7 @@ def test_device_is_honoured(cohort, tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_arm_runs_on_one_split_and_only_real_volumes_are_scored(cohort, tmp_path):
     out = tmp_path / "aug"
     code = main([*_args(cohort, "--set", f"augment.arms={ARMS}", "--set", "augment.synthetic_ratio=0.5"),
@@ -189,6 +192,7 @@ def test_every_arm_runs_on_one_split_and_only_real_volumes_are_scored(cohort, tm
     assert len(children) == 8 and {r.data.tags["arm"] for r in children} == set(ARMS.strip("[]").split(","))
 
 
+@pytest.mark.slow
 def test_same_split_for_another_set_of_arms(cohort, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*_args(cohort, "--set", "augment.arms=[real]"), "--out", str(a), "--no-tracking"]) == 0

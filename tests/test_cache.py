@@ -148,6 +148,7 @@ def test_a_non_finite_training_volume_is_named_when_loaded(tmp_path):
         data.load(1)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_made_at_other_settings(uncropped, checkpoint, tmp_path):
     from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
 

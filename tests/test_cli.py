@@ -97,6 +97,7 @@ def test_generate_writes_nifti_in_hu_with_spacing(capsys, checkpoint, tmp_path):
     assert [p.name for p in out_dir.glob(".*")] == [LEDGER_NAME]  # no temporary files left, only the ledger
 
 
+@pytest.mark.slow
 def test_generate_same_seed_same_volumes_and_slab_matches(capsys, checkpoint, tmp_path):
     def volumes(folder, *extra):
         assert run(capsys, "generate", "--checkpoint", str(checkpoint), "-n", "2", "--out", str(folder), *extra)[0] == 0
@@ -162,6 +163,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(capsys, checkpoint):
     assert_one_line_error(code, err, "CUDA is not available")
 
 
+@pytest.mark.slow
 def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     import mlflow
 

@@ -18,6 +18,7 @@ def cohort(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_phantoms_writes_series_and_clinical_table(cohort):
     clinical = pd.read_csv(cohort / "clinical.csv")
     assert list(clinical["patient_id"]) == [f"PH{i:04d}" for i in range(1, 12)]
@@ -51,6 +52,7 @@ def test_qct_matches_truth_and_carries_no_names(cohort, tmp_path):
     assert not (tmp_path / ".qct.csv.state").exists()  # removed once the table is complete
 
 
+@pytest.mark.slow
 def test_qct_resumes_from_its_state(cohort, tmp_path, monkeypatch):
     import hagan_clinic.pipelines.qct as qct_pipeline
 
@@ -112,6 +114,7 @@ def _series(cohort) -> dict:
     return {r.patient_id: (r.series_uid, load_series(r)) for r in found.ok}
 
 
+@pytest.mark.slow
 def test_qct_writes_each_lung_mask_as_nifti(cohort, tmp_path):
     import nibabel as nib
     import numpy as np
@@ -135,6 +138,7 @@ def test_qct_writes_each_lung_mask_as_nifti(cohort, tmp_path):
         assert mask.hu.sum() * np.prod(volume.spacing) / 1000 == pytest.approx(row.lung_volume_ml, abs=0.01)
 
 
+@pytest.mark.slow
 def test_qct_resumed_with_masks_writes_every_mask(cohort, tmp_path, monkeypatch):
     """A run killed after measuring (its state left behind) and resumed with --masks measures again rather than
     leaving the finished series without a mask."""
@@ -150,6 +154,7 @@ def test_qct_resumed_with_masks_writes_every_mask(cohort, tmp_path, monkeypatch)
     assert sorted(p.name for p in masks.iterdir()) == sorted(f"{uid}.nii.gz" for uid in ok["series_uid"])
 
 
+@pytest.mark.slow
 def test_qct_measures_external_masks(cohort, tmp_path):
     import numpy as np
 
@@ -193,6 +198,7 @@ def test_bad_mask_and_couch_arguments_are_one_line(args, message, capsys):
     assert "\n" not in err and message in err
 
 
+@pytest.mark.slow
 def test_qct_state_of_an_older_version_is_not_trusted(cohort, tmp_path):
     """A state folder without the options it was made with (an older version's) is measured afresh."""
     import json

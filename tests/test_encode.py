@@ -103,6 +103,7 @@ def state_text(out) -> str:
 
 
 # ---------------------------------------------------------------- the table and the report
+@pytest.mark.slow
 def test_encode_writes_one_row_per_series_and_a_report(reference):
     table = pd.read_parquet(reference)
     assert list(table.columns) == ID_COLUMNS + Z
@@ -126,6 +127,7 @@ def test_encode_writes_one_row_per_series_and_a_report(reference):
     assert (state / "complete").is_file() and json.loads((state / "settings.json").read_text())["batch_size"] == 2
 
 
+@pytest.mark.slow
 def test_reruns_formats_and_workers_give_the_same_numbers(capsys, cohort, checkpoint, reference, tmp_path):
     expected = pd.read_parquet(reference)
     code, out, err = encode(capsys, cohort, tmp_path / "again.parquet", "--checkpoint", str(checkpoint), *FAST)
@@ -145,6 +147,7 @@ def test_reruns_formats_and_workers_give_the_same_numbers(capsys, cohort, checkp
 
 
 # ---------------------------------------------------------------- interruption and resumption
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_with_only_the_missing_batches(
     capsys, cohort, checkpoint, reference, monkeypatch, tmp_path
 ):
@@ -221,6 +224,7 @@ def test_report_lists_skipped_and_failed_series_and_the_rest_is_encoded(capsys, 
 
 
 # ---------------------------------------------------------------- privacy
+@pytest.mark.slow
 def test_pseudonymize_replaces_ids_and_folders(capsys, mixed, checkpoint, reference, tmp_path):
     ckpt = ("--checkpoint", str(checkpoint))
     for name, salt in [("a.parquet", "salt-1"), ("b.csv", "salt-1"), ("c.parquet", "salt-2")]:
@@ -257,6 +261,7 @@ def test_pseudonymize_replaces_ids_and_folders(capsys, mixed, checkpoint, refere
     assert not (tmp_path / "d.parquet").exists()
 
 
+@pytest.mark.slow
 def test_names_and_birth_dates_reach_no_output_nor_mlflow(capsys, mixed, checkpoint, tmp_path):
     from mlflow import MlflowClient
 
@@ -293,6 +298,7 @@ def test_names_and_birth_dates_reach_no_output_nor_mlflow(capsys, mixed, checkpo
 
 
 # ---------------------------------------------------------------- QCT columns
+@pytest.mark.slow
 def test_qct_columns_match_the_phantom_truth(capsys, checkpoint, tmp_path):
     root = tmp_path / "cohort"
     truth = write_cohort(root, 3, seed=1, shape=(32, 64, 64), progress=False)
@@ -313,6 +319,7 @@ def test_qct_columns_match_the_phantom_truth(capsys, checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------- a preprocess cache as the source
+@pytest.mark.slow
 def test_a_preprocess_cache_encodes_like_its_dicom_source(capsys, cohort, checkpoint, reference, tmp_path):
     cache = tmp_path / "cache"
     assert main(["preprocess", str(cohort), "--out", str(cache), "--config", "tiny"]) == 0
@@ -350,6 +357,7 @@ def test_a_cache_preprocessed_other_than_the_checkpoint_says_is_refused(capsys, 
 
 
 # ---------------------------------------------------------------- shards
+@pytest.mark.slow
 def test_shards_add_up_to_the_whole_table(capsys, cohort, checkpoint, reference, tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

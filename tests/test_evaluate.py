@@ -37,6 +37,7 @@ def setup(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_figures_and_an_mlflow_run(setup, tmp_path):
     import mlflow
 
@@ -58,6 +59,7 @@ def test_evaluate_writes_metrics_figures_and_an_mlflow_run(setup, tmp_path):
     assert "metrics.fid" in runs.columns
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_medicalnet_file(setup, tmp_path):
     net = _medicalnet_resnet(10)
     torch.save(net.state_dict(), tmp_path / "resnet_10.pth")
@@ -69,6 +71,7 @@ def test_evaluate_with_a_medicalnet_file(setup, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["feature_net"] == "medicalnet-resnet10"
 
 
+@pytest.mark.slow
 def test_evaluate_bad_input_is_one_line(setup, tmp_path, capsys):
     wrong = tmp_path / "wrong"
     write_volumes(wrong, n=3, size=16)

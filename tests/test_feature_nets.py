@@ -151,6 +151,7 @@ def _volumes(n: int = 2, size: int = 32, scale: float = 1.0) -> torch.Tensor:
     return scale * (torch.rand(n, 1, size, size, size, generator=g) * 2 - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_network_has_medicalnets_layout_geometry_and_feature_size(loaded, depth):
     net = loaded(depth)

@@ -130,6 +130,7 @@ def test_a_file_that_is_missing_for_no_user_reason_stays_an_internal_error(capsy
 
 
 # ---------------------------------------------------------------- memory
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "target", "advice"),
     [

@@ -64,6 +64,7 @@ def manifest_of(cache) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- a cache's files as a whole: one-line errors
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b'{"contract": ', b"[1, 2]"])
 def test_a_garbage_cache_json_is_a_one_line_error(capsys, copy, cohort, checkpoint, tmp_path, content):
     (copy / "cache.json").write_bytes(content)
@@ -96,6 +97,7 @@ def test_a_damaged_manifest_is_a_one_line_error(capsys, copy, checkpoint, tmp_pa
 
 
 # ---------------------------------------------------------------- one bad row or volume: that series fails alone
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "column, value, needle",
     [
@@ -140,6 +142,7 @@ def _damage_volume(path, how: str) -> None:
         path.write_bytes(path.read_bytes()[:1000])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, needle",
     [
@@ -167,6 +170,7 @@ def test_a_bad_cached_volume_fails_its_series_only(capsys, copy, checkpoint, tmp
     assert features.shape == (2, 32) and np.isfinite(features).all()
 
 
+@pytest.mark.slow
 def test_a_damaged_encode_state_is_encoded_again_or_refused(capsys, cohort, checkpoint, tmp_path):
     out = tmp_path / "f.parquet"
     assert encode(capsys, cohort, out, checkpoint)[0] == 0
@@ -307,6 +311,7 @@ def test_a_series_gone_from_the_source_stays_in_the_manifest(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- evaluate: the cache must be the model's
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_made_for_another_contract(capsys, cohort, checkpoint, tmp_path):
     other = tmp_path / "other"
     overrides = ("--set", "data.spacing_mm=[10,10,10]")

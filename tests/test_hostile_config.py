@@ -159,6 +159,7 @@ def test_a_bomb_in_an_unused_section_is_refused_too(tmp_path):
         load_config(tmp_path / "bomb.yaml")
 
 
+@pytest.mark.slow
 def test_a_list_of_too_many_values_without_aliases_says_so(tmp_path):
     (tmp_path / "long.yaml").write_text("augment:\n  seeds: [" + "0," * MAX_YAML_VALUES + "0]\n")
     with pytest.raises(ConfigError, match=f"long.yaml: too many YAML values: over {MAX_YAML_VALUES}"):

@@ -317,6 +317,7 @@ def _check(root: Path, tally: dict) -> None:
         tally["read"] += 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="the hang guard needs POSIX timers")
 def test_fuzzed_slices_never_crash_or_hang(tmp_path):
     """300 mutants of one slice with 1 to 4 random bytes changed in its header region, and 60 truncations."""

@@ -59,6 +59,7 @@ def strict_json(path) -> dict:
 
 
 # ---------------------------------------------------------------- GOLD
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("values", "shown"),
     [([7] * N, "7"), ([2.5] * N, "2.5"), (["severe"] * N, "'severe'"), ([1e308] * N, "1e+308")],
@@ -69,6 +70,7 @@ def test_a_gold_column_without_any_stage_is_refused_with_an_example(capsys, tabl
     assert_refused(code, err, "'stage'", "no GOLD stage", shown)
 
 
+@pytest.mark.slow
 def test_gold_rows_without_a_stage_are_dropped_with_a_note_naming_a_value(capsys, tables, tmp_path):
     stage = tables.clinical["stage"].to_numpy(dtype=object, copy=True)
     stage[[1, 6]] = [7, "severe"]
@@ -79,11 +81,13 @@ def test_gold_rows_without_a_stage_are_dropped_with_a_note_naming_a_value(capsys
     assert strict_json(tmp_path / "out" / "metrics.json")["gold"]["classifier"]["n"] == 18
 
 
+@pytest.mark.slow
 def test_a_gold_column_of_prism_only_has_nothing_to_classify(capsys, tables):
     code, _, err = regress(capsys, tables(stage=[-1] * N), "--targets", "y", "--gold-column", "stage")
     assert_refused(code, err, "'stage'", "one GOLD stage")
 
 
+@pytest.mark.slow
 def test_a_gold_stage_known_for_too_few_patients_is_refused(capsys, tables):
     stage = [0, 1, 2, 3] + [None] * (N - 4)
     code, _, err = regress(capsys, tables(stage=stage), "--targets", "y", "--gold-column", "stage")
@@ -105,6 +109,7 @@ def test_a_feature_of_1e300_is_refused_naming_column_and_value(capsys, tables):
     assert_refused(code, err, "feature column 'z1'", "1e+300")
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_feature_of_1e300(capsys, tables, tmp_path):
     assert regress(capsys, tables(), "--targets", "y")[0] == 0
     features = tables.features.copy()
@@ -115,6 +120,7 @@ def test_predict_refuses_a_feature_of_1e300(capsys, tables, tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_target_of_tiny_values_is_scored_not_nan(capsys, tables, tmp_path):
     # squares of 1e-200 underflow to 0: R^2 as 1 - 0/0 was NaN; R^2 does not depend on the unit
     code, out, err = regress(capsys, tables(y=tables.clinical["y"] * 1e-200), "--targets", "y")
@@ -134,6 +140,7 @@ def test_a_constant_target_is_refused_never_scored(capsys, tables, tmp_path, off
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_as_many_folds_as_patients_reports_the_pooled_r2_and_says_why_not_per_fold(capsys, tables, tmp_path):
     code, out, err = regress(capsys, tables(tables.features.head(8)), "--targets", "y", "--folds", "8")
     assert code == 0, err
@@ -157,6 +164,7 @@ def test_a_seed_out_of_range_is_a_clear_error(capsys, tables, seed):
     assert_refused(code, err, "--seed", seed)
 
 
+@pytest.mark.slow
 def test_the_largest_seed_runs(capsys, tables):
     code, _, err = regress(capsys, tables(), "--targets", "y", "--seed", str(2**32 - 1))
     assert code == 0, err

@@ -9,6 +9,7 @@ import signal
 from functools import partial
 from pathlib import Path
 
+import pytest
 from hagan_clinic.pipelines.cohort import WORKER_DIED, run_series
 from hagan_clinic.pipelines.encode import _safe_prepare as _real_prepare  # bound before any test replaces it
 
@@ -28,6 +29,7 @@ def _records(n: int) -> list[SeriesRecord]:
     return [SeriesRecord(f"uid:{i}", "dicom", (Path(f"s{i}.dcm"),), f"s{i}", "ok", series_uid=str(i)) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_own_series_only_and_a_rerun_recovers(tmp_path, monkeypatch):
     monkeypatch.setenv("HAGAN_TEST_KILLER", "1")  # spawned workers inherit it; the re-run below runs without
     records = _records(5)
@@ -49,6 +51,7 @@ def _prepare_or_die(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
     return _real_prepare(record, cfg_dict, qct)
 
 
+@pytest.mark.slow
 def test_a_killed_reader_fails_its_series_only_and_a_rerun_encodes_it(tmp_path, monkeypatch, capsys):
     import hagan_clinic.pipelines.encode as encode
     import pandas as pd

@@ -42,6 +42,7 @@ def _copying_generator(monkeypatch, paths):
     monkeypatch.setattr(checkpoint_module, "load_checkpoint", patched)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("source", "flagged"), [("train", True), ("fresh", False)])
 def test_a_generator_that_copies_its_training_set_is_flagged(sets, tmp_path, monkeypatch, source, flagged):
     _copying_generator(monkeypatch, sets[source])
@@ -56,6 +57,7 @@ def test_a_generator_that_copies_its_training_set_is_flagged(sets, tmp_path, mon
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["memorisation"]["flagged"] is flagged
 
 
+@pytest.mark.slow
 def test_held_out_volumes_that_are_training_volumes_are_left_out(sets, tmp_path, monkeypatch):
     """--real that overlaps the training set would hide copies: the overlap is excluded and counted."""
     import shutil

@@ -28,6 +28,7 @@ def small(size: int, *more: str):
 GEOMETRY = [(32, 8, 4, 1), (64, 16, 8, 2), (128, 32, 16, 4), (256, 64, 32, 8), (512, 64, 64, 8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("size", "f", "slab", "fslab"), GEOMETRY)
 @pytest.mark.parametrize("n", [1, 2])
 def test_shape_table(size, f, slab, fslab, n):

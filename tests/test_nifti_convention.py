@@ -103,6 +103,7 @@ def _independent_nifti(tool: str, folder: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["highdicom", "dicom2nifti"])
 def test_dicom_and_independent_nifti_give_the_same_grid_qct_and_features(tmp_path, dicom_scan, tool):
     folder, hu = dicom_scan

@@ -140,6 +140,7 @@ def test_predict_never_writes_over_its_features_or_its_model(tmp_path, capsys):
         assert target.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_regress_leaves_a_foreign_file_in_its_folder_alone(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -209,6 +210,7 @@ def test_a_special_file_where_a_table_belongs_is_refused_not_read(tmp_path, kind
         read_csv_table(path, "manifest")
 
 
+@pytest.mark.slow
 def test_a_cache_or_table_made_before_outputs_were_recorded_is_still_ours(tmp_path, checkpoint, capsys):
     """A cache whose cache.json and state show it is ours (made by an older version, or copied, so no ledger) is
     re-run without --overwrite; so is an encode whose state folder sits beside its table."""

@@ -136,6 +136,7 @@ def test_write_cohort_round_trip(tmp_path):
     pd.testing.assert_frame_equal(again, table.iloc[:1])
 
 
+@pytest.mark.slow
 def test_every_tenth_patient_gets_a_localizer(tmp_path):
     write_cohort(tmp_path, n=10, seed=2, shape=(16, 16, 16), progress=False)
     scouts = sorted(tmp_path.glob("*/STUDY_1/SERIES_1"))

@@ -137,6 +137,7 @@ def test_rerun_resumes(capsys, cohort, tmp_path):
     assert (cache / "manifest.csv").read_text() == manifest
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_result(capsys, cohort, tmp_path):
     assert preprocess(capsys, cohort, tmp_path / "one")[0] == 0
     code, _, err = preprocess(capsys, cohort, tmp_path / "two", "--workers", "2")

@@ -43,6 +43,7 @@ def phantoms():
     [(case, seed, SHAPE) for case in CASES for seed in (0, 1)]
     + [("severe", 0, (96, 128, 128)), ("padded_sharp", 0, (96, 128, 128)), ("healthy_soft", 2, (32, 64, 64))],
 )
+@pytest.mark.slow
 def test_accuracy_against_truth(phantoms, case, seed, shape):
     ph = phantoms(case, seed, shape)
     vol = ph.volume

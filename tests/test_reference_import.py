@@ -141,6 +141,7 @@ def check_full_import(sds: dict, model, size: int) -> None:
         torch.testing.assert_close(ours.weight, R.sn_weight(sds["D"], theirs), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 class TestPublishedGeometry128:
     """The published 128^3 geometry (79.58M parameters). Class-scoped, so its weights are freed after it."""
 
@@ -193,6 +194,7 @@ class TestPublishedGeometry128:
         assert not torch.equal(logits[0], logits[2])  # the slab position reaches D^H
 
 
+@pytest.mark.slow
 class TestPublishedGeometry256:
     """The published 256^3 geometry (79.74M parameters): the paths that fit a unit test's time.
 
@@ -266,6 +268,7 @@ def test_narrow_import_geometry(num_classes):
     assert (model.D.high.fc_class is not None) == bool(num_classes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_narrow_128_parity(num_classes, batch):
@@ -321,6 +324,7 @@ def test_narrow_conditional_labels_matter():
     assert (ref[0] - ref[1]).abs().max() > 1e-2 and (ours[0] - ours[1]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_narrow_256_parity():
     """At 256^3 (narrow widths): G's training mode at several positions, end-to-end encoding of a volume, D."""
     sds, model = narrow(256, 0)
@@ -357,6 +361,7 @@ def save_reference_files(sds: dict, folder: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_round_trip_through_files(tmp_path):
     sds, _ = narrow(128, 3)
     paths = save_reference_files(sds, tmp_path)
@@ -384,6 +389,7 @@ def test_round_trip_through_files(tmp_path):
         check_close(class_logit, ref["class_logit"], "files: D class logit after reload", atol=1e-5)
 
 
+@pytest.mark.slow
 def test_import_without_discriminator(tmp_path):
     sds, _ = narrow(128, 0)
     paths = save_reference_files(sds, tmp_path)
@@ -508,6 +514,7 @@ def test_unsupported_size():
         import_reference_state_dicts(as_ours(sds), 64)
 
 
+@pytest.mark.slow
 def test_command_line_import_then_generate(tmp_path, capsys):
     from hagan_clinic.cli import main
 

@@ -39,6 +39,7 @@ def reference_maths(hu: np.ndarray, window, size: int) -> np.ndarray:
     return resize(x, (size, size, size), order=1, mode="constant", cval=-1.0, anti_aliasing=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHEST.is_dir(), reason="real validation data not present")
 def test_reference_grid_equals_the_reference_maths_on_a_real_series():
     import highdicom as hd

@@ -242,6 +242,7 @@ def test_regression_modules_import_no_torch():
 
 
 # ---------------------------------------------------------------- grouped folds and leakage
+@pytest.mark.slow
 @pytest.mark.parametrize("run, folds", [("cohort", FOLDS), ("leaky", 5)])
 def test_no_patient_in_two_folds(request, run, folds):
     preds = request.getfixturevalue(run).preds
@@ -251,6 +252,7 @@ def test_no_patient_in_two_folds(request, run, folds):
     assert sorted(preds["fold"].unique()) == list(range(folds))
 
 
+@pytest.mark.slow
 def test_grouping_prevents_the_inflation_of_near_duplicate_series(leaky):
     # The pipeline, folds by patient: pure noise stays unpredictable.
     scores = leaky.metrics["targets"]["y"]
@@ -304,6 +306,7 @@ def test_qct_baseline_scores_the_qct_columns_alone(cohort):
     assert qct["fev1pp"]["r2"] < 0.3 < model["fev1pp"]["r2"]  # FEV1 % predicted does not; the features add it
 
 
+@pytest.mark.slow
 def test_no_qct_baseline_without_qct_columns(messy, leaky):
     assert set(messy.metrics["baselines"]) == {"mean"}
     assert set(leaky.metrics["baselines"]) == {"mean"}
@@ -431,6 +434,7 @@ def test_predict_writes_the_format_its_name_or_format_says(cohort, capsys, tmp_p
     assert not (tmp_path / "q.parquet").exists()
 
 
+@pytest.mark.slow
 def test_regress_takes_its_settings_from_the_config_and_writes_parquet(cohort, capsys, tmp_path):
     from hagan_clinic.config import CONFIG_DIR
 
@@ -516,6 +520,7 @@ def test_unusable_rows_are_dropped_and_counted(messy):
     assert m["targets"]["y"]["r2"] > 0.9  # the rest still carry the signal
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_predictions(messy, tmp_path):
     code = regress(messy.features, messy.clinical, "again", "--targets", "y", "--folds", str(FOLDS), "--no-tracking")
     assert code == 0
@@ -536,6 +541,7 @@ def test_a_clinical_target_is_read_from_the_clinical_table_even_when_the_feature
     assert values.tolist() == [10.0, 20.0, 30.0]
 
 
+@pytest.mark.slow
 def test_qct_columns_without_any_value_are_not_an_internal_error(capsys, tmp_path):
     # encode --qct writes empty QCT cells where the measurement failed (e.g. on MR); when all are empty, the QCT
     # baseline has no rows and regression_scores fails (np.concatenate of an empty list): exit 1, internal error.
@@ -581,6 +587,7 @@ def every_score(metrics: dict):
                 yield f"{name} baseline {kind}", per_target[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["cohort", "messy", "percent"])
 def test_the_headline_r2_is_the_pooled_out_of_fold_r2_with_the_fold_scores_beside_it(request, run):
     run = request.getfixturevalue(run)
@@ -671,6 +678,7 @@ def test_the_model_and_every_baseline_are_scored_on_the_same_rows(percent):
         assert baselines["mean"]["fev1pp"]["r2"] == pytest.approx(r2, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_skipped_qct_baseline_says_why_and_the_model_keeps_every_row(capsys, tmp_path):
     rng = np.random.default_rng(6)
     x = rng.normal(size=(24, 5))

@@ -104,6 +104,7 @@ def _old_step(model, opts, tc, x, y, gen, ema):
     ],
     ids=["reference", "every-option"],
 )
+@pytest.mark.slow
 def test_the_loss_object_computes_what_the_loop_computed(overrides):
     cfg = load_config("tiny", ["seed=3", *overrides])
     tc, conditional = cfg.train, bool(cfg.model.num_classes)

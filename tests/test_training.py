@@ -80,6 +80,7 @@ def assert_same(a, b, where: str = "state") -> None:
 # ---- 1. a run folder ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder(volume_dir, tmp_path):
     cfg = load_config(
         "tiny",
@@ -154,6 +155,7 @@ def train_log(monkeypatch):
     root.setLevel(level)  # through setLevel: it also clears the loggers' cached levels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verbosity", [0, -1], ids=["normal", "quiet"])
 def test_progress_is_a_log_line_per_log_step_off_a_terminal_and_nothing_under_quiet(
     volume_dir, tmp_path, capsys, train_log, verbosity
@@ -176,6 +178,7 @@ def test_progress_is_a_log_line_per_log_step_off_a_terminal_and_nothing_under_qu
 # ---- 2. one step per network ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_loop_steps_each_network_once_per_iteration(volume_dir, tmp_path):
     train(tiny("train.iterations=3", "train.checkpoint_every=3"), tmp_path / "run", volume_dir, progress=False)
     state = load_state(tmp_path / "run" / "checkpoints" / "state_0000003.pt")
@@ -203,6 +206,7 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(volume_dir, tmp_path):
     n = 6
     # log_every 4: the state at 6 holds a half-filled metric window, which the resumed run must complete
@@ -235,6 +239,7 @@ def test_resume_after_sigkill_is_bit_exact(volume_dir, tmp_path):
         assert {k: la[k] for k in LOSSES} == {k: lb[k] for k in LOSSES}
 
 
+@pytest.mark.slow
 def test_resume_refusals(volume_dir, tmp_path, capsys):
     base = ["train", "--config", "tiny", "--data", str(volume_dir), "--no-tracking", "--out", str(tmp_path / "run")]
     short = ["--set", "train.iterations=2", "--set", "train.image_every=0"]
@@ -273,6 +278,7 @@ def mlflow_client():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
+@pytest.mark.slow
 def test_tracked_run_params_metrics_artifacts_and_registered_model(volume_dir, tmp_path):
     from hagan_clinic.tracking import Tracker
 
@@ -326,6 +332,7 @@ def test_tracked_run_params_metrics_artifacts_and_registered_model(volume_dir, t
     assert sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")) == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_logged_elsewhere_opens_a_complete_new_run(volume_dir, tmp_path, monkeypatch):
     from hagan_clinic.tracking import Tracker
 
@@ -341,6 +348,7 @@ def test_resume_logged_elsewhere_opens_a_complete_new_run(volume_dir, tmp_path, 
     assert [m.step for m in mlflow_client().get_metric_history(second.run_id, "loss_D")] == [6]
 
 
+@pytest.mark.slow
 def test_crashing_run_is_marked_failed(volume_dir, tmp_path, monkeypatch):
     from hagan_clinic.tracking import Tracker
 
@@ -398,6 +406,7 @@ def fp32_reference(tmp_path_factory, make_volumes):
 #   zero moves one way or the other by chance: any difference in arithmetic (memory layout, thread count, CPU) can
 #   grow to a fair part of one step's effect on the loss (5-10% here). Worst seen: channels_last 1.7e-3 here and
 #   2.8e-4 on the other machine (median 3e-6), bf16 3.9e-2, fp16 7.1e-3; fp32 itself, 1 vs 2 threads: 3.3e-6.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "first", "rel"),
     [
@@ -432,6 +441,7 @@ def test_precision_options_train_close_to_fp32(fp32_reference, tmp_path, overrid
 # ---- 6. non-finite losses -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_and_counted(volume_dir, tmp_path, monkeypatch):
     recorded: list[float] = []
     real_l1 = losses.l1
@@ -485,6 +495,7 @@ def test_too_many_nonfinite_iterations_in_a_row_abort(volume_dir, tmp_path, monk
 # ---- 7. options ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ema_generator_is_saved_and_selectable(volume_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny("train.iterations=3", "train.ema=true", "train.ema_decay=0.5"), out, volume_dir, progress=False)
@@ -499,6 +510,7 @@ def test_ema_generator_is_saved_and_selectable(volume_dir, tmp_path):
     assert_same(with_ema.EG.state_dict(), raw.EG.state_dict())
 
 
+@pytest.mark.slow
 def test_separate_d_loss_with_r1_trains(volume_dir, tmp_path):
     out = tmp_path / "run"
     train(
@@ -525,6 +537,7 @@ def test_the_loop_makes_x_low_as_configured(volume_dir, tmp_path, monkeypatch):
 # ---- 8. conditional training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_conditional_training_from_a_label_table(volume_dir, tmp_path, capsys):
     table = tmp_path / "labels.csv"
     table.write_text("path,label\nvol_00.npy,0\nvol_01.npy,1\nvol_02.npy,-1\nvol_03.npy,\n")
@@ -596,6 +609,7 @@ def test_train_input_errors_are_one_line(volume_dir, tmp_path, capsys, problem):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_data_error_with_tracking_on_is_one_line_and_leaves_no_run(tmp_path, capfd):
     code = main(["train", "--config", "tiny", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
     out, err = capfd.readouterr()  # file descriptors: MLflow's own logging would show here too
