@@ -78,6 +78,7 @@ def test_write_split_gives_the_gan_the_training_patients_only(cohort):
         ("renamed.pt", "by file or series UID"),
     ],
 )
+@pytest.mark.slow
 def test_a_gan_that_saw_validation_or_test_patients_is_refused(cohort, tmp_path, capsys, checkpoint, message):
     args = _args(cohort, "--set", f"augment.checkpoint={cohort / checkpoint}")
     assert main([*args, "--out", str(tmp_path / "o"), "--no-tracking"]) == 2
@@ -131,6 +132,7 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
     assert not (set(seen) & synthetic) and not (set(seen) & train)
 
 
+@pytest.mark.slow
 def test_classical_augmentation_is_monai_seeded_and_flips_only_when_asked():
     import torch
     from hagan_clinic.pipelines.augment_arms import classical, classical_transform

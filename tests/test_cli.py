@@ -117,6 +117,7 @@ def test_generate_same_seed_same_volumes_and_slab_matches(capsys, checkpoint, tm
     assert np.array_equal(a[0], e[0])
 
 
+@pytest.mark.slow
 def test_generate_with_label_on_conditional_checkpoint(capsys, conditional_checkpoint, tmp_path):
     out_dir = tmp_path / "cond"
     ckpt = str(conditional_checkpoint)
@@ -331,6 +332,7 @@ def test_check_config_shows_the_command_sections(capsys):
     assert doc["evaluate"]["n"] == 512
 
 
+@pytest.mark.slow
 def test_train_device_overrides_the_config(capsys, volume_dir, tmp_path):
     args = ["train", "--config", "tiny", "--data", volume_dir, "--no-tracking"]
     code, out, err = run_cli(capsys, *args, "--set", "device=cuda:7", "--device", "cpu", "--dry-run")

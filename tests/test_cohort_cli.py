@@ -29,6 +29,7 @@ def test_phantoms_writes_series_and_clinical_table(cohort):
     assert len({pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files}) == 12  # + localizer
 
 
+@pytest.mark.slow
 def test_qct_matches_truth_and_carries_no_names(cohort, tmp_path):
     out = tmp_path / "qct.csv"
     assert main(["qct", str(cohort), "--out", str(out)]) == 0

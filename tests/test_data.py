@@ -223,6 +223,7 @@ def test_sampler_refuses_other_data_or_process_count():
         ShardedSampler(1, seed=0, rank=0, world=2)
 
 
+@pytest.mark.slow
 def test_resuming_on_other_data_is_refused(volume_dir, tmp_path, capsys):
     """A checkpoint's training record must cover every volume the model saw: a resume on other data is refused."""
     from hagan_clinic.cli import main

@@ -200,6 +200,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_batches(
 
 
 # ---------------------------------------------------------------- what the report says
+@pytest.mark.slow
 def test_report_lists_skipped_and_failed_series_and_the_rest_is_encoded(capsys, mixed, checkpoint, reference):
     out = mixed.parent / "mixed.parquet"
     code, stdout, err = encode(capsys, mixed, out, "--checkpoint", str(checkpoint), *FAST)

@@ -164,6 +164,7 @@ def test_network_has_medicalnets_layout_geometry_and_feature_size(loaded, depth)
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.slow
 def test_dilated_stages_keep_the_grid_of_layer2(loaded, depth):
     net = loaded(depth)
     grids = {}
@@ -178,6 +179,7 @@ def test_dilated_stages_keep_the_grid_of_layer2(loaded, depth):
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.slow
 def test_features_are_the_published_forward_pass_of_the_volume_as_given(loaded, depth):
     x = _volumes(2)
     got = torch.from_numpy(loaded(depth).extract(x))
@@ -187,6 +189,7 @@ def test_features_are_the_published_forward_pass_of_the_volume_as_given(loaded, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.slow
 def test_input_is_not_normalised_per_volume(loaded):
     net = loaded(10)
     x = _volumes(2, scale=0.5)

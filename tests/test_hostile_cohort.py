@@ -234,6 +234,7 @@ def _nan_measure(*args, **kwargs):
     return {"lung_volume_ml": 4000.0, "laa950_pct": 12.0, "perc15_hu": float("nan"), "warning": ""}
 
 
+@pytest.mark.slow
 def test_a_non_finite_qct_measure_is_never_reported(capsys, monkeypatch, cohort, checkpoint, tmp_path):
     """-inf voxels in the lungs give perc15 NaN (readers mark them unmeasured today); neither qct nor encode --qct
     may report such a number: the qct row fails, and encode leaves its QCT cells empty with a warning."""

@@ -74,6 +74,7 @@ def _written(folder: Path) -> dict[str, str]:
     return texts
 
 
+@pytest.mark.slow
 def test_a_pseudonymised_run_writes_no_file_name_nor_path(cohort, checkpoint, tmp_path):
     out = tmp_path / "run" / "features.csv"
     out.parent.mkdir()
@@ -90,6 +91,7 @@ def test_a_pseudonymised_run_writes_no_file_name_nor_path(cohort, checkpoint, tm
         assert not [s for s in forbidden if s in text], where
 
 
+@pytest.mark.slow
 def test_without_a_salt_reasons_name_files_relative_to_the_source(cohort, checkpoint, tmp_path):
     out = tmp_path / "features.csv"
     result = run(cohort, EncodeOptions(checkpoint, out, fmt="csv", workers=0, progress=False))

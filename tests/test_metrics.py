@@ -249,6 +249,7 @@ def test_ms_ssim_of_a_volume_with_itself_is_one(side):
     assert ms_ssim_3d(vol, vol) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ms_ssim_decreases_with_noise_and_takes_torch_input():
     vol = _smooth_volume(32)
     noise = np.random.default_rng(14).standard_normal(vol.shape).astype(np.float32)

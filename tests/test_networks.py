@@ -52,6 +52,7 @@ def test_shape_table(size, f, slab, fslab, n):
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.slow
 def test_model_generate_encode_and_training_pass(size):
     cfg = load_config("tiny", [f"model.size={size}"])
     model = HAGAN.from_config(cfg).eval()
@@ -70,6 +71,7 @@ def test_model_generate_encode_and_training_pass(size):
     torch.testing.assert_close(out.logit, (out.high + out.low) / 2)
 
 
+@pytest.mark.slow
 def test_batch_of_one_keeps_the_batch_axis():
     cfg = load_config("tiny")
     model = HAGAN.from_config(cfg).eval()
@@ -79,6 +81,7 @@ def test_batch_of_one_keeps_the_batch_axis():
     assert model.encode(model.generate(z)).shape == (1, cfg.model.latent_dim)
 
 
+@pytest.mark.slow
 def test_conditional_generation_and_class_logits():
     cfg = load_config("tiny", ["model.num_classes=3"])
     model = HAGAN.from_config(cfg).eval()
@@ -123,6 +126,7 @@ def test_upconv_gradients_match_upsample_then_conv():
 
 
 @pytest.mark.parametrize(("size", "slab"), [(64, 1), (64, 3), (64, 1000), (128, 5)])
+@pytest.mark.slow
 def test_slab_generation_equals_one_pass(size, slab):
     cfg = load_config("tiny", [f"model.size={size}", "model.num_classes=2"])
     model = HAGAN.from_config(cfg).eval()

@@ -227,6 +227,7 @@ def test_a_cache_or_table_made_before_outputs_were_recorded_is_still_ours(tmp_pa
     assert _cli(enc, capsys)[0] == 0
 
 
+@pytest.mark.slow
 def test_coarse_grids_of_existing_models_still_load(tmp_path):
     """Checkpoints made before the config ranges (a 50 mm grid, a learning rate above 1) still load."""
     from hagan_clinic.config import load_config
@@ -250,6 +251,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsy
     assert code == 2 and err.startswith("hagan-clinic: error: cannot create the folder") and "internal" not in err
 
 
+@pytest.mark.slow
 def test_an_edited_output_is_not_adopted_even_beside_its_state(tmp_path, checkpoint, capsys):
     from hagan_clinic.phantoms import write_cohort
 

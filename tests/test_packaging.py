@@ -6,6 +6,7 @@ The repository keeps its cohort workflows in the top-level folder pipelines/; th
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_every_package_folder_is_installed_and_pipelines_lands_inside_the_packag
     assert not (ROOT / "hagan_clinic" / "pipelines").exists()  # one layout, not two
 
 
+@pytest.mark.slow
 def test_no_module_imports_a_top_level_pipelines_package():
     """Code names the workflows hagan_clinic.pipelines (or relatively): a bare ``pipelines`` would be whatever a
     user's folder or another distribution of that name holds."""
@@ -103,3 +105,27 @@ def test_the_wheel_holds_one_top_level_package_with_its_workflows_and_configs(tm
     in_repo = {str(p.relative_to(ROOT / "hagan_clinic")) for p in (ROOT / "hagan_clinic").rglob("*.py")}
     in_repo |= {f"pipelines/{p.name}" for p in (ROOT / "pipelines").glob("*.py")}
     assert sources == in_repo
+
+
+def _layout_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Repository layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_layout_names_every_module_and_only_modules_that_exist():
+    block = _layout_block()
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", block))
+    modules = [
+        p
+        for folder in ("hagan_clinic", "pipelines")
+        for p in (ROOT / folder).rglob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    ]
+    assert sorted(str(p.relative_to(ROOT)) for p in modules if p.stem not in words) == []
+    named = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\.py\b", block))
+    stems = {p.stem for p in modules} | {"__init__", "conftest"}
+    assert sorted(named - stems) == []
+    folders = set(re.findall(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)/", block))
+    present = {p.name for p in ROOT.iterdir()} | {p.name for p in (ROOT / "hagan_clinic").iterdir() if p.is_dir()}
+    assert sorted(folders - present) == []

@@ -260,6 +260,7 @@ def narrow(size: int, num_classes: int):
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
+@pytest.mark.slow
 def test_narrow_import_geometry(num_classes):
     _, model = narrow(128, num_classes)
     m = model.config.model
@@ -313,6 +314,7 @@ def test_narrow_128_parity(num_classes, batch):
             check_close(getattr(out, key), ref[key], f"{tag}: D {key}", atol=1e-5)
 
 
+@pytest.mark.slow
 def test_narrow_conditional_labels_matter():
     """A sanity check of the parity tests themselves: the label reaches both implementations' outputs."""
     sds, model = narrow(128, 3)

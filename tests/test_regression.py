@@ -269,6 +269,7 @@ def test_grouping_prevents_the_inflation_of_near_duplicate_series(leaky):
 
 
 # ---------------------------------------------------------------- signal, baselines, log targets
+@pytest.mark.slow
 def test_a_linear_signal_is_recovered(cohort):
     s = cohort.metrics["targets"]["fev1pp"]
     assert s["r2"] > 0.9 and s["r2_fold_mean"] > 0.9
@@ -501,6 +502,7 @@ def test_bad_input_is_a_one_line_error(capsys, small, args, needles):
     assert not (small / "o" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_unusable_rows_are_dropped_and_counted(messy):
     m = messy.metrics
     assert m["join"] == {
@@ -601,6 +603,7 @@ def test_the_headline_r2_is_the_pooled_out_of_fold_r2_with_the_fold_scores_besid
 
 
 @pytest.mark.parametrize("run", ["cohort", "messy", "leaky", "percent"])
+@pytest.mark.slow
 def test_every_r2_lies_inside_its_own_interval(request, run):
     metrics = request.getfixturevalue(run).metrics
     checked = 0

@@ -189,6 +189,7 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     [(), ("model.num_classes=2", "train.r1_gamma=1.0", "train.d_loss=separate")],
     ids=["reference", "conditional-r1-separate"],
 )
+@pytest.mark.slow
 def test_each_phase_changes_only_its_own_network(overrides):
     cfg = load_config("tiny", overrides)
     mc = cfg.model
@@ -222,6 +223,7 @@ def test_each_phase_changes_only_its_own_network(overrides):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_encoder_weight_scales_the_encoder_losses():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(2, 1, 32, 32, 32, generator=gen) * 2 - 1

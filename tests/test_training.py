@@ -473,6 +473,7 @@ def test_nonfinite_losses_are_skipped_and_counted(volume_dir, tmp_path, monkeypa
         assert {float(s["step"]) for s in state["optimizers"][part]["state"].values()} == {steps}, part
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_iterations_in_a_row_abort(volume_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(losses, "l1", lambda a, b: (a.float() - b.float()).abs().mean() * float("nan"))
     cfg = tiny("train.iterations=10", "train.max_nonfinite=3", "train.log_every=2")

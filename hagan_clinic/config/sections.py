@@ -1,34 +1,18 @@
-"""Typed, frozen configuration loaded from YAML.
+"""The config's sections: typed, frozen pydantic models, one per concern, with every default, range and description.
 
-A config file may name a parent with ``extends: other.yaml`` (resolved relative to the file); the child's keys
-are merged over the parent's, section by section (files are read within bounds by :mod:`hagan_clinic.io.yaml_file`).
-``--set section.key=value`` overrides are applied last, their values parsed as YAML (so ``model.size=128`` is an int
-and ``data.window=[-1000,400]`` a list). Unknown keys and wrong types are rejected with a :class:`ConfigError` whose
-one-line message names the key.
-
-The model geometry that follows from the config (feature-map size, slab depth, number of upsampling stages) is
+Bounds are part of the type: a value outside its range is refused with a one-line :class:`ConfigError` naming the
+key. The model geometry that follows from the config (feature-map size, slab depth, number of upsampling stages) is
 derived here, once, so that no network carries a hidden constant.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import HaganError, one_line, short_repr
-from .io.yaml_file import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES  # the reader's bounds, named beside the others
-from .io.yaml_file import MAX_EXTENDS_DEPTH as MAX_EXTENDS_DEPTH
-from .io.yaml_file import MAX_YAML_VALUES as MAX_YAML_VALUES
-from .io.yaml_file import YamlFileError, parse_yaml, read_yaml
-
-#: The shipped configs (package data): ``load_config("tiny")`` finds them from any working folder.
-CONFIG_DIR = Path(str(resources.files("hagan_clinic").joinpath("configs")))
+from ..errors import HaganError, short_repr
 
 #: The whole volume is split into this many slabs along D (the axial axis): G^H is trained on one slab per
 #: step and E^G reads the E^H outputs of all of them. It is part of the published architecture (D^H's strides
@@ -399,189 +383,5 @@ class EvaluateConfig(_Section):
     )
 
 
-class Config(_Section):
-    """A whole configuration: one section per concern (see :func:`markdown_table` for every key)."""
-
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of training, sampling and cross-validation")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:N or auto (the commands' --device overrides it)")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    encode: EncodeConfig = Field(default_factory=EncodeConfig)
-    regress: RegressConfig = Field(default_factory=RegressConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def data_contract(self) -> dict[str, Any]:
-        """What a consumer of generated or encoded volumes needs to map them back to HU and millimetres."""
-        return {
-            "modality": self.data.modality,
-            "window": list(self.data.window),
-            "spacing_mm": None if self.data.spacing_mm is None else list(self.data.spacing_mm),
-            "size": self.model.size,
-            "resize": self.data.resize,
-        }
-
-    def with_values(self, values: Mapping[str, Any], section: str | None = None) -> Config:
-        """This config with ``values`` (key -> value; None: not given, left as it is) set in ``section`` (None: the
-        top level), validated like a file: what a command's flags do to its config."""
-        given = {k: v for k, v in values.items() if v is not None}
-        if not given:
-            return self
-        data = self.to_dict()
-        if section is None:
-            data.update(given)
-        else:
-            data[section] = {**data[section], **given}
-        return Config.from_dict(data, source="options")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as err:
-            raise ConfigError(f"{source}: {_first_error(err)}") from None
-
-
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def _first_error(err: ValidationError) -> str:
-    e = err.errors(include_url=False)[0]
-    key = one_line(".".join(str(p) for p in e["loc"]), 80)  # a hostile file's key can be megabytes long
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if e["type"] == "value_error":
-        # our validators already name the key in their message
-        return msg.removeprefix("Value error, ")
-    return f"{key}: {msg} (got {short_repr(e.get('input'))})" if key else msg
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A config path as given, or a bare name ('tiny') looked up among the shipped configs (package data)."""
-    try:
-        p = Path(path)
-        for cand in (p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-            if cand.is_file():
-                return cand
-    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
-        pass
-    raise ConfigError(f"config file not found: {short_repr(str(path), 120)}")
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {short_repr(item)}: expected section.key=value")
-        try:
-            value = parse_yaml(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        except YamlFileError as err:
-            raise ConfigError(f"--set {one_line(key, 80)}: {err}") from None
-        node = data
-        *parents, leaf = key.split(".")
-        for i, part in enumerate(parents):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--set {one_line(key, 80)}: '{'.'.join(parents[: i + 1])}' is not a section")
-            node = child
-        node[leaf] = value
-    return data
-
-
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (following ``extends``), apply ``--set`` overrides, validate.
-
-    Raises ConfigError with a one-line message naming the key on any problem.
-    """
-    p = resolve_path(path)
-    try:
-        data = read_yaml(p)
-    except YamlFileError as err:  # the reader's message already names the file
-        raise ConfigError(str(err)) from None
-    data = apply_overrides(data, overrides)
-    return Config.from_dict(data, source=p.name)
-
-
-# ---------------------------------------------------------------- the key table, generated from the models above
-#: The sections of the README's key table (the others are documented beside their commands: docs/training.md, ...).
-README_SECTIONS = ("seed", "device", "model", "data", "encode", "regress", "evaluate")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_cell(v) for v in value) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def config_keys(sections: Iterable[str] | None = None) -> list[tuple[str, Any, str]]:
-    """Every key of :class:`Config` as (dotted key, default, description), nested sections walked, in the models'
-    order; ``sections``: only these top-level names (a section or a top-level key such as ``seed``)."""
-    rows: list[tuple[str, Any, str]] = []
-
-    def walk(section: BaseModel, prefix: str) -> None:
-        for name, info in type(section).model_fields.items():
-            value = getattr(section, name)
-            if isinstance(value, BaseModel):
-                walk(value, f"{prefix}{name}.")
-            else:
-                rows.append((prefix + name, value, info.description or ""))
-
-    default = Config()
-    for name in sections or Config.model_fields:
-        if name not in Config.model_fields:
-            raise ConfigError(f"no config section '{short_repr(name)}'")
-        value = getattr(default, name)
-        if isinstance(value, BaseModel):
-            walk(value, f"{name}.")
-        else:
-            rows.append((name, value, Config.model_fields[name].description or ""))
-    return rows
-
-
-def markdown_table(sections: Iterable[str] | None = README_SECTIONS) -> str:
-    """The config keys of ``sections`` (None: all) as a Markdown table: key, default, meaning (no final newline)."""
-
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{k}` | `{escape(_cell(v))}` | {escape(d)} |" for k, v, d in config_keys(sections)]
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m hagan_clinic.config", description="The config's keys.")
-    parser.add_argument("--markdown", action="store_true", help="print the key table in Markdown (the README's)")
-    parser.add_argument("sections", nargs="*", help=f"top-level keys (default: {' '.join(README_SECTIONS)})")
-    args = parser.parse_args()
-    table = config_keys(args.sections or README_SECTIONS)
-    if args.markdown:
-        print(markdown_table(args.sections or README_SECTIONS))
-    else:
-        print("\n".join(f"{k} = {_cell(v)}  # {d}" for k, v, d in table))
