@@ -735,3 +735,13 @@ def test_two_process_gloo_training(volume_dir, tmp_path):
     for it in range(iterations):
         a, b = set(seen0[it * batch : (it + 1) * batch]), set(seen1[it * batch : (it + 1) * batch])
         assert a.isdisjoint(b) and a | b == {0, 1, 2, 3}
+
+
+def test_train_result_summary_is_what_the_command_prints(tmp_path):
+    from hagan_clinic.training.loop import TrainResult
+
+    snap = tmp_path / "model.pt"
+    assert TrainResult(tmp_path, 4, snap).summary() == f"trained to iteration 4: {snap}"
+    skipped = TrainResult(tmp_path, 4, snap, nonfinite_skipped=2).summary()
+    assert skipped.endswith("(2 non-finite iterations skipped)")
+    assert TrainResult(tmp_path, 4, None).summary() == ""  # a rank that writes no model says nothing

@@ -166,5 +166,5 @@ def train(
     if cfg.tracking.enabled and not no_tracking and torchrun_env().rank == 0:
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     result = run_training(cfg, run_dir, data_dir=data_dir, resume=resume, run_name=name, tracker=tracker)
-    if result.snapshot is not None:
-        click.echo(f"trained to iteration {result.iteration}: {result.snapshot}")
+    if result.summary():
+        click.echo(result.summary())

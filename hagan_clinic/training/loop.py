@@ -61,6 +61,13 @@ class TrainResult:
     nonfinite_skipped: int = 0
     run_id: str | None = None
 
+    def summary(self) -> str:
+        """What ``hagan-clinic train`` prints: where the trained model is (nothing on ranks that write none)."""
+        if self.snapshot is None:
+            return ""
+        skipped = f" ({self.nonfinite_skipped} non-finite iterations skipped)" if self.nonfinite_skipped else ""
+        return f"trained to iteration {self.iteration}: {self.snapshot}{skipped}"
+
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """The forward passes' autocast for ``train.precision`` (none for fp32)."""
