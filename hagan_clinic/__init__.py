@@ -33,6 +33,21 @@ if TYPE_CHECKING:
     from .reference import import_reference
 
 
+def _workflows_beside_a_source_checkout() -> None:
+    """In a source checkout the cohort workflows sit beside the package, in the repository's top-level pipelines/
+    folder (installed, they are hagan_clinic/pipelines/). A checkout imported through PYTHONPATH or from a worktree
+    must run its own workflows, not those of whichever checkout is installed in editable mode: the package looks
+    for them beside itself first."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    if not (here / "pipelines").is_dir() and (here.parent / "pipelines" / "__init__.py").is_file():
+        __path__.append(str(here.parent))
+
+
+_workflows_beside_a_source_checkout()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

@@ -152,7 +152,7 @@ def run(
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaganError(f"source not found: {src}")
-    fmt = table_format(out, fmt)  # before any work: a name that contradicts the format is refused
+    fmt = table_format(out, fmt, "csv")  # before any work: a name that contradicts the format is refused
     guard = Outputs("qct", [src if src.is_file() else None], overwrite)
     guard.check(out)  # before any work
     options: dict[str, Any] = {}  # only the folders given: measure_one's defaults stand for the others

@@ -329,7 +329,7 @@ def predict(
     model_path, out = Path(model_path), Path(out)
     if not model_path.is_file():
         raise RegressionError(f"model not found: {model_path}")
-    fmt = table_format(out, fmt) if fmt or out.suffix.lower() in (".csv", ".parquet", ".pq") else "csv"
+    fmt = table_format(out, fmt, "csv")
     guard = Outputs("predict", [model_path, features_path], overwrite)
     guard.check(out)
     try:

@@ -103,3 +103,15 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="unknown key 'model.colour'"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_carries_the_model_config_without_command_settings(tmp_path):
+    """encode/regress/evaluate settings set up commands, not the model: a checkpoint that carried them could not be
+    read by versions that predate those sections (their configs refuse unknown keys)."""
+    cfg = load_config("tiny", ["encode.batch_size=4", "regress.folds=3", "evaluate.n=8"])
+    path = HAGAN.from_config(cfg).save(tmp_path / "m.pt")
+    stored = read_checkpoint(path)["config"]
+    assert sorted(stored) == ["augment", "data", "device", "model", "seed", "tracking", "train"]
+    loaded = load_checkpoint(path)
+    assert loaded.config.model == cfg.model and loaded.config.data == cfg.data and loaded.config.train == cfg.train
+    assert loaded.config.encode == load_config("tiny").encode  # the defaults, whatever the saving run had set

@@ -141,3 +141,21 @@ def test_command_flags_pass_through_the_config_validation():
     assert (cfg.evaluate.n, cfg.evaluate.slab, cfg.seed) == (7, None, 3)
     with pytest.raises(ConfigError, match="regress.log_targets"):
         load_config("base").with_values({"targets": ["a"], "log_targets": ["b"]}, "regress")
+
+
+@pytest.mark.parametrize("parent", ["tiny", "tiny.yaml", "base.yaml"])
+def test_a_users_config_extends_a_shipped_one_by_name_from_anywhere(tmp_path, parent):
+    """Installed from a wheel, the shipped configs live in site-packages: a user's config names them, not a path."""
+    (tmp_path / "mine.yaml").write_text(f"extends: {parent}\ntrain:\n  iterations: 7\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.train.iterations == 7
+    assert cfg.model == load_config(parent.removesuffix(".yaml")).model
+
+
+def test_a_file_beside_the_config_comes_before_a_shipped_one(tmp_path):
+    (tmp_path / "tiny.yaml").write_text("extends: base.yaml\nmodel:\n  size: 64\n")
+    (tmp_path / "mine.yaml").write_text("extends: tiny.yaml\n")
+    assert load_config(tmp_path / "mine.yaml").model.size == 64  # the local tiny.yaml, over the shipped base
+    (tmp_path / "lost.yaml").write_text("extends: no_such_config\n")
+    with pytest.raises(ConfigError, match="extends 'no_such_config', which is not a file"):
+        load_config(tmp_path / "lost.yaml")

@@ -228,3 +228,43 @@ def test_one_helper_makes_an_exception_one_line():
     assert describe(HaganError("bad\n  value")) == "bad value"  # the user's message as it is
     assert describe(KeyError("x\ny")) == "KeyError: 'x\\ny'"
     assert describe(ValueError("v" * 1000), 40) == "ValueError: " + "v" * 25 + "..."
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["encode", "src", "--checkpoint", "m.pt", "--out", "f.csv", "--set", "data.window=[-500,500]"], "data.window"),
+        (["encode", "src", "--checkpoint", "m.pt", "--out", "f.csv", "--set", "model.size=64"], "model.size"),
+        (["evaluate", "--checkpoint", "m.pt", "--real", "r", "--out", "o", "--set", "data.spacing_mm=2"], "data."),
+    ],
+)
+def test_a_setting_the_checkpoint_decides_is_refused_not_ignored(argv, key, tmp_path, monkeypatch, capsys):
+    """encode and evaluate take the model and the data contract from the checkpoint: a --set of them used to run
+    and change nothing, silently."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line(err, key, "from its checkpoint")
+
+
+def test_the_settings_a_checkpoint_command_does_use_are_taken(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def fake_run(src, opts, tracker):
+        seen.update(batch_size=opts.batch_size, device=opts.device)
+        raise HaganError("stop here")
+
+    monkeypatch.setattr("hagan_clinic.pipelines.encode.run", fake_run)
+    argv = ["encode", "src", "--checkpoint", "m.pt", "--out", "f.csv", "--set", "encode.batch_size=3"]
+    code, _, err = run_cli(capsys, *argv, "--set", "device=cpu")
+    assert code == 2 and "stop here" in err and seen == {"batch_size": 3, "device": "cpu"}
+
+
+@pytest.mark.parametrize("argv", [["-q", "phantoms", "x", "-v"], ["phantoms", "--out", "x", "-v", "-q"]])
+def test_quiet_and_verbose_together_are_refused(argv, tmp_path, monkeypatch, capsys):
+    """Both used to be accepted, the last one silently winning."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and not (tmp_path / "x").exists()
+    assert_one_line(err, "--quiet and --verbose contradict each other")

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from hagan_clinic.errors import HaganError
-from hagan_clinic.io.files import LEDGER_NAME, Outputs, csv_safe, csv_safe_frame
+from hagan_clinic.io.files import LEDGER_NAME, Outputs, csv_safe, csv_safe_frame, table_format
 
 
 def test_refuses_an_input_and_a_foreign_file(tmp_path):
@@ -107,6 +107,48 @@ def test_csv_safe_frame_leaves_numbers(tmp_path):
     assert table["patient_id"][0] == "=1+1"  # the caller's frame is not changed
 
 
+@pytest.mark.parametrize(
+    "name, fmt, default, expected",
+    [
+        ("t.csv", None, None, "csv"),
+        ("t.CSV", None, "parquet", "csv"),
+        ("t.parquet", None, "csv", "parquet"),
+        ("t.pq", None, None, "parquet"),
+        ("t", None, "parquet", "parquet"),  # no suffix: the command's usual format
+        ("t", None, "csv", "csv"),
+        ("t", "csv", "parquet", "csv"),
+        ("t.tsv", "csv", "csv", "csv"),  # a suffix that says no format: --format decides
+        ("t.csv", "csv", None, "csv"),
+        ("t.tsv", None, "csv", "name a table .csv or .parquet"),  # never CSV text under another suffix unasked
+        ("t.txt", None, "parquet", "name a table .csv or .parquet"),
+        ("t", None, None, "name a table .csv or .parquet"),
+        ("t.parquet", "csv", "csv", "the name says parquet but --format is csv"),
+        ("t.csv", "parquet", None, "the name says csv but --format is parquet"),
+        ("t.csv", "xlsx", None, "unknown table format"),
+    ],
+)
+def test_one_table_format_rule(name, fmt, default, expected):
+    if expected in ("csv", "parquet"):
+        assert table_format(name, fmt, default) == expected
+    else:
+        with pytest.raises(HaganError, match=expected):
+            table_format(name, fmt, default)
+
+
+def test_no_command_writes_a_table_under_a_name_that_says_another_format(tmp_path, capsys):
+    """predict wrote CSV text into p.tsv and qct refused a name without a suffix: one rule now holds for both."""
+    features, model = tmp_path / "features.csv", tmp_path / "model.joblib"
+    features.write_text("patient_id,z0\nP1,0.5\n")
+    model.write_bytes(b"not read before the check")
+    for out in ("p.tsv", "p.txt"):
+        code, err = _cli(["predict", "--model", str(model), "--features", str(features), "--out", str(tmp_path / out)],
+                         capsys)  # fmt: skip
+        assert code == 2 and "name a table .csv or .parquet, or give --format" in err
+        assert not (tmp_path / out).exists()
+    code, err = _cli(["qct", str(tmp_path / "none"), "--out", str(tmp_path / "q")], capsys)
+    assert code == 2 and "format" not in err  # a name without a suffix is the command's usual CSV: the run starts
+
+
 # ---------------------------------------------------------------- through the commands
 def _cli(argv, capsys):
     code, _, err = run_cli(capsys, *argv)
@@ -119,12 +161,13 @@ def test_encode_never_writes_over_its_checkpoint_or_a_source_file(tmp_path, chec
     slice_file = src / "IM0001.dcm"
     slice_file.write_bytes(b"\0" * 128 + b"DICM" + b"scan")
     before = checkpoint.read_bytes()
+    # --format: a .pt or .dcm name says no table format, and the guard is what is tested here
     code, err = _cli(["encode", str(src), "--checkpoint", str(checkpoint), "--out", str(checkpoint),
-                      "--no-tracking"], capsys)  # fmt: skip
+                      "--format", "parquet", "--no-tracking"], capsys)  # fmt: skip
     assert code == 2 and "input of this command" in err and len(err) < 300
     assert checkpoint.read_bytes() == before
     code, err = _cli(["encode", str(src), "--checkpoint", str(checkpoint), "--out", str(slice_file),
-                      "--no-tracking"], capsys)  # fmt: skip
+                      "--format", "parquet", "--no-tracking"], capsys)  # fmt: skip
     assert code == 2 and "not written by hagan-clinic encode" in err and "--overwrite" in err
     assert slice_file.read_bytes().endswith(b"scan")
 
@@ -135,7 +178,8 @@ def test_predict_never_writes_over_its_features_or_its_model(tmp_path, capsys):
     model.write_bytes(b"not read before the check")
     for target in (features, model):
         before = target.read_bytes()
-        code, err = _cli(["predict", "--model", str(model), "--features", str(features), "--out", str(target)], capsys)
+        argv = ["predict", "--model", str(model), "--features", str(features), "--out", str(target), "--format", "csv"]
+        code, err = _cli(argv, capsys)
         assert code == 2 and "input of this command" in err
         assert target.read_bytes() == before
 

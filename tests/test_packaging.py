@@ -6,6 +6,7 @@ The repository keeps its cohort workflows in the top-level folder pipelines/; th
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -131,3 +132,17 @@ def test_the_readme_layout_names_every_module_and_only_modules_that_exist():
         p.name for base in (ROOT, ROOT / "hagan_clinic", ROOT / "benchmarks") for p in base.iterdir() if p.is_dir()
     }
     assert sorted(folders - present) == []
+
+
+def test_a_checkout_on_the_path_runs_its_own_workflows(tmp_path):
+    """The editable install maps hagan_clinic.pipelines to the installed checkout's folder; another checkout put on
+    PYTHONPATH (a worktree, a copy) must not silently run the installed checkout's workflows."""
+    copy = tmp_path / "checkout"
+    for name in ("hagan_clinic", "pipelines"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import hagan_clinic, hagan_clinic.pipelines.encode as e; print(hagan_clinic.__file__); print(e.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    package, workflow = done.stdout.split()
+    assert Path(package).is_relative_to(copy) and Path(workflow) == copy / "pipelines" / "encode.py"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..io.files import table_format
 from .group import cli
 from .options import (
     config_options,
@@ -17,7 +18,6 @@ from .options import (
     out_option,
     overwrite_option,
     seed_option,
-    table_format,
     tracker,
     verbosity,
 )
@@ -98,7 +98,7 @@ def predict(model_path: str, features: str, out: str, fmt: str | None, overwrite
               help="The model's training volumes, for the memorisation check (default: the checkpoint's training "
               "record).")  # fmt: skip
 @config_options("base", "the evaluate section")
-@count_option(None, 2, "Volumes to generate (evaluate.n: 512)")
+@count_option(None, 2, "Volumes to generate", "evaluate.n")
 @click.option("--feature-net", default=None,
               help="Local MedicalNet weights file (resnet_10.pth ... resnet_50.pth), or 'encoder' (the model's own). "
               "Default: evaluate.feature_net.")  # fmt: skip
@@ -122,7 +122,8 @@ def evaluate(
     from ..pipelines.evaluate import EvaluateOptions, run
 
     flags = {"n": n, "feature_net": feature_net, "measure": measure, "batch_size": batch_size, "slab": slab}
-    cfg = load(config_file, overrides).with_values(flags, "evaluate").with_values({"seed": seed})
+    cfg = load(config_file, overrides, only=("evaluate", "seed", "device")).with_values(flags, "evaluate")
+    cfg = cfg.with_values({"seed": seed})
     e = cfg.evaluate
     opts = EvaluateOptions(
         checkpoint=Path(checkpoint), real=Path(real), out=Path(out), n=e.n, feature_net=e.feature_net, seed=cfg.seed,

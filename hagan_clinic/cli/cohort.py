@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..io import logs
+from ..io.files import table_format
 from .group import cli
 from .options import (
     config_options,
@@ -18,7 +19,6 @@ from .options import (
     out_option,
     overwrite_option,
     seed_option,
-    table_format,
     tracker,
     verbosity,
     workers_option,
@@ -85,7 +85,7 @@ def preprocess(
 @cli.command()
 @click.argument("src", type=click.Path())
 @out_option("Table to write (.csv or .parquet; one row per series).", folder=False)
-@format_option(None)
+@format_option("csv")
 @config_options("base", "the data.* reading options")
 @workers_option
 @click.option("--masks", "masks", type=click.Path(file_okay=False),
@@ -154,7 +154,7 @@ def encode(
 
     if salt is not None and not salt.strip():
         raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
-    cfg = load(config_file, overrides).with_values(
+    cfg = load(config_file, overrides, only=("encode", "device")).with_values(
         {"batch_size": batch_size, "workers": workers, "precision": precision}, "encode"
     )
     e = cfg.encode

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -42,6 +41,9 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:  # a flag not given leaves what the group (or main) set
         from ..io.logs import configure
 
+        chosen = ctx.find_root().meta.setdefault("hagan_clinic.verbosity", param.name)
+        if chosen != param.name:  # on the group and the command alike
+            raise click.UsageError("--quiet and --verbose contradict each other: give one")
         configure(-1 if param.name == "quiet" else 1)
 
 
@@ -59,8 +61,9 @@ def out_option(help: str, folder: bool, required: bool = True, default: str | No
                         show_default=default is not None)  # fmt: skip
 
 
-def count_option(default: int | None, minimum: int, what: str) -> Callable[[F], F]:
-    hint = "" if default is not None else " Default: the config's"
+def count_option(default: int | None, minimum: int, what: str, config_key: str = "") -> Callable[[F], F]:
+    """``-n/--n``: a count with its own default, or (``default`` None) the config's ``config_key``."""
+    hint = "" if default is not None else f" Default: the config's {config_key}."
     return click.option("-n", "--n", "n", type=click.IntRange(min=minimum), default=default,
                         show_default=default is not None, help=f"{what}.{hint}")  # fmt: skip
 
@@ -76,8 +79,13 @@ def workers_option(f: F) -> F:
 
 
 def format_option(default: str | None) -> Callable[[F], F]:
-    """``--format csv|parquet``; ``default``: the format of an --out name that says neither (None: refused)."""
-    tail = f"{default} when it says neither" if default else "name it .csv or .parquet, or give --format"
+    """``--format csv|parquet``; ``default``: the format of an --out name without a suffix (the one rule is
+    :func:`hagan_clinic.io.files.table_format`)."""
+    tail = (
+        f"{default} for a name without a suffix; any other suffix needs --format"
+        if default
+        else "name it .csv or .parquet, or give --format"
+    )
     return click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
                         help=f"{FORMAT_HELP} ({tail}).")  # fmt: skip
 
@@ -105,16 +113,6 @@ overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP
 no_tracking_option = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 
 
-def table_format(out: str | Path, fmt: str | None, default: str) -> str:
-    """The format of the table ``out``: ``fmt``, else its name's (.csv, .parquet), else ``default``; a name that
-    says the other format than ``fmt`` is refused (a p.parquet holding CSV text would fool every reader)."""
-    from ..io.files import table_format as named_format
-
-    if fmt is None and Path(out).suffix.lower() not in (".csv", ".parquet", ".pq"):
-        return default
-    return named_format(out, fmt)
-
-
 def tracker(no_tracking: bool):
     """MLflow tracking, or none (``--no-tracking``)."""
     from ..tracking import NullTracker, Tracker
@@ -122,8 +120,18 @@ def tracker(no_tracking: bool):
     return NullTracker() if no_tracking else Tracker()
 
 
-def load(config_file: str, overrides: tuple[str, ...]):
-    """The config of ``--config`` with ``--set`` applied (looked up at call time: tests replace it)."""
+def load(config_file: str, overrides: tuple[str, ...], only: tuple[str, ...] | None = None):
+    """The config of ``--config`` with ``--set`` applied (looked up at call time: tests replace it).
+
+    ``only``: the keys that mean something to a command whose model and data contract come from its checkpoint
+    (encode, evaluate): a ``--set`` of any other key would be silently ignored, so it is refused."""
     from .. import config
 
+    for item in overrides if only is not None else ():
+        key = item.partition("=")[0].strip()
+        if key.split(".")[0] not in only:
+            raise click.UsageError(
+                f"--set {key[:80]}: this command takes the model and the data contract from its checkpoint; "
+                f"it uses only {', '.join(k if k in ('seed', 'device') else k + '.*' for k in only)}"
+            )
     return config.load_config(config_file, overrides)

@@ -156,7 +156,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """
     p = resolve_path(path)
     try:
-        data = read_yaml(p)
+        data = read_yaml(p, shipped=CONFIG_DIR)
     except YamlFileError as err:  # the reader's message already names the file
         raise ConfigError(str(err)) from None
     data = apply_overrides(data, overrides)

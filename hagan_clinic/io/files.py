@@ -91,23 +91,23 @@ def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str], gu
 TABLE_FORMATS = ("csv", "parquet")
 
 
-def table_format(path: str | os.PathLike, fmt: str | None = None) -> str:
-    """The format a table is written in: ``fmt`` when given, else from the name (``.csv`` is CSV, ``.parquet`` or
-    ``.pq`` parquet). A name that says the other format than ``fmt`` is refused: a file called ``p.parquet`` that
-    holds CSV text would fool every reader."""
+def table_format(path: str | os.PathLike, fmt: str | None = None, default: str | None = None) -> str:
+    """The format a table is written in, by one rule for every command: ``fmt`` (``--format``) when given; else the
+    name's (``.csv`` is CSV, ``.parquet`` or ``.pq`` parquet); else, for a name without a suffix, ``default`` (the
+    command's usual format). A name that says the other format than ``fmt``, or any other suffix (``.tsv``,
+    ``.txt``) without ``fmt``, is refused: a file whose name says one format and holds another fools every reader."""
     from hagan_clinic.errors import HaganError
 
     suffix = Path(path).suffix.lower()
     said = "csv" if suffix == ".csv" else "parquet" if suffix in (".parquet", ".pq") else None
-    if fmt is None:
-        if said is None:
-            raise HaganError(f"{path}: name a table .csv or .parquet, or give --format csv|parquet")
-        return said
-    if fmt not in TABLE_FORMATS:
+    if fmt is not None and fmt not in TABLE_FORMATS:
         raise HaganError(f"unknown table format '{fmt}' (use csv or parquet)")
-    if said is not None and said != fmt:
+    if fmt is not None and said is not None and said != fmt:
         raise HaganError(f"{path}: the name says {said} but --format is {fmt}; give them one format")
-    return fmt
+    chosen = fmt or said or (default if not suffix else None)
+    if chosen is None:
+        raise HaganError(f"{path}: name a table .csv or .parquet, or give --format csv|parquet")
+    return chosen
 
 
 def write_table(path: str | os.PathLike, table, fmt: str | None = None, guard: Outputs | None = None) -> None:

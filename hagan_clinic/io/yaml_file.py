@@ -118,11 +118,14 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml(path: str | Path, seen: tuple[Path, ...] = (), shipped: Path | None = None) -> dict[str, Any]:
     """The mapping a YAML config file holds, its ``extends`` chain followed and merged (the key itself removed).
 
-    ``seen``: the files already open in this chain (for loops and depth). Raises YamlFileError, naming the file,
-    on a file too large, not text, not valid YAML, not a mapping, or an ``extends`` that is no file or loops.
+    ``extends`` names a file relative to the config's folder; where there is none, ``shipped`` (a folder of
+    configs that come with the package) is looked in, by file name or by bare name (``extends: tiny``), so that a
+    user's config can build on a shipped one wherever the package is installed. ``seen``: the files already open in
+    this chain (for loops and depth). Raises YamlFileError, naming the file, on a file too large, not text, not
+    valid YAML, not a mapping, or an ``extends`` that is no file or loops.
     """
     path = Path(path).resolve()
     if path in seen:
@@ -143,11 +146,17 @@ def read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str) or not parent.strip():
         raise YamlFileError(f"{path.name}: extends must be a config file name, got {short_repr(parent)}")
-    try:
-        parent_path = path.parent / parent  # an absolute name replaces the folder
-        found = parent_path.is_file()
-    except (OSError, ValueError):
-        found = False
-    if not found:
+    candidates = [path.parent / parent]  # an absolute name replaces the folder
+    if shipped is not None and "/" not in parent and "\\" not in parent:
+        candidates += [shipped / parent, shipped / f"{parent}.yaml"]
+    parent_path = next((c for c in candidates if _is_file(c)), None)
+    if parent_path is None:
         raise YamlFileError(f"{path.name}: extends {short_repr(parent)}, which is not a file")
-    return deep_merge(read_yaml(parent_path, (*seen, path)), data)
+    return deep_merge(read_yaml(parent_path, (*seen, path), shipped), data)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL byte
+        return False

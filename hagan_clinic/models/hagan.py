@@ -168,6 +168,17 @@ def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu() for n, t in state.items()}
 
 
+#: Config sections that set up commands (encode, regress, evaluate), not the model: a checkpoint does not carry them
+#: (they take their defaults when it is read), so that it reads the same wherever it goes, also in versions that
+#: predate these sections.
+COMMAND_SECTIONS = ("encode", "regress", "evaluate")
+
+
+def stored_config(config: Config) -> dict[str, Any]:
+    """The config as a checkpoint stores it: everything but :data:`COMMAND_SECTIONS`."""
+    return {k: v for k, v in config.to_dict().items() if k not in COMMAND_SECTIONS}
+
+
 def save_checkpoint(
     model: HAGAN,
     path: str | Path,
@@ -181,7 +192,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "config": model.config.to_dict(),
+        "config": stored_config(model.config),
         "data_contract": model.config.data_contract(),
         "parts": list(model.parts),
         "state_dicts": state_dicts,
