@@ -146,3 +146,37 @@ def test_a_checkout_on_the_path_runs_its_own_workflows(tmp_path):
     assert done.returncode == 0, done.stderr
     package, workflow = done.stdout.split()
     assert Path(package).is_relative_to(copy) and Path(workflow) == copy / "pipelines" / "encode.py"
+
+
+#: Declared for what the imported libraries load on their own: pandas' parquet engine and pydicom's decoders of
+#: compressed transfer syntaxes.
+USED_INDIRECTLY = {"pyarrow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"}
+
+
+def _imported_modules() -> set[str]:
+    names = set()
+    for path in [*(ROOT / "hagan_clinic").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"hagan_clinic"}
+
+
+def test_the_dependencies_are_what_the_code_imports():
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    declared = {
+        re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower()
+        for requirement in _pyproject()["project"]["dependencies"]
+    }
+    undeclared, used = [], set()
+    for module in sorted(_imported_modules()):
+        found = {d.lower() for d in owners.get(module, [])} & declared
+        used |= found
+        if not found:
+            undeclared.append(module)
+    assert undeclared == []  # an import that a fresh install would not have
+    assert sorted(declared - used - USED_INDIRECTLY) == []  # a dependency nothing uses
