@@ -1,18 +1,23 @@
 """Where computation runs: the one place that turns ``--device`` into a torch device and reads torchrun's
 environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
-Every compute command takes ``--device cpu|cuda|cuda:N|auto``; under torchrun each process takes GPU LOCAL_RANK
-and its own share of the work.
+Every compute command takes ``--device cpu|cuda|cuda:N|mps|auto``; under torchrun each process takes GPU LOCAL_RANK
+and its own share of the work. ``mps`` is an Apple GPU.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import HaganError
 
-DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available)."
+if TYPE_CHECKING:  # torch only when a device is resolved: --help stays light
+    import torch
+
+DEVICE_HELP = "cpu, cuda, cuda:N, mps (Apple GPUs) or auto (cuda when available)."
+_NAMES = "cpu, cuda, cuda:N, mps or auto"
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,9 @@ def torchrun_env() -> Torchrun:
     return Torchrun(rank=rank, world=world, local_rank=local)
 
 
-def resolve_device(name: str, what: str = "--device"):
-    """``name`` (cpu, cuda, cuda:N or auto) as a ``torch.device``. Under torchrun, plain ``cuda`` means this
-    process's GPU (LOCAL_RANK). HaganError (one line) for an unknown name or CUDA on a machine without it."""
+def resolve_device(name: str, what: str = "--device") -> torch.device:
+    """``name`` (cpu, cuda, cuda:N, mps or auto) as a ``torch.device``. Under torchrun, plain ``cuda`` means this
+    process's GPU (LOCAL_RANK). HaganError (one line) for an unknown name, or a GPU this machine does not have."""
     import torch
 
     name = str(name).strip()
@@ -52,15 +57,18 @@ def resolve_device(name: str, what: str = "--device"):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise HaganError(f"{what}: unknown device '{name[:40]}' (use cpu, cuda, cuda:N or auto)") from None
+        raise HaganError(f"{what}: unknown device '{name[:40]}' (use {_NAMES})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise HaganError(f"{what} {name}: CUDA is not available on this machine")
         if device.index is None:
             env = torchrun_env()
             device = torch.device("cuda", env.local_rank if env.active else torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
+        if device.index is not None and device.index >= torch.cuda.device_count():
             raise HaganError(f"{what} {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():  # torch without MPS support, or not an Apple GPU
+            raise HaganError(f"{what} {name}: MPS (Apple GPU) is not available on this machine")
     elif device.type != "cpu":
-        raise HaganError(f"{what}: device type '{device.type}' is not supported (use cpu, cuda, cuda:N or auto)")
+        raise HaganError(f"{what}: device type '{device.type}' is not supported (use {_NAMES})")
     return device

@@ -3,12 +3,15 @@
 Each finished series leaves a small JSON result in a state folder (written atomically, after any output files the
 function wrote), so a run that is killed at any moment and started again does each series once: finished ones are
 read back, failed ones are tried again. One bad series is a row with status 'failed' and its reason; the rest go on.
+Workers follow every command's rule: 0 works in this process, N >= 1 in N worker processes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -20,6 +23,11 @@ from typing import Any
 from hagan_clinic.errors import HaganError, describe
 from hagan_clinic.io.cohort import SeriesRecord
 from hagan_clinic.io.files import make_folder, regular_file, write_text
+
+log = logging.getLogger(__name__)
+#: The key of a row under which ``fn`` may give its stages' seconds ({"read": 0.4, ...}); shown by --verbose, never
+#: stored (a state file, and so a re-run's row, stays the same however long the series took).
+SECONDS = "__seconds__"
 
 
 def status_counts(rows: list[dict]) -> dict[str, int]:
@@ -186,26 +194,42 @@ _STOP = "__stop__"
 
 
 def _call(fn: Callable[[SeriesRecord], dict], record: SeriesRecord) -> dict:
+    start = time.perf_counter()
     try:
-        return {**record.row(), **fn(record)}
+        row = {**record.row(), **fn(record)}
     except OutputFailed as err:  # not the series' fault: the whole run stops (in the main process)
         return {_STOP: str(err)}
     except Exception as err:  # one bad series is reported and the cohort goes on
-        return _failure(record, err)
+        row = _failure(record, err)
+    row[SECONDS] = {**(row.get(SECONDS) or {}), "total": time.perf_counter() - start}  # timed where it ran
+    return row
+
+
+def _log_series(desc: str, record: SeriesRecord, row: dict, seconds: dict, done: int, total: int) -> None:
+    """One --verbose line per finished series. The terminal only, yet still no name, path or reason (a reason can
+    quote a file name): the series' digest (what its state file is named by), its status and its seconds."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items() if k != "total")
+    took = f" in {seconds['total']:.2f} s" if "total" in seconds else ""  # none from a worker that died
+    log.debug("%s %d/%d: series %s %s%s%s", desc, done, total, record.digest, row["status"], took,
+              f" ({stages})" if stages else "")  # fmt: skip
 
 
 def run_series(
     records: Iterable[SeriesRecord],
     fn: Callable[[SeriesRecord], dict],
     state_dir: Path,
-    workers: int = 1,
+    workers: int = 0,
     progress: bool = True,
     desc: str = "series",
 ) -> list[dict]:
     """Apply ``fn`` (picklable; returns a row dict) to each record; rows in the records' order.
 
-    Rows start from ``record.row()``; ``fn`` adds or overrides columns (status 'ok' unless it says otherwise).
-    An exception inside ``fn`` becomes status 'failed' with the message as the reason.
+    Rows start from ``record.row()``; ``fn`` adds or overrides columns (status 'ok' unless it says otherwise) and
+    may give its stages' seconds under :data:`SECONDS`. An exception inside ``fn`` becomes status 'failed' with the
+    message as the reason. workers: 0 calls ``fn`` in this process, N >= 1 in N worker processes (a single series
+    to do runs in this process).
     """
     from hagan_clinic.io.logs import progress_bar
 
@@ -219,6 +243,8 @@ def run_series(
             rows[r.digest] = row
         else:
             todo.append(r)
+    where = f"{workers} worker process(es)" if workers >= 1 and len(todo) > 1 else "this process"
+    log.debug("%s: %d series, %d done by an earlier run, the rest in %s", desc, len(records), len(rows), where)
     # a bar on terminals only, none in logs nor under --quiet
     bar = progress_bar(len(records), desc, "series", initial=len(rows), **({} if progress else {"disable": True}))
     failed = 0
@@ -227,15 +253,17 @@ def run_series(
         nonlocal failed
         if _STOP in row:
             raise OutputFailed(row[_STOP])
+        seconds = row.pop(SECONDS, None) or {}
         row.setdefault("status", "ok")
         failed += row["status"] == "failed"
         write_text(state_dir / f"{record.digest}.json", json.dumps(row))
         rows[record.digest] = row
         bar.update(1)
         bar.set_postfix(failed=failed, refresh=False)
+        _log_series(desc, record, row, seconds, len(rows), len(records))
 
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if workers < 1 or len(todo) <= 1:  # one series: a worker process would only add its start-up
             for r in todo:
                 finish(r, _call(fn, r))
         else:

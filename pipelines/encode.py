@@ -16,6 +16,7 @@ same state folder; whichever process finds every batch done writes the table and
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Set
@@ -52,6 +53,7 @@ REPORT_COLUMNS = [
 PSEUDONYMISED = ("patient_id", "study_uid", "series_uid", "source")
 NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
 SALT_CHECK = "hagan-clinic pseudonym salt check"  # its keyed digest tells salts apart without storing one
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -300,6 +302,9 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         bar = progress_bar(sum(len(batches[k]) for k in mine), "encoding", "series", initial=done_series, **hidden)
         start, encoded = time.perf_counter(), 0
         prepare = partial(_safe_prepare, cfg_dict=cfg.to_dict(), qct=opts.qct)
+        readers = f"{opts.workers} reader process(es)" if opts.workers else "reading in this process"
+        log.debug("%s: %d batch(es) of up to %d series, %d to encode (the rest done earlier), %s", name, len(mine),
+                  opts.batch_size, len(todo), readers)  # fmt: skip
         pool = None
         if opts.workers > 0 and todo:
             import os
@@ -317,14 +322,21 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
                 tasks = queue.popleft()
                 if i + 2 < len(todo):
                     submit(todo[i + 2])
+                t_read = time.perf_counter()
                 results = [_collect(pool, t) if pool and t else prepare(r) for t, r in zip(tasks, batches[k])]
+                waited = time.perf_counter() - t_read  # the encoder idle while series are read: too few --workers?
                 grids = [res["grid"] for res in results if res["grid"] is not None]
                 t = time.perf_counter()
                 z = _encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
-                seconds["encode"] += time.perf_counter() - t
+                took = {"read": 0.0, "preprocess": 0.0, "encode": time.perf_counter() - t}
                 for res in results:
-                    seconds["read"] += res.get("read_s", 0.0)
-                    seconds["preprocess"] += res.get("prep_s", 0.0)
+                    took["read"] += res.get("read_s", 0.0)
+                    took["preprocess"] += res.get("prep_s", 0.0)
+                for key, value in took.items():
+                    seconds[key] += value
+                log.debug("encode batch %d (%d/%d here): %d series, %d encoded; read %.2f s, preprocess %.2f s, "
+                          "encode %.2f s, waited %.2f s for the readers", k, i + 1, len(todo), len(results),
+                          len(grids), *took.values(), waited)  # fmt: skip
                 rows = _batch_rows(batches[k], results, z, scrub)
                 _save_batch(state / f"batch_{k:06d}.npz", z, rows)
                 encoded += len(rows)

@@ -9,6 +9,8 @@ The manifest works as ``data.table`` for training (``data.dir`` = the cache fold
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,24 +32,29 @@ from hagan_clinic.io.cache import (
 from hagan_clinic.io.cohort import SeriesRecord, discover, load_series
 from hagan_clinic.io.files import Outputs, make_folder, write_rows
 
-from .cohort import OutputFailed, run_series, status_counts
+from .cohort import SECONDS, OutputFailed, run_series, status_counts
 from .privacy import Scrubber
 
 EARLIER_RUN = "from an earlier run of this cache"
+log = logging.getLogger(__name__)
 
 
 def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:
-    """Read, preprocess and cache one series (runs in a worker process)."""
+    """Read, preprocess and cache one series (in a worker process, or in this one with no workers)."""
     from hagan_clinic.preprocessing import to_model_grid
 
     cfg = Config.from_dict(cfg_dict)
+    t0 = time.perf_counter()
     volume = load_series(record, cfg.data.modality, cfg.data.irregular)
+    t1 = time.perf_counter()
     grid, info = to_model_grid(volume, cfg)
     require_finite(grid)
+    t2 = time.perf_counter()
     try:
         rel = write_grid(Path(out), record.digest, grid, cfg.data.cache_dtype)
     except OSError as err:  # numpy's short write names no errno: any failure to write the cache stops the run
         raise OutputFailed(f"cannot write {record.digest}.npy into the cache: {err.strerror or err}") from None
+    seconds = {"read": t1 - t0, "preprocess": t2 - t1, "write": time.perf_counter() - t2}  # --verbose shows them
     meta = volume.meta
     notes = [n for n in (meta.get("notes", ""), *info.notes) if n]
     return {
@@ -61,6 +68,7 @@ def process_one(record: SeriesRecord, cfg_dict: dict, out: str) -> dict:
         "notes": "; ".join(notes),
         "grid_origin": "" if info.origin is None else " ".join(f"{o:.4f}" for o in info.origin),
         "grid_spacing": "" if info.spacing is None else " ".join(f"{v:.6f}" for v in info.spacing),
+        SECONDS: seconds,
     }
 
 
@@ -108,11 +116,15 @@ def run(
     src: str | Path,
     out: str | Path,
     cfg: Config,
-    workers: int = 1,
+    workers: int = 0,
     progress: bool = True,
     nifti: bool = False,
     overwrite: bool = False,
 ) -> PreprocessResult:
+    """Fill the cache ``out`` from the cohort ``src`` with ``cfg``'s data contract; resumes an earlier run.
+
+    workers: 0 works in this process, N >= 1 in N worker processes (the same cache either way).
+    """
     src, out = Path(src), Path(out)
     if not src.exists():
         raise HaganError(f"source not found: {src}")
@@ -135,10 +147,12 @@ def run(
     done_by_digest = {r.digest: row for r, row in zip(found.ok, done)}
     scrub = Scrubber(src, None)  # reasons name files relative to the source, as the source column does
     rows = [scrub.row(done_by_digest.get(r.digest, r.row())) for r in found.records]
-    all_rows = rows + _still_cached(out, earlier, rows)
+    kept = _still_cached(out, earlier, rows)
+    all_rows = rows + kept
     write_rows(manifest, all_rows, MANIFEST_COLUMNS, guard)
+    log.debug("manifest: %d rows of this source, %d volumes kept from earlier runs", len(rows), len(kept))
     if nifti:
-        write_nifti_views(out, all_rows, cfg)
+        log.debug("%d new NIfTI views", write_nifti_views(out, all_rows, cfg))
     counts = status_counts(rows)  # this run's series; the manifest also keeps the earlier volumes
     return PreprocessResult(manifest, counts, all_rows)
 

@@ -139,7 +139,7 @@ def run(
     src: str | Path,
     out: str | Path,
     cfg: Config,
-    workers: int = 1,
+    workers: int = 0,
     progress: bool = True,
     masks: str | Path | None = None,
     external_masks: str | Path | None = None,
@@ -147,7 +147,8 @@ def run(
     fmt: str | None = None,
 ) -> QCTResult:
     """Measure every CT series under ``src`` into the table ``out`` (``fmt`` csv or parquet; default: from the
-    name, which must then end in .csv or .parquet); ``masks``: a folder to write each lung mask to;
+    name, CSV for a name without a suffix: :func:`hagan_clinic.io.files.table_format`); ``workers``: reader
+    processes (0: this process); ``masks``: a folder to write each lung mask to;
     ``external_masks``: a folder of the user's lung masks to measure instead of ours (see the module)."""
     src, out = Path(src), Path(out)
     if not src.exists():

@@ -384,9 +384,78 @@ def test_quiet_silences_progress_and_keeps_results(capsys, monkeypatch, tmp_path
 def test_phantoms_take_out_as_a_flag_or_positionally(capsys, tmp_path):
     for args in (["--out", tmp_path / "flag"], [tmp_path / "positional"]):
         code, out, err = run_cli(capsys, "phantoms", *args, "-n", "1", "--shape", "16,16,16")
-        assert code == 0, err
+        assert code == 0 and err == "", err  # no progress bar in a stderr that is no terminal
         assert out.strip().endswith(f"{args[-1] / 'clinical.csv'}") and (args[-1] / "clinical.csv").is_file()
     code, _, err = run_cli(capsys, "phantoms", tmp_path / "a", "--out", tmp_path / "b", "-n", "1")
     assert code == 2 and "--out" in err and not (tmp_path / "a").exists()
     code, _, err = run_cli(capsys, "phantoms", "-n", "1")
     assert code == 2 and "--out" in err
+
+
+@pytest.fixture
+def log_to_stderr(monkeypatch):
+    """The project's logging configured as the command line does, and restored after (the handler writes to each
+    test's captured stderr: see test_log_lines_go_to_the_stderr_of_the_moment)."""
+    import logging
+
+    from hagan_clinic.io import logs
+
+    root = logging.getLogger(logs.LOGGER)
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "propagate", root.propagate)
+    monkeypatch.setitem(logs._state, "verbosity", logs._state["verbosity"])
+    level = root.level
+    logs.configure(0)
+    yield
+    root.setLevel(level)
+
+
+def test_verbose_adds_debug_lines_and_every_level_prints_the_same_results(
+    capsys, monkeypatch, checkpoint, tmp_path, log_to_stderr
+):
+    """-v: one line per series (digest, status, seconds; never a name or path) and per encoded batch, on stderr;
+    the default shows none, -q nothing at all; stdout is the same at every level."""
+    from hagan_clinic.io.cohort import discover
+    from hagan_clinic.phantoms import write_cohort
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, n=2, seed=0, shape=(16, 32, 32), progress=False, extras=False)
+    digests = [r.digest for r in discover(cohort, "CT").ok]
+    outs, errs = {}, {}
+    for level in ("-q", "default", "-v"):
+        (tmp_path / level).mkdir()
+        monkeypatch.chdir(tmp_path / level)  # the same relative --out: the same stdout
+        flags = [] if level == "default" else [level]
+        prep = run_cli(capsys, "preprocess", cohort, "--out", "cache", "--config", "tiny", "--workers", "0", *flags)
+        enc = run_cli(capsys, "encode", cohort, "--checkpoint", checkpoint, "--out", "f.csv", "--workers", "0",
+                      "--no-tracking", *flags)  # fmt: skip
+        assert prep[0] == 0 and enc[0] == 0, prep[2] + enc[2]
+        outs[level], errs[level] = prep[1] + enc[1], prep[2] + enc[2]
+    assert outs["-q"] == outs["default"] == outs["-v"] and "2 ok" in outs["-v"]
+    assert errs["-q"] == ""
+    series = [line for line in errs["-v"].splitlines() if line.startswith("preprocessing ") and " series " in line]
+    assert len(series) == 2 and all(" ok in " in line and "read " in line for line in series), errs["-v"]
+    assert sorted(line.split(" series ")[1].split()[0] for line in series) == sorted(digests)
+    assert "encode batch 0 " in errs["-v"] and "waited" in errs["-v"]
+    assert not any(word in errs["-v"] for word in ("PHANTOM", str(cohort), "PH0001"))  # no name, no path
+    assert "encode batch" not in errs["default"] and not any(d in errs["default"] for d in digests)
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch, capsys):
+    """The handler used to keep the stream it was made with: in a test session (or any tool that swaps stderr)
+    that is a capture closed long before, and every later log line failed."""
+    import io
+    import logging
+
+    from hagan_clinic.io import logs
+
+    root = logging.getLogger(logs.LOGGER)
+    monkeypatch.setattr(root, "handlers", [])
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logs.configure(0)
+    first.close()  # the stream of the moment the handler was made goes away
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("hagan_clinic.pipelines.encode").info("a line")
+    assert second.getvalue() == "a line\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pydicom
 import pytest
@@ -68,11 +70,12 @@ def test_qct_resumes_from_its_state(cohort, tmp_path, monkeypatch):
         return real(record, irregular)
 
     monkeypatch.setattr(qct_pipeline, "measure_one", counting)
-    assert main(["qct", str(cohort), "--out", str(out)]) == 130
+    here = ["--workers", "0"]  # the replaced measure_one runs in this process only
+    assert main(["qct", str(cohort), "--out", str(out), *here]) == 130
     assert not out.exists() and len(list((tmp_path / ".qct.csv.state").glob("*.json"))) == 3
     calls.clear()
     stop[0] = False
-    assert main(["qct", str(cohort), "--out", str(out)]) == 0
+    assert main(["qct", str(cohort), "--out", str(out), *here]) == 0
     assert len(calls) == 11 - 3  # the three finished series are not measured again
     assert (pd.read_csv(out)["status"] == "ok").sum() == 11
 
@@ -246,3 +249,30 @@ def test_qct_writes_the_table_format_its_name_or_format_says(tmp_path, capsys):
     capsys.readouterr()
     assert main(["qct", str(src), "--out", str(tmp_path / "r.csv"), "--format", "parquet"]) == 2
     assert "r.csv" in capsys.readouterr().err and not (tmp_path / "r.csv").exists()
+
+
+def _where(record) -> dict:
+    """Which process ran the series (a module function: spawned workers import this module to run it)."""
+    return {"pid": os.getpid(), "seconds": {"read": 0.5}}
+
+
+def test_the_series_runner_follows_the_workers_rule_and_stores_no_timing(tmp_path):
+    """workers 0: this process; N >= 1: N worker processes, as every --workers. The seconds --verbose shows never
+    reach a row or a state file (a re-run's rows equal the first run's)."""
+    from pathlib import Path
+
+    from hagan_clinic.pipelines.cohort import SECONDS, run_series
+
+    from hagan_clinic.io.cohort import SeriesRecord
+
+    records = [
+        SeriesRecord(f"uid:{i}", "dicom", (Path(f"s{i}.dcm"),), f"s{i}", "ok", series_uid=str(i)) for i in (1, 2)
+    ]
+    here = run_series(records, _where, tmp_path / "here", workers=0, progress=False)
+    assert [r["pid"] for r in here] == [os.getpid()] * 2
+    apart = run_series(records, _where, tmp_path / "apart", workers=1, progress=False)
+    assert len({r["pid"] for r in apart}) == 1 and apart[0]["pid"] != os.getpid()
+    for folder, rows in (("here", here), ("apart", apart)):
+        assert all(SECONDS not in row and row["seconds"] == {"read": 0.5} for row in rows)  # fn's own columns stay
+        assert not any(SECONDS in f.read_text() for f in (tmp_path / folder).glob("*.json"))
+    assert run_series(records, _where, tmp_path / "here", workers=0, progress=False) == here

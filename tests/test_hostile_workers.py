@@ -113,10 +113,21 @@ def test_a_full_disk_stops_preprocess_with_one_line_and_keeps_what_is_done(tmp_p
 
     real_save = np.save
     monkeypatch.setattr(np, "save", full)
-    code = main(["preprocess", str(tmp_path / "cohort"), "--out", str(tmp_path / "cache"), "--config", "tiny"])
+    # --workers 0: the patched np.save lives in this process
+    args = [
+        "preprocess",
+        str(tmp_path / "cohort"),
+        "--out",
+        str(tmp_path / "cache"),
+        "--config",
+        "tiny",
+        "--workers",
+        "0",
+    ]
+    code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot write" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "cache" / "manifest.csv").exists()
     assert len(list((tmp_path / "cache" / ".state").glob("*.json"))) == 1  # the first series is kept
     monkeypatch.setattr(np, "save", real_save)
-    assert main(["preprocess", str(tmp_path / "cohort"), "--out", str(tmp_path / "cache"), "--config", "tiny"]) == 0
+    assert main(args) == 0

@@ -145,15 +145,52 @@ def test_every_tenth_patient_gets_a_localizer(tmp_path):
     assert "LOCALIZER" in list(pydicom.dcmread(only).ImageType)
 
 
-def test_workers_give_the_same_table(tmp_path):
-    one = write_cohort(tmp_path / "a", n=2, seed=4, shape=(16, 16, 16), progress=False, extras=False)
-    two = write_cohort(tmp_path / "b", n=2, seed=4, shape=(16, 16, 16), workers=2, progress=False, extras=False)
-    pd.testing.assert_frame_equal(one, two)
+def _files(root) -> dict[str, bytes]:
+    """Every file the cohort wrote, by name, but the outputs ledger (it records the table's modification time)."""
+    from hagan_clinic.io.files import LEDGER_NAME
+
+    return {
+        str(f.relative_to(root)): f.read_bytes()
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.name != LEDGER_NAME
+    }
+
+
+def test_workers_follow_the_shared_rule_and_give_the_same_files(tmp_path, monkeypatch):
+    """workers 0: this process; N >= 1: a pool of N worker processes (as every --workers); the same bytes."""
+    import hagan_clinic.phantoms.cohort as cohort_module
+
+    pools = []
+
+    class Recorded(cohort_module.ProcessPoolExecutor):
+        def __init__(self, workers: int) -> None:
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(cohort_module, "ProcessPoolExecutor", Recorded)
+    tables, files = [], []
+    for workers in (0, 1, 2):
+        out = tmp_path / f"w{workers}"
+        tables.append(write_cohort(out, n=3, seed=4, shape=(16, 16, 16), workers=workers, progress=False))
+        files.append(_files(out))
+    assert pools == [1, 2]
+    assert len(files[0]) > 3 * 16 and "clinical.csv" in files[0]
+    assert files[1] == files[0] and files[2] == files[0]  # every DICOM slice and the table, byte for byte
+    pd.testing.assert_frame_equal(tables[1], tables[0])
+    pd.testing.assert_frame_equal(tables[2], tables[0])
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n": 0}, {"n": 2.5}, {"n": 1, "shape": (8, 64, 64)}, {"n": 1, "shape": (64, 64)}, {"n": 1, "workers": 0}],
+    [
+        {"n": 0},
+        {"n": 2.5},
+        {"n": 1, "shape": (8, 64, 64)},
+        {"n": 1, "shape": (64, 64)},
+        {"n": 1, "workers": -1},
+        {"n": 1, "workers": 1.5},
+        {"n": 1, "workers": True},
+    ],
 )
 def test_bad_arguments_raise(tmp_path, kwargs):
     with pytest.raises(PhantomError) as err:

@@ -27,7 +27,7 @@ from hagan_clinic.models.hagan import HAGAN, load_checkpoint
 from hagan_clinic.training import loop, losses
 from hagan_clinic.training.loop import TrainingError, train
 from hagan_clinic.training.losses import PHASES
-from hagan_clinic.training.state import load_state
+from hagan_clinic.training.state import MetricsLog, load_state
 
 LOSSES = ("loss_D", "loss_G", "loss_EH", "loss_EG")
 #: a short run: 4 iterations, logs and states every 2, one preview at the end
@@ -745,3 +745,49 @@ def test_train_result_summary_is_what_the_command_prints(tmp_path):
     skipped = TrainResult(tmp_path, 4, snap, nonfinite_skipped=2).summary()
     assert skipped.endswith("(2 non-finite iterations skipped)")
     assert TrainResult(tmp_path, 4, None).summary() == ""  # a rank that writes no model says nothing
+
+
+# ---- 9. metrics.jsonl of an older version, and what --verbose shows ------------------------------------------
+
+
+def test_metrics_file_drops_a_cut_last_line_only(tmp_path, train_log):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"iteration": i, "loss_D": 0.5}) for i in (2, 4, 6)]
+    path.write_text("\n".join(lines) + "\n" + '{"iteration": 8, "loss_D": 0.4')  # killed while appending
+    metrics_file = MetricsLog(path, 4)
+    assert path.read_text() == "".join(line + "\n" for line in lines[:2])  # past 4 and the cut line: gone
+    assert [r.levelno for r in train_log] == [logging.WARNING] and "incomplete" in train_log[0].getMessage()
+    metrics_file.append({"iteration": 6, "loss_D": 0.3})
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [2, 4, 6]
+    for damaged in ('{"iteration": 4, "loss_D"', "[4]", '{"iteration": "4"}', "\x00\xff"):
+        path.write_text("\n".join([lines[0], damaged, lines[2]]) + "\n")
+        with pytest.raises(TrainingError, match=f"{path}: line 2 is not a metrics record") as err:
+            MetricsLog(path, 6)
+        assert "\n" not in str(err.value)
+        assert path.read_text().splitlines()[1] == damaged  # a refused file is left as it was
+
+
+@pytest.mark.slow
+def test_resume_after_a_cut_metrics_line_and_verbose_log_steps(volume_dir, tmp_path, capsys, train_log):
+    """A run killed mid-line by a version that appended resumes; -v shows every value of each log step; a damaged
+    line before the last is a one-line error."""
+    base = ["train", "--config", "tiny", "--data", str(volume_dir), "--no-tracking", "--out", str(tmp_path / "run")]
+    short = ["--set", "train.log_every=1", "--set", "train.image_every=0", "--set", "train.checkpoint_every=2"]
+    code, _, err = run_cli(capsys, *base, *short, "--set", "train.iterations=2")
+    assert code == 0, err
+    path = tmp_path / "run" / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"iteration": 3, "loss_D": 0.6')
+    code, out, err = run_cli(capsys, *base, *short, "--set", "train.iterations=3", "--resume", "-v")
+    assert code == 0 and "trained to iteration 3" in out, err
+    assert any("its last line is incomplete" in r.getMessage() for r in train_log if r.levelno == logging.WARNING)
+    assert [m["iteration"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+    debug = [r.getMessage() for r in train_log if r.levelno == logging.DEBUG]
+    assert any(line.startswith("resuming ") and "at iteration 2" in line for line in debug), debug
+    (step,) = [line for line in debug if line.startswith("iteration 3: ") and "loss_D=" in line]
+    assert all(f"{k}=" in step for k in (*LOSSES, "it_per_s", "peak_memory_mb", "nonfinite_skipped"))
+    assert any(line.startswith("iteration 3: state and snapshot written") for line in debug)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
+    code, _, err = run_cli(capsys, *base, *short, "--set", "train.iterations=4", "--resume")
+    assert_one_line_error(code, err, "line 2 is not a metrics record")

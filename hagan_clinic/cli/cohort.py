@@ -58,7 +58,7 @@ def phantoms(
     except phantom_lib.PhantomError as err:
         raise click.BadParameter(str(err), param_hint="--shape") from None
     table = phantom_lib.write_cohort(
-        folder, n=n, seed=seed, shape=dims, workers=max(1, workers_or_default(workers)), couch_mm=couch_mm,
+        folder, n=n, seed=seed, shape=dims, workers=workers_or_default(workers), couch_mm=couch_mm,
         cushions=cushions, stomach=stomach, overwrite=overwrite, progress=not logs.quiet(),
     )  # fmt: skip
     click.echo(f"{len(table)} patients: {folder / 'clinical.csv'}")

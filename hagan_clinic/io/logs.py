@@ -20,17 +20,31 @@ LOGGER = "hagan_clinic"
 _state = {"verbosity": 0}
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record (tests and tools replace it;
+    a handler bound to the stream of the moment it was made would write into a closed capture later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class sets it in __init__; the current stderr is always used
+        pass
+
+
 def configure(verbosity: int = 0) -> None:
     """Send the project's log lines to stderr at the level ``verbosity`` asks for (-1 quiet, 0 normal, 1 verbose)."""
     _state["verbosity"] = verbosity
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     root = logging.getLogger(LOGGER)
     root.setLevel(level)
-    if not any(getattr(h, "_hagan_clinic", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._hagan_clinic = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        root.addHandler(_CurrentStderr())
         root.propagate = False
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TypedDict
 
@@ -13,6 +12,7 @@ import pandas as pd
 from ..config import MAX_SEED
 from ..errors import short_repr
 from ..io.files import Outputs, make_folder
+from ..io.logs import progress as show_progress
 from .params import (
     CLINICAL_COLUMNS,
     DEFAULT_SHAPE,
@@ -90,7 +90,7 @@ def write_cohort(
     n: int,
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
-    workers: int = 1,
+    workers: int = 0,
     progress: bool = True,
     extras: bool = True,
     couch_mm: float = 0.0,
@@ -105,17 +105,16 @@ def write_cohort(
     :func:`draw_patient`); the truth is the same with or without them. Headers carry a fake PatientName and birth
     date that must never reach any output; clinical.csv has neither. Returns the clinical table (one row per
     patient, CLINICAL_COLUMNS). A folder that holds patient folders or a clinical.csv not written by an earlier
-    phantom cohort is refused unless ``overwrite``.
+    phantom cohort is refused unless ``overwrite``. workers: 0 writes in this process, N >= 1 in a pool of N worker
+    processes (the same files either way). progress: a bar on stderr when it is a terminal, never under --quiet.
     """
-    from tqdm import tqdm
-
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise PhantomError(f"n must be an integer >= 1, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise PhantomError(f"seed must be an integer from 0 to {MAX_SEED}, got {short_repr(seed)}")
     shape = check_shape(shape)
-    if workers < 1:
-        raise PhantomError(f"workers must be >= 1, got {workers}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise PhantomError(f"workers must be an integer >= 0 (0: work in this process), got {short_repr(workers)}")
     objects: PatientObjects = {"couch_mm": couch_mm, "cushions": bool(cushions), "stomach": bool(stomach)}
     draw_patient(seed, 0, **objects)  # bad object arguments fail here, before anything is written
     out = Path(out)
@@ -128,9 +127,13 @@ def write_cohort(
                            "--overwrite to replace it")  # fmt: skip
     make_folder(out)
     jobs = [(out, int(seed), i, shape, extras, objects) for i in range(int(n))]
-    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        results = pool.map(_write_patient, jobs) if pool else map(_write_patient, jobs)
-        rows = list(tqdm(results, total=len(jobs), desc="phantoms", unit="patient", disable=not progress))
+    hidden = {} if progress else {"disable": True}
+    if workers == 0:
+        rows = list(show_progress(map(_write_patient, jobs), "phantoms", "patient", len(jobs), **hidden))
+    else:
+        with ProcessPoolExecutor(int(workers)) as pool:
+            results = pool.map(_write_patient, jobs)
+            rows = list(show_progress(results, "phantoms", "patient", len(jobs), **hidden))
     table = pd.DataFrame(rows, columns=list(CLINICAL_COLUMNS))
     guard.write_text(out / "clinical.csv", table.to_csv(index=False))
     return table

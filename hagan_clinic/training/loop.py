@@ -11,7 +11,6 @@ each), ``previews/`` (PNG mid-slices) and ``model.pt`` (the final snapshot). Eve
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -31,7 +30,6 @@ import torch
 from ..config import Config
 from ..data import ShardedSampler, VolumeFolder
 from ..devices import resolve_device
-from ..errors import HaganError
 from ..io.files import atomic_target, make_folder, write_text
 from ..io.logs import progress_bar, quiet
 from ..io.torch_files import file_sha256
@@ -40,16 +38,21 @@ from ..tracking import NullTracker
 from .build import Trainables, build
 from .distributed import DistContext, init_from_env
 from .losses import PHASES
-from .state import global_rng_state, latest_state, load_state, rotate, save_state, set_global_rng_state
+from .state import (
+    MetricsLog,
+    TrainingError,
+    global_rng_state,
+    latest_state,
+    load_state,
+    rotate,
+    save_state,
+    set_global_rng_state,
+)
 
 _FAULT_ENV = "HAGAN_CLINIC_KILL_AFTER_ITERATION"  # tests: SIGKILL this process right after that iteration
 #: what a training state records of the data, to refuse resuming on other data
 _DATA_KEYS = ("files_sha256", "table_sha256", "n_volumes")
 log = logging.getLogger(__name__)
-
-
-class TrainingError(HaganError):
-    """The run cannot go on (diverged, nothing to resume, a run folder in the way); one line."""
 
 
 @dataclass
@@ -112,24 +115,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class _MetricsFile:
-    """metrics.jsonl, rewritten whole and atomically at each log step, so that a crash never leaves half a line.
-    On resume, the lines past the resumed iteration are dropped (the run repeats them exactly)."""
-
-    def __init__(self, path: Path, iteration: int) -> None:
-        self.path = path
-        old = path.read_text().splitlines() if path.exists() else []
-        self.lines = [line for line in old if line and json.loads(line)["iteration"] <= iteration]
-        write_text(path, self._text())
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(record))
-        write_text(self.path, self._text())
-
-    def _text(self) -> str:
-        return "".join(line + "\n" for line in self.lines)
 
 
 def prepare_run_dir(out: Path, resume: str | None) -> Path | None:
@@ -211,6 +196,7 @@ def train(
         start, run_id = int(state["iteration"]), state.get("mlflow_run_id")
         nonfinite_total, window = int(state.get("nonfinite_total", 0)), dict(state.get("window", {}))
         nonfinite_run = int(state.get("nonfinite_run", 0))
+        log.debug("resuming %s at iteration %d (%d non-finite so far)", resume_path, start, nonfinite_total)
     else:
         dist.broadcast_state(model)  # identical initial weights on every rank (they are, by seed; cheap insurance)
 
@@ -218,7 +204,7 @@ def train(
     if main:
         make_folder(out)
         write_text(out / "config.yaml", cfg.to_yaml())
-        metrics_file = _MetricsFile(out / "metrics.jsonl", start)
+        metrics_file = MetricsLog(out / "metrics.jsonl", start)
     preview_z = torch.randn(1, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 7))
 
     def batch() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -306,6 +292,8 @@ def train(
                     tracker.log_metrics(metrics, step=it)
                     if metrics_file is not None:
                         metrics_file.append({"iteration": it, **metrics})
+                    if main:  # every value of the step, not only the bar's few (one process says it)
+                        log.debug("iteration %d: %s", it, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                     shown = ("loss_D", "loss_G", "loss_EH", "loss_EG", "it_per_s")
                     bar.log(it, tc.iterations, {k: metrics[k] for k in shown if k in metrics})
                     t_window = time.perf_counter()
@@ -316,10 +304,14 @@ def train(
 
                 # ---- tick: training state and snapshot ----------------------------------------------------
                 if it % tc.checkpoint_every == 0 or it == tc.iterations:
+                    t_save = time.perf_counter()
                     save_training_state(it, window)
                     if main:
                         snap_path = snapshot(it)
                         rotate(out / "checkpoints", tc.keep_last)
+                        log.debug(
+                            "iteration %d: state and snapshot written in %.2f s", it, time.perf_counter() - t_save
+                        )
                     dist.barrier()
                     if os.environ.get(_FAULT_ENV) == str(it):
                         os.kill(os.getpid(), 9)

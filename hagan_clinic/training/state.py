@@ -9,6 +9,9 @@ the ordinary checkpoint format) are separate, small files. Both are written atom
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -17,10 +20,17 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ..errors import HaganError
+from ..io.files import write_text
 from ..io.torch_files import CheckpointError, atomic_torch_save, load_untrusted
 
 STATE_FORMAT = "hagan-clinic-train-state"
 _NUMBERED = re.compile(r"^(state|snapshot)_(\d+)\.pt$")
+log = logging.getLogger(__name__)
+
+
+class TrainingError(HaganError):
+    """The run cannot go on (diverged, nothing to resume, a run folder in the way); one line."""
 
 
 def global_rng_state() -> dict[str, Any]:
@@ -82,3 +92,42 @@ def rotate(folder: Path, keep: int) -> None:
     for kind in ("state", "snapshot"):
         for _, path in numbered(folder, kind)[:-keep]:
             path.unlink(missing_ok=True)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per log step, appended and flushed to disk as it is logged (a long run logs
+    many thousands of lines; rewriting the file at each step would cost the square of that). A crash can leave at
+    most a last line cut short, and resuming deals with it: the file is rewritten once, atomically, to the lines
+    up to the resumed iteration (the run repeats the rest exactly), a cut last line dropped with a warning; a
+    damaged line before the last is refused (TrainingError): its log would have a hole."""
+
+    def __init__(self, path: Path, iteration: int) -> None:
+        self.path = path
+        text = path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
+        numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        kept: list[str] = []
+        for k, (number, line) in enumerate(numbered, 1):
+            step = _logged_iteration(line)
+            if step is None and k < len(numbered):
+                raise TrainingError(f"{path}: line {number} is not a metrics record; repair or remove the file")
+            if step is None:
+                log.warning("%s: its last line is incomplete (a run killed while writing it?); dropped", path)
+            elif step <= iteration:
+                kept.append(line)
+        write_text(path, "".join(line + "\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _logged_iteration(line: str) -> int | None:
+    """The iteration of a metrics.jsonl line; None when it is no record of ours."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("iteration") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
