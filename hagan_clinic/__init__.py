@@ -34,15 +34,32 @@ if TYPE_CHECKING:
 
 
 def _workflows_beside_a_source_checkout() -> None:
-    """In a source checkout the cohort workflows sit beside the package, in the repository's top-level pipelines/
-    folder (installed, they are hagan_clinic/pipelines/). A checkout imported through PYTHONPATH or from a worktree
-    must run its own workflows, not those of whichever checkout is installed in editable mode: the package looks
-    for them beside itself first."""
+    """In a source checkout of this project the cohort workflows sit beside the package, in the repository's
+    top-level pipelines/ folder (installed, they are hagan_clinic/pipelines/). A checkout imported through
+    PYTHONPATH or from a worktree must run its own workflows, not those of whichever checkout is installed in
+    editable mode: that folder is registered as ``hagan_clinic.pipelines`` (its modules load on first use)."""
+    import importlib.util
+    import sys
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    if not (here / "pipelines").is_dir() and (here.parent / "pipelines" / "__init__.py").is_file():
-        __path__.append(str(here.parent))
+    folder = here.parent / "pipelines"
+    name = f"{__name__}.pipelines"
+    if name in sys.modules or (here / "pipelines").is_dir() or not (folder / "__init__.py").is_file():
+        return
+    try:  # only our own checkout: a folder called pipelines beside a copied package is someone else's
+        ours = 'name = "hagan-clinic"' in (here.parent / "pyproject.toml").read_text(errors="replace")
+    except OSError:
+        ours = False
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if not ours or spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    globals()["pipelines"] = module
 
 
 _workflows_beside_a_source_checkout()

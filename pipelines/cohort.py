@@ -216,6 +216,17 @@ def _log_series(desc: str, record: SeriesRecord, row: dict, seconds: dict, done:
               f" ({stages})" if stages else "")  # fmt: skip
 
 
+def _require_picklable(fn: Callable) -> None:
+    """Worker processes receive ``fn`` pickled: a lambda or a local function would fail in every series, and be
+    recorded as each series' failure. A programming error, said once, before any series is tried."""
+    import pickle
+
+    try:
+        pickle.dumps(fn)
+    except Exception as err:
+        raise TypeError(f"run_series with workers >= 1 needs a picklable fn (a module-level function): {err}") from None
+
+
 def run_series(
     records: Iterable[SeriesRecord],
     fn: Callable[[SeriesRecord], dict],
@@ -243,6 +254,8 @@ def run_series(
             rows[r.digest] = row
         else:
             todo.append(r)
+    if workers >= 1 and len(todo) > 1:
+        _require_picklable(fn)
     where = f"{workers} worker process(es)" if workers >= 1 and len(todo) > 1 else "this process"
     log.debug("%s: %d series, %d done by an earlier run, the rest in %s", desc, len(records), len(rows), where)
     # a bar on terminals only, none in logs nor under --quiet

@@ -61,7 +61,7 @@ class EncodeOptions:
     checkpoint: Path
     out: Path
     fmt: str = "parquet"
-    workers: int = 1
+    workers: int = 0
     batch_size: int = 2
     device: str = "cpu"
     precision: str = "fp32"

@@ -19,6 +19,7 @@ import pandas as pd
 from hagan_clinic.errors import one_line, short_repr
 from hagan_clinic.io.files import (
     Outputs,
+    is_parquet,
     make_folder,
     read_csv_table,
     regular_file,
@@ -86,7 +87,7 @@ def read_table(path: str | Path, what: str, id_column: str | None = None) -> pd.
         raise RegressionError(f"{what} table not found: {path}")
     regular_file(path, f"{what} table")
     try:
-        if path.suffix.lower() == ".parquet":
+        if is_parquet(path):  # by content: encode writes parquet under any name (features, f.pq, f.parquet)
             return pd.read_parquet(path)
         head = pd.read_csv(path, nrows=0).columns
         # IDs keep leading zeros; cells neutralised for spreadsheets read back as written

@@ -276,3 +276,19 @@ def test_the_series_runner_follows_the_workers_rule_and_stores_no_timing(tmp_pat
         assert all(SECONDS not in row and row["seconds"] == {"read": 0.5} for row in rows)  # fn's own columns stay
         assert not any(SECONDS in f.read_text() for f in (tmp_path / folder).glob("*.json"))
     assert run_series(records, _where, tmp_path / "here", workers=0, progress=False) == here
+
+
+def test_an_unpicklable_function_for_worker_processes_is_a_programming_error(tmp_path):
+    """With workers >= 1 a lambda failed in every worker, and each series was recorded as failed by it."""
+    from hagan_clinic.pipelines.cohort import run_series
+
+    from hagan_clinic.io.cohort import discover
+    from hagan_clinic.phantoms import write_cohort
+
+    write_cohort(tmp_path / "c", 2, seed=0, shape=(24, 48, 48), progress=False, extras=False)
+    records = discover(tmp_path / "c", progress=False).ok
+    with pytest.raises(TypeError, match="picklable"):
+        run_series(records, lambda r: {}, tmp_path / "state", workers=2, progress=False)
+    assert not list((tmp_path / "state").glob("*.json"))  # nothing recorded against the series
+    rows = run_series(records, lambda r: {}, tmp_path / "state", workers=0, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"]

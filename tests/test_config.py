@@ -159,3 +159,12 @@ def test_a_file_beside_the_config_comes_before_a_shipped_one(tmp_path):
     (tmp_path / "lost.yaml").write_text("extends: no_such_config\n")
     with pytest.raises(ConfigError, match="extends 'no_such_config', which is not a file"):
         load_config(tmp_path / "lost.yaml")
+
+
+def test_a_local_config_named_like_a_shipped_one_extends_the_shipped_one(tmp_path):
+    (tmp_path / "tiny.yaml").write_text("extends: ' tiny.yaml '\ntrain:\n  iterations: 3\n")
+    cfg = load_config(tmp_path / "tiny.yaml")
+    assert cfg.train.iterations == 3 and cfg.model == load_config("tiny").model
+    (tmp_path / "lost.yaml").write_text("extends: nothing_here\n")
+    with pytest.raises(ConfigError, match="nor a shipped config"):
+        load_config(tmp_path / "lost.yaml")

@@ -268,3 +268,10 @@ def test_quiet_and_verbose_together_are_refused(argv, tmp_path, monkeypatch, cap
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and not (tmp_path / "x").exists()
     assert_one_line(err, "--quiet and --verbose contradict each other")
+
+
+def test_a_set_without_a_key_says_what_is_expected_on_every_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "encode", "src", "--checkpoint", "m.pt", "--out", "f.csv", "--set", "=1")
+    assert code == 2
+    assert_one_line(err, "expected section.key=value")

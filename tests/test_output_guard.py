@@ -125,6 +125,9 @@ def test_csv_safe_frame_leaves_numbers(tmp_path):
         ("t.parquet", "csv", "csv", "the name says parquet but --format is csv"),
         ("t.csv", "parquet", None, "the name says csv but --format is parquet"),
         ("t.csv", "xlsx", None, "unknown table format"),
+        (".csv", None, "parquet", "csv"),  # a hidden file's name is all suffix: it still says CSV
+        (".parquet", "csv", None, "the name says parquet but --format is csv"),
+        ("t.", None, "csv", "name a table .csv or .parquet"),
     ],
 )
 def test_one_table_format_rule(name, fmt, default, expected):

@@ -138,14 +138,20 @@ def test_a_checkout_on_the_path_runs_its_own_workflows(tmp_path):
     """The editable install maps hagan_clinic.pipelines to the installed checkout's folder; another checkout put on
     PYTHONPATH (a worktree, a copy) must not silently run the installed checkout's workflows."""
     copy = tmp_path / "checkout"
-    for name in ("hagan_clinic", "pipelines"):
+    for name in ("hagan_clinic", "pipelines", "tests"):
         shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    code = "import hagan_clinic, hagan_clinic.pipelines.encode as e; print(hagan_clinic.__file__); print(e.__file__)"
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    code = (
+        "import hagan_clinic, hagan_clinic.pipelines.encode as e, importlib.util\n"
+        "print(hagan_clinic.__file__); print(e.__file__); print(len(hagan_clinic.__path__))\n"
+        "print(importlib.util.find_spec('hagan_clinic.tests') is None)"
+    )
     env = {**os.environ, "PYTHONPATH": str(copy)}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    package, workflow = done.stdout.split()
+    package, workflow, paths, no_tests = done.stdout.split()
     assert Path(package).is_relative_to(copy) and Path(workflow) == copy / "pipelines" / "encode.py"
+    assert (paths, no_tests) == ("1", "True")  # the package is its own folder, not the whole repository
 
 
 #: Declared for what the imported libraries load on their own: pandas' parquet engine and pydicom's decoders of

@@ -858,3 +858,18 @@ def test_metrics_json_mlflow_console_and_plot_titles_agree(cohort):
         assert f"n {s['n']} ({s['n_patients']} patients)" in line
         assert Image.open(cohort.out / f"pred_vs_true_{name}.png").text["Title"] == f"{name}: {headline}"
     assert f"r2_log {m['targets']['fev1']['r2_log']:.3f} [" in cohort.console
+
+
+@pytest.mark.parametrize("name", ["features", "features.pq", "features.parquet", "features.csv"])
+def test_a_feature_table_is_read_by_its_content_whatever_its_name(tmp_path, name):
+    """encode writes parquet under a name without a suffix, or .pq: regress and predict read it as parquet (they
+    read everything but .parquet as CSV, and failed on encode's own output)."""
+    from hagan_clinic.pipelines.regress import read_table
+
+    from hagan_clinic.io.files import write_table
+
+    table = pd.DataFrame({"patient_id": ["007", "P2"], "z0": [0.25, -1.5]})
+    fmt = "csv" if name.endswith(".csv") else "parquet"
+    write_table(tmp_path / name, table, fmt)
+    back = read_table(tmp_path / name, "feature", "patient_id")
+    assert back["patient_id"].tolist() == ["007", "P2"] and back["z0"].tolist() == [0.25, -1.5]

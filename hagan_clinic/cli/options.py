@@ -129,7 +129,7 @@ def load(config_file: str, overrides: tuple[str, ...], only: tuple[str, ...] | N
 
     for item in overrides if only is not None else ():
         key = item.partition("=")[0].strip()
-        if only is not None and key.split(".")[0] not in only:
+        if only is not None and key and key.split(".")[0] not in only:  # no key: load_config says what is wrong
             raise click.UsageError(
                 f"--set {key[:80]}: this command takes the model and the data contract from its checkpoint; "
                 f"it uses only {', '.join(k if k in ('seed', 'device') else k + '.*' for k in only)}"

@@ -50,7 +50,9 @@ class Config(_Section):
     """A whole configuration: one section per concern (see :func:`markdown_table` for every key)."""
 
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of training, sampling and cross-validation")
-    device: str = Field(default="cpu", description="cpu, cuda, cuda:N, mps or auto (the commands' --device overrides it)")
+    device: str = Field(
+        default="cpu", description="cpu, cuda, cuda:N, mps or auto (the commands' --device overrides it)"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -252,13 +252,13 @@ def discover(
 ) -> Discovery:
     """Find and classify every series under ``root`` (a folder at any depth, or one file). Never raises for what it
     finds: every file or folder that is not read gets a record with the reason."""
-    from tqdm import tqdm
+    from .logs import progress as bar
 
     base, files, records = _entries(Path(root))
     stats = dict(files)
     groups: dict[tuple, list[DicomHeader]] = defaultdict(list)
     ignored = 0
-    for path, _ in tqdm(files, desc="reading headers", unit="file", disable=None if progress else True, leave=False):
+    for path, _ in bar(files, "reading headers", "file", **({"leave": False} if progress else {"disable": True})):
         rel = str(path.relative_to(base))
         if path.name.endswith(NIFTI_SUFFIXES):
             records.append(_nifti_record(path, rel, modality, _identity([(path, stats[path], "")], base)))

@@ -98,8 +98,9 @@ def table_format(path: str | os.PathLike, fmt: str | None = None, default: str |
     ``.txt``) without ``fmt``, is refused: a file whose name says one format and holds another fools every reader."""
     from hagan_clinic.errors import HaganError
 
-    suffix = Path(path).suffix.lower()
-    said = "csv" if suffix == ".csv" else "parquet" if suffix in (".parquet", ".pq") else None
+    name = Path(path).name.lower()
+    said = "csv" if name.endswith(".csv") else "parquet" if name.endswith((".parquet", ".pq")) else None
+    suffix = Path(path).suffix or ("." if "." in name else "")  # ".csv" (a hidden file) and "x." have suffixes too
     if fmt is not None and fmt not in TABLE_FORMATS:
         raise HaganError(f"unknown table format '{fmt}' (use csv or parquet)")
     if fmt is not None and said is not None and said != fmt:
@@ -108,6 +109,15 @@ def table_format(path: str | os.PathLike, fmt: str | None = None, default: str |
     if chosen is None:
         raise HaganError(f"{path}: name a table .csv or .parquet, or give --format csv|parquet")
     return chosen
+
+
+PARQUET_MAGIC = b"PAR1"  # a parquet file starts (and ends) with these four bytes
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    """Whether the file holds parquet, by its content, whatever its name."""
+    with open(path, "rb") as f:
+        return f.read(4) == PARQUET_MAGIC
 
 
 def write_table(path: str | os.PathLike, table, fmt: str | None = None, guard: Outputs | None = None) -> None:

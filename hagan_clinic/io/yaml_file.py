@@ -146,12 +146,15 @@ def read_yaml(path: str | Path, seen: tuple[Path, ...] = (), shipped: Path | Non
         return data
     if not isinstance(parent, str) or not parent.strip():
         raise YamlFileError(f"{path.name}: extends must be a config file name, got {short_repr(parent)}")
+    parent = parent.strip()
     candidates = [path.parent / parent]  # an absolute name replaces the folder
     if shipped is not None and "/" not in parent and "\\" not in parent:
         candidates += [shipped / parent, shipped / f"{parent}.yaml"]
-    parent_path = next((c for c in candidates if _is_file(c)), None)
+    # a file never extends itself: a local tiny.yaml that says "extends: tiny.yaml" builds on the shipped one
+    parent_path = next((c for c in candidates if _is_file(c) and c.resolve() != path), None)
     if parent_path is None:
-        raise YamlFileError(f"{path.name}: extends {short_repr(parent)}, which is not a file")
+        where = " (beside the config, nor a shipped config)" if shipped is not None else ""
+        raise YamlFileError(f"{path.name}: extends {short_repr(parent)}, which is not a file{where}")
     return deep_merge(read_yaml(parent_path, (*seen, path), shipped), data)
 
 
