@@ -151,7 +151,10 @@ def read_yaml(path: str | Path, seen: tuple[Path, ...] = (), shipped: Path | Non
     if shipped is not None and "/" not in parent and "\\" not in parent:
         candidates += [shipped / parent, shipped / f"{parent}.yaml"]
     # a file never extends itself: a local tiny.yaml that says "extends: tiny.yaml" builds on the shipped one
-    parent_path = next((c for c in candidates if _is_file(c) and c.resolve() != path), None)
+    found = [c for c in candidates if _is_file(c)]
+    parent_path = next((c for c in found if c.resolve() != path), None)
+    if parent_path is None and found:  # only the file itself: no shipped config of that name either
+        raise YamlFileError(f"{path.name}: 'extends' loops back to itself")
     if parent_path is None:
         where = " (beside the config, nor a shipped config)" if shipped is not None else ""
         raise YamlFileError(f"{path.name}: extends {short_repr(parent)}, which is not a file{where}")
