@@ -15,22 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..devices import torchrun_env
+from ..devices import Torchrun, torchrun_env
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+@dataclass(frozen=True)
+class DistContext(Torchrun):
+    """This process's place among torchrun's processes (:class:`~hagan_clinic.devices.Torchrun`), with the
+    collective operations training needs; every one is a no-op in a single process."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
 
     def average_gradients(self, module: nn.Module) -> None:
         """Make every parameter's .grad the mean over ranks (one flat all-reduce)."""
