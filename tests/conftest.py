@@ -65,6 +65,14 @@ def assert_refused(code: int, err: str, *needles: str) -> None:
     assert_one_line(err, *needles)
 
 
+def ellipsoid_hu(shape, seed: int) -> np.ndarray:
+    """An ellipsoid body of noisy soft tissue in air, integer HU float32 (D, H, W)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    r2 = sum(((g - (n - 1) / 2) / (0.4 * n)) ** 2 for g, n in zip(grid, shape))
+    return np.where(r2 < 1.0, rng.integers(-100, 200, shape), -1024).astype(np.float32)
+
+
 def write_volumes(folder, n: int = 4, size: int = 32, seed: int = 0) -> list:
     """``n`` synthetic training volumes: a bright Gaussian blob in noise, float16 in [-1, 1], as .npy."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ellipsoid_hu
 from hagan_clinic.pipelines.encode import EncodeOptions, run
 
 from hagan_clinic.io.dicom_write import write_series
@@ -36,20 +37,13 @@ class Recorder(NullTracker):
         shutil.copy(path, self.folder / Path(path).name)
 
 
-def _phantom(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.indices(shape).astype(np.float32)
-    r2 = sum(((g - (n - 1) / 2) / (0.4 * n)) ** 2 for g, n in zip(grid, shape))
-    return np.where(r2 < 1.0, rng.integers(-100, 200, shape), -1024).astype(np.float32)
-
-
 @pytest.fixture
 def cohort(tmp_path) -> Path:
     """Names everywhere: the root, the patient folders and every file. One series encodes; one has a slice whose
     pixel data is cut short (its reader names that file); one NIfTI file is garbage (nibabel quotes its path)."""
     root = tmp_path / "DOE_JOHN_site"
     for folder, number in (("ct", 2), ("ct_broken", 3)):
-        written = write_series(root / "DOE_JOHN" / folder, _phantom((16, 24, 32), number), (10.0, 10.0, 10.0),
+        written = write_series(root / "DOE_JOHN" / folder, ellipsoid_hu((16, 24, 32), number), (10.0, 10.0, 10.0),
                                patient_id="DOE_JOHN", series_number=number, patient_name="DOE^JOHN")  # fmt: skip
         for i, path in enumerate(sorted(written)):
             path.rename(path.with_name(f"DOE_JOHN_slice{i}.dcm"))

@@ -9,6 +9,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ellipsoid_hu
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
@@ -21,32 +22,24 @@ NAME, BIRTH_DATE = "DOE^JANE", "19500101"
 COLUMNS = ["patient_id", "study_uid", "series_uid", "path", "shape", "spacing", "kernel", "status", "reason"]
 
 
-def phantom(shape, seed: int) -> np.ndarray:
-    """An ellipsoid body of noisy soft tissue in air, integer HU float32 (D, H, W)."""
-    rng = np.random.default_rng(seed)
-    grid = np.indices(shape).astype(np.float32)
-    r2 = sum(((g - (n - 1) / 2) / (0.4 * n)) ** 2 for g, n in zip(grid, shape))
-    return np.where(r2 < 1.0, rng.integers(-100, 200, shape), -1024).astype(np.float32)
-
-
 @pytest.fixture
 def cohort(tmp_path):
     """Two CT series, a localizer, an MR series (all DICOM with a name and birth date), and a NIfTI scan."""
     root = tmp_path / "cohort"
     who = {"patient_name": NAME, "birth_date": BIRTH_DATE}
-    write_series(root / "p1" / "ct", phantom((16, 24, 32), 1), SPACING, patient_id="P1", kernel="B30f", **who)
-    write_series(root / "p2" / "ct", phantom((18, 24, 32), 2), SPACING, patient_id="P2", kernel="STANDARD", **who)
+    write_series(root / "p1" / "ct", ellipsoid_hu((16, 24, 32), 1), SPACING, patient_id="P1", kernel="B30f", **who)
+    write_series(root / "p2" / "ct", ellipsoid_hu((18, 24, 32), 2), SPACING, patient_id="P2", kernel="STANDARD", **who)
     write_series(
         root / "p2" / "scout",
-        phantom((16, 24, 32), 3),
+        ellipsoid_hu((16, 24, 32), 3),
         SPACING,
         patient_id="P2",
         series_number=9,
         image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
         **who,
     )
-    write_series(root / "p3" / "mr", phantom((16, 24, 32), 4), SPACING, patient_id="P3", modality="MR", **who)
-    hu = phantom((20, 24, 32), 5)
+    write_series(root / "p3" / "mr", ellipsoid_hu((16, 24, 32), 4), SPACING, patient_id="P3", modality="MR", **who)
+    hu = ellipsoid_hu((20, 24, 32), 5)
     affine = Volume(hu, SPACING).affine_ras()
     nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), affine), str(root / "p4.nii.gz"))
     return root
