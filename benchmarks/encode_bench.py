@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hagan_clinic.pipelines.encode import EncodeOptions, _encode_batch, run
+from hagan_clinic.pipelines.encode import EncodeOptions, encode_batch, run
 
 from hagan_clinic.config import load_config
 from hagan_clinic.io.cohort import discover, load_series
@@ -51,10 +51,10 @@ def bench_size(size: int, folder: Path, work: Path, args) -> dict:
            "preprocess_s": statistics.median(preps)}  # fmt: skip
     b = args.batch_size
     for precision in args.precision:
-        _encode_batch(model, grids[:b], "cpu", precision)  # warm-up
+        encode_batch(model, grids[:b], "cpu", precision)  # warm-up
         t = time.perf_counter()
         for i in range(0, len(grids), b):
-            _encode_batch(model, grids[i : i + b], "cpu", precision)
+            encode_batch(model, grids[i : i + b], "cpu", precision)
         out[f"encode_{precision}_s"] = (time.perf_counter() - t) / len(grids)
     for precision in args.precision:
         for workers in (1, 0):

@@ -44,13 +44,16 @@ def generate_to_nifti(
     slab: int | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
     guard: Outputs | None = None,
+    model_id: str = "",
 ) -> list[Path]:
     """Generate ``n`` volumes and write them as NIfTI in scanner units (HU for CT) with the contract's spacing.
 
     The files follow the project's one array convention (io.nifti): the model's (D, H, W) array is LPS, the affine
     says so, and the grid is centred on the origin ('aligned': a generated volume has no scanner position). A
     model whose grid has no defined spacing (``data.resize: reference``) gets nominal 1 mm voxels, and the file's
-    description says that the spacing is unknown. Also writes ``samples.csv`` (file, index, seed, label).
+    description says that the spacing is unknown. Each file's description names its model (``model_id``, e.g. the
+    start of the checkpoint's SHA-256) before its seed and index, so the 79 bytes a NIfTI header holds keep it. Also
+    writes ``samples.csv`` (file, index, seed, label, model).
     ``guard`` checks each file before any volume is made: files of an earlier run of this command are replaced,
     others only with ``overwrite``.
     """
@@ -64,7 +67,7 @@ def generate_to_nifti(
     window, spacing = cfg.data.window, cfg.data.spacing_mm
     spacing_note = ""
     if spacing is None:
-        spacing, spacing_note = (1.0, 1.0, 1.0), " spacing unknown (reference resize), 1 mm nominal"
+        spacing, spacing_note = (1.0, 1.0, 1.0), " spacing unknown (1 mm nominal);"
     dtype = np.int16 if cfg.data.modality == "CT" else np.float32
     labels = sample_labels(n, cfg.model.num_classes, label)
     names = [f"sample_{i:04d}" + ("" if labels[i] is None else f"_label{labels[i]}") + ".nii.gz" for i in range(n)]
@@ -77,13 +80,15 @@ def generate_to_nifti(
         lab = None if labels[i] is None else torch.tensor([labels[i]])
         volume = model.generate(z, lab, slab=slab)[0, 0].float().cpu().numpy()
         name = names[i]
-        desc = f"hagan-clinic seed={seed} index={i}" + ("" if labels[i] is None else f" label={labels[i]}")
+        made_by = f"hagan-clinic model={model_id};" if model_id else "hagan-clinic"
+        desc = f"{made_by}{spacing_note} seed={seed} index={i}" + ("" if labels[i] is None else f" label={labels[i]}")
         hu = from_model_range(volume, window)
-        paths.append(write_array(out_dir / name, hu, spacing, None, dtype, desc + spacing_note))
+        paths.append(write_array(out_dir / name, hu, spacing, None, dtype, desc))
         guard.record(paths[-1])
-        rows.append({"file": name, "index": i, "seed": seed, "label": "" if labels[i] is None else labels[i]})
+        rows.append({"file": name, "index": i, "seed": seed, "label": "" if labels[i] is None else labels[i],
+                     "model": model_id})  # fmt: skip
     with guard.target(out_dir / "samples.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "index", "seed", "label"])
+        writer = csv.DictWriter(f, fieldnames=["file", "index", "seed", "label", "model"])
         writer.writeheader()
         writer.writerows(rows)
     return paths
@@ -95,6 +100,8 @@ class GenerateResult:
 
     paths: list[Path]
     out: Path
+    checkpoint_sha256: str = ""
+    model_id: str = ""
 
     def summary(self) -> str:
         return f"wrote {len(self.paths)} volume(s) to {self.out}"
@@ -109,20 +116,26 @@ def generate(
     slab: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    model_version: str | None = None,
 ) -> GenerateResult:
     """Load ``checkpoint`` on ``device`` (cpu, cuda, cuda:N or auto) and write ``n`` volumes to the folder ``out``
-    with :func:`generate_to_nifti`; a bad ``label`` is a HaganError (one line)."""
+    with :func:`generate_to_nifti`; a bad ``label`` is a HaganError (one line). The files name their model by
+    the first 12 hex digits of the checkpoint's SHA-256, and by ``model_version`` (registry NAME/VERSION) if
+    given."""
     from .devices import resolve_device
     from .io.logs import progress
+    from .io.torch_files import file_sha256
     from .models.hagan import load_checkpoint
 
     model = load_checkpoint(checkpoint, device=str(resolve_device(device)))
+    sha = file_sha256(checkpoint)
+    model_id = f"{model_version} {sha[:12]}" if model_version else sha[:12]
     guard = Outputs("generate", [checkpoint], overwrite)
     try:
         paths = generate_to_nifti(
             model, n, out, seed=seed, label=label, slab=slab, guard=guard,
-            progress=lambda steps: progress(steps, "generate", "vol"),
+            progress=lambda steps: progress(steps, "generate", "vol"), model_id=model_id,
         )  # fmt: skip
     except ValueError as err:
         raise HaganError(str(err)) from None
-    return GenerateResult(paths, Path(out))
+    return GenerateResult(paths, Path(out), sha, model_id)

@@ -279,8 +279,8 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
     guard = _guard(cfg, overwrite)
     for name in ("split.csv", "results.csv", "comparison.json", "examples.png", "synthetic.npz"):
         guard.check(out / name)  # before any work
+    real = load_real(cfg)  # the cache checked before anything is created
     make_folder(out)
-    real = load_real(cfg)
     labels, groups = real.labels, real.groups
     parts = split(labels, groups, cfg)
     if any("synthetic" in arm for arm in a.arms):
@@ -296,14 +296,14 @@ def run(cfg: Config, out: Path, tracker=None, device: str = "cpu", overwrite: bo
     if a.downsample > 1:
         _downsample(data, a.downsample, cfg.model.size)
     results = []
-    with tracker.run("augment", tags={"stage": "augment"}):
+    with tracker.run("augment", tags={"stage": "augment"}, system_metrics=True):
         tracker.log_params({"arms": ",".join(a.arms), "seeds": ",".join(map(str, a.seeds)),
                             "classifier": a.classifier, "epochs": a.epochs, "synthetic_ratio": a.synthetic_ratio,
                             **{f"n_{s}": int((parts == s).sum()) for s in ("train", "val", "test")}})  # fmt: skip
         for arm in a.arms:
             for seed in a.seeds:
                 log.info("augment: arm %s, seed %s", arm, seed)
-                with tracker.run(f"{arm} seed {seed}", tags={"arm": arm, "seed": str(seed)}):
+                with tracker.run(f"{arm} seed {seed}", tags={"stage": "augment", "arm": arm, "seed": str(seed)}):
                     r = train_arm(arm, seed, data, cfg, device)
                     tracker.log_metrics({k: float(v) for k, v in r.items() if k != "test_prob"})
                 results.append({"arm": arm, "seed": seed, **r})

@@ -32,6 +32,7 @@ from hagan_clinic.config import Config
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cache import open_cache
 from hagan_clinic.io.files import make_folder, write_table
+from hagan_clinic.tracking import Choice, choose
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class DemoResult:
     grid_note: str  # what the grid can see of %emphysema
     checkpoint: Path
     tracking_uri: str | None  # None without tracking
+    experiment_id: str | None = None
 
     def summary(self) -> str:
         """What ``hagan-clinic demo`` prints: a table of the stages, what the demo shows and cannot show, and where
@@ -117,19 +119,26 @@ class DemoResult:
         )
         lines.append("\n" + textwrap.fill(self.grid_note, 115))
         if self.tracking_uri:
-            lines.append(f"\nBrowse the runs: mlflow ui --backend-store-uri {self.tracking_uri}")
+            from hagan_clinic.tracking import runs_url, ui_command
+
+            lines.append(f"\nBrowse the runs: {ui_command(self.tracking_uri)}")
+            if self.experiment_id is not None:
+                lines.append(f"then open {runs_url(self.experiment_id)}")
         return "\n".join(lines)
 
 
-def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
-    """The seven stages on the phantom cohort, in ``out`` (a re-run reuses its cohort and resumes its training)."""
+def run(out: Path, fast: bool = False, tracking: Choice | None = None) -> DemoResult:
+    """The seven stages on the phantom cohort, in ``out`` (a re-run reuses its cohort and resumes its training).
+
+    ``tracking``: where to log (:func:`hagan_clinic.tracking.choose`); default: the store under ``out``
+    (``out/mlruns``) unless MLFLOW_TRACKING_URI says otherwise."""
 
     from hagan_clinic.config import CONFIG_DIR, load_config
     from hagan_clinic.io.nifti import read_scan, to_model_range
+    from hagan_clinic.io.torch_files import file_sha256
     from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti
-    from hagan_clinic.tracking import NullTracker, Tracker
     from hagan_clinic.training.loop import train
 
     from . import augment as augment_stage
@@ -143,14 +152,15 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides)
     shape = (32, 64, 64) if fast else (96, 128, 128)
     n_samples = 2 if fast else 4
-    tracker = Tracker() if tracking else NullTracker()
+    choice = tracking or choose(root=out)
+    tracker = choice.tracker()
     summary: list[tuple[str, str, str]] = []
     start = time.perf_counter()
     with tracker.run("demo", tags={"stage": "demo", "fast": str(fast)}):
         tracker.log_params({"demo.fast": fast, "demo.patients": N_PATIENTS, "demo.shape": "x".join(map(str, shape))})
 
         # ---- 1. data: phantom DICOM cohort, and its preprocessed cache --------------------------------------
-        with tracker.run("data", nested=True):
+        with tracker.run("data", nested=True, tags={"stage": "data"}):
             log.info("[1/7] phantom cohort and preprocessing")
             cohort, cache = out / "cohort", out / "cache"
             clinical = _phantom_cohort(cohort, n=N_PATIENTS, seed=cfg.seed, shape=list(shape), extras=True)
@@ -185,13 +195,14 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
         ckpt = run_dir / "model.pt"
 
         # ---- 3. generate ---------------------------------------------------------------------------------------
-        with tracker.run("generate", nested=True):
+        with tracker.run("generate", nested=True, tags={"stage": "generate"}):
             log.info("[3/7] generating")
             import torch
 
             model = load_checkpoint(ckpt)
             t0 = time.perf_counter()
-            paths = generate_to_nifti(model, n_samples, out / "generated", seed=cfg.seed)
+            model_id = file_sha256(ckpt)[:12]
+            paths = generate_to_nifti(model, n_samples, out / "generated", seed=cfg.seed, model_id=model_id)
             seconds = (time.perf_counter() - t0) / n_samples
             z = torch.randn(1, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))
             y = torch.tensor([1])  # the COPD class
@@ -201,6 +212,7 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
             png = mid_slices_png([(f"sample {i}", v) for i, v in enumerate(vols)], out / "generated.png", title)
             tracker.log_metrics({"seconds_per_volume": seconds, "slab_vs_one_pass_max_abs_diff": slab_diff})
             tracker.log_artifact(png)
+            tracker.log_artifact(out / "generated", "generated")  # the NIfTI samples themselves
             summary.append(("generate", f"{n_samples} NIfTI volumes, {seconds:.2f} s each, slab = one pass to "
                                         f"{slab_diff:.1e}", str(png)))  # fmt: skip
 
@@ -265,8 +277,22 @@ def run(out: Path, fast: bool = False, tracking: bool = True) -> DemoResult:
         summary.append(("evaluate", f"FID {ev['fid']:.2f}, MMD^2 {ev['mmd2']:.3f} (own encoder); MS-SSIM generated "
                         f"{ev['ms_ssim_generated']:.2f} vs real {ev['ms_ssim_real']:.2f}; reconstruction MAE "
                         f"{ev['reconstruction']['mae_hu']:.0f} HU", str(out / "evaluate")))  # fmt: skip
-        tracker.log_metrics({"demo_minutes": (time.perf_counter() - start) / 60})
+        minutes = (time.perf_counter() - start) / 60
+        tracker.log_metrics({"demo_minutes": minutes, **_key_figures(metrics, arms, ev)})
+        import pandas as pd
 
-    minutes = (time.perf_counter() - start) / 60
-    uri = getattr(tracker, "uri", None) if tracking else None
-    return DemoResult(summary, minutes, grid_note, ckpt, uri)
+        tracker.log_table(pd.DataFrame(summary, columns=["stage", "result", "artifacts"]), "summary.json")
+
+    return DemoResult(summary, minutes, grid_note, ckpt, tracker.uri, tracker.experiment_id)
+
+
+def _key_figures(metrics: dict, arms: list[dict], ev: dict) -> dict[str, float]:
+    """The demo's headline numbers as metrics of its parent run (NaN-free: a figure that is not finite is left out)."""
+    figures = {f"r2_{name}": t["r2"] for name, t in metrics["targets"].items()}
+    figures.update({f"r2_qct_{name}": t["r2"] for name, t in metrics["baselines"].get("qct", {}).items()})
+    if "accuracy" in metrics["gold"].get("classifier", {}):
+        figures["gold_accuracy"] = metrics["gold"]["classifier"]["accuracy"]
+    for row in arms:
+        figures[f"augment_{row['arm'].replace('+', '_')}_balanced_accuracy"] = row["balanced_accuracy_mean"]
+    figures.update({"fid": ev["fid"], "mmd2": ev["mmd2"], "reconstruction_mae_hu": ev["reconstruction"]["mae_hu"]})
+    return {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and np.isfinite(v)}

@@ -34,6 +34,7 @@ from hagan_clinic.io.files import (
     csv_safe_frame,
     make_folder,
     regular_file,
+    to_parquet,
     write_json,
     write_rows,
     write_text,
@@ -42,9 +43,9 @@ from hagan_clinic.io.logs import progress_bar
 
 from .cohort import WORKER_DIED, Task, WorkerDied, WorkerPool, status_counts
 from .encode_inputs import QCT_COLUMNS, Others, list_series, prepare_one
-from .privacy import Scrubber, keyed, pseudonym
+from .privacy import Scrubber, command_line, keyed, pseudonym
 
-__all__ = ["EncodeOptions", "EncodeResult", "list_series", "prepare_one", "run"]
+__all__ = ["EncodeOptions", "EncodeResult", "encode_batch", "list_series", "prepare_one", "run"]
 ID_COLUMNS = ["patient_id", "study_uid", "series_uid", "kernel", "slice_thickness_mm"]
 REPORT_COLUMNS = [
     "patient_id", "study_uid", "series_uid", "modality", "kernel", "slice_thickness_mm", "n_slices", "source",
@@ -70,6 +71,8 @@ class EncodeOptions:
     shard: tuple[int, int] = (0, 1)
     progress: bool = True
     overwrite: bool = False
+    model_version: str | None = None  # 'name/version' when the checkpoint came from the registry (models:/...)
+    argv: list[str] = field(default_factory=list)  # the command and its arguments, for the provenance record
 
     def outputs(self, src: Path) -> Outputs:
         """The guard of the table and the report: never over SRC (a file), the checkpoint, or a file that an
@@ -79,6 +82,11 @@ class EncodeOptions:
     @property
     def report_path(self) -> Path:
         return self.out.with_name(f"{self.out.stem}.report.csv")
+
+    @property
+    def provenance_path(self) -> Path:
+        """What made the table (also in a parquet table's metadata), beside it."""
+        return self.out.with_name(f"{self.out.stem}.provenance.json")
 
 
 @dataclass
@@ -189,7 +197,7 @@ def _batch_rows(batch: list[SeriesRecord], results: list[dict], z: np.ndarray, s
     return rows
 
 
-def _encode_batch(model, grids: list[np.ndarray], device: str, precision: str) -> np.ndarray:
+def encode_batch(model, grids: list[np.ndarray], device: str, precision: str) -> np.ndarray:
     import torch
 
     x = torch.from_numpy(np.stack(grids)).to(device=device, dtype=torch.float32)[:, None]
@@ -231,8 +239,39 @@ def _to_encode(state: Path, batches: list[int], latent: int) -> list[int]:
     return todo
 
 
+def provenance(opts: EncodeOptions, cfg, checkpoint_sha: str, model_version: str) -> dict:
+    """What made a feature table: the package, the checkpoint (digest, registered version), the data contract and
+    preprocessing settings it was read with, the encode settings and the command line (never the salt; with a
+    salt, no paths)."""
+    from hagan_clinic import __version__
+
+    return {
+        "package": f"hagan-clinic {__version__}",
+        "checkpoint_sha256": checkpoint_sha,
+        "checkpoint": "<redacted>" if opts.pseudonymize else opts.checkpoint.name,
+        "model_version": model_version,
+        "data_contract": cfg.data_contract(),
+        "preprocessing": cfg.to_dict()["data"],
+        "encode": {
+            "batch_size": opts.batch_size,
+            "precision": opts.precision,
+            "device": opts.device,
+            "qct": opts.qct,
+            "pseudonymized": bool(opts.pseudonymize),
+        },  # fmt: skip
+        "command_line": command_line(opts.argv, opts.pseudonymize or None) if opts.argv else "",
+    }
+
+
 def _write_outputs(
-    opts: EncodeOptions, src: Path, state: Path, n_batches: int, others: Others, latent: int, scrub: Scrubber
+    opts: EncodeOptions,
+    src: Path,
+    state: Path,
+    n_batches: int,
+    others: Others,
+    latent: int,
+    scrub: Scrubber,
+    made_by: dict,
 ):
     import pandas as pd
 
@@ -252,11 +291,12 @@ def _write_outputs(
     out, guard = opts.out, opts.outputs(src)
     with guard.target(out, out.suffix) as tmp:
         if opts.fmt == "parquet":
-            table.to_parquet(tmp, index=False)
+            to_parquet(table, tmp, made_by)
         else:
             csv_safe_frame(table).to_csv(tmp, index=False, float_format="%.9g")
     report_path = opts.report_path
     write_rows(report_path, report, REPORT_COLUMNS + (QCT_COLUMNS if opts.qct else []), guard)
+    write_json(opts.provenance_path, made_by, guard, sort_keys=False)
     counts = status_counts(report)
     return report_path, counts
 
@@ -272,7 +312,11 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         raise HaganError(f"checkpoint not found: {opts.checkpoint}")
     guard = opts.outputs(src)
     state = out.parent / f".{out.name}.state"
-    for target in (out, opts.report_path):  # before any work: a refusal at the end would waste the run
+    for target in (
+        out,
+        opts.report_path,
+        opts.provenance_path,
+    ):  # before any work: a refusal at the end would waste the run
         if (state / "settings.json").is_file():  # an earlier encode's state: the table beside it is its output
             guard.adopt(target)
         guard.check(target)
@@ -289,11 +333,21 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
     done_series = sum(len(batches[k]) for k in mine if k not in todo)
     seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0}
     name = "encode" if n_shards == 1 else f"encode shard {shard}/{n_shards}"
-    with tracker.run(name, tags={"stage": "encode"}):
+    with tracker.run(name, tags={"stage": "encode"}, system_metrics=True):
+        if opts.model_version:
+            model_version = opts.model_version
+        elif tracker.uri is None:
+            model_version = "not looked up (tracking off)"
+        else:
+            model_version = tracker.find_model_version(sha) or "unregistered"
+        made_by = provenance(opts, cfg, sha, model_version)
+        source = pseudonym(opts.pseudonymize, str(src)) if opts.pseudonymize else str(src)
+        tracker.log_input(pseudonym(opts.pseudonymize, src.resolve().name) if opts.pseudonymize else src.resolve().name,
+                          _settings(opts, src, sha, [r.digest for r in ok])["series"], len(ok), source,
+                          "encode")  # fmt: skip
         tracker.log_params({
-            "checkpoint": opts.checkpoint.name, "checkpoint_sha256": sha,
-            "model_version": tracker.find_model_version(sha) or "unregistered",
-            "source": pseudonym(opts.pseudonymize, str(src)) if opts.pseudonymize else str(src),
+            "checkpoint": "<redacted>" if opts.pseudonymize else opts.checkpoint.name, "checkpoint_sha256": sha,
+            "model_version": model_version, "source": source,
             "series_found": len(ok) + len(others), "batch_size": opts.batch_size, "precision": opts.precision,
             "device": opts.device, "workers": opts.workers, "qct": opts.qct, "shard": f"{shard}/{n_shards}",
             "pseudonymized": bool(opts.pseudonymize), "encode_mode": cfg.model.encode_mode,
@@ -327,7 +381,7 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
                 waited = time.perf_counter() - t_read  # the encoder idle while series are read: too few --workers?
                 grids = [res["grid"] for res in results if res["grid"] is not None]
                 t = time.perf_counter()
-                z = _encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
+                z = encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
                 took = {"read": 0.0, "preprocess": 0.0, "encode": time.perf_counter() - t}
                 for res in results:
                     took["read"] += res.get("read_s", 0.0)
@@ -353,10 +407,11 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             return EncodeResult(
                 None, None, {"encoded_here": encoded}, seconds, opts.shard
             )  # other shards still at work
-        report, counts = _write_outputs(opts, src, state, len(batches), others, latent, scrub)
+        report, counts = _write_outputs(opts, src, state, len(batches), others, latent, scrub, made_by)
         write_text(state / "complete", "")
         tracker.log_metrics({f"series_{k}": float(v) for k, v in counts.items()})
         tracker.log_artifact(report)
+        tracker.log_artifact(opts.provenance_path)
         if out.stat().st_size <= 50 * 2**20:
             tracker.log_artifact(out)
         else:  # too large for an artifact store: its place and identity instead

@@ -113,3 +113,30 @@ class Scrubber:
             if isinstance(value, str) and value:
                 row[column] = one_line(self.text(value, names), 300)
         return row
+
+
+#: Option values that name no file and no person: kept in a pseudonymised command line.
+_PLAIN_VALUE = re.compile(r"^(?:[0-9][0-9./]*|fp32|bf16|fp16|cpu|cuda(?::[0-9]+)?|mps|auto|csv|parquet)$")
+
+
+def command_line(argv: list[str], salt: str | None) -> str:
+    """``hagan-clinic`` and ``argv`` (the command and its arguments) for a provenance record. The salt is never
+    written; with a salt every other value that is not a plain number or choice (paths, names, config overrides)
+    becomes ``<redacted>``."""
+    words, hide_next = ["hagan-clinic", *argv[:1]], False
+    for word in argv[1:]:
+        flag, eq, value = word.partition("=")
+        if hide_next or (eq and flag == "--pseudonymize"):
+            words.append("<salt>" if hide_next else "--pseudonymize=<salt>")
+            hide_next = False
+            continue
+        if word == "--pseudonymize":
+            hide_next = True
+            words.append(word)
+        elif salt is not None and not word.startswith("-") and not _PLAIN_VALUE.match(word):
+            words.append("<redacted>")
+        elif salt is not None and eq and word.startswith("-") and not _PLAIN_VALUE.match(value):
+            words.append(f"{flag}=<redacted>")
+        else:
+            words.append(word)
+    return " ".join(words)

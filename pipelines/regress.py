@@ -2,8 +2,8 @@
 and the fitted models applied to new feature tables. Imports no torch (see hagan_clinic.regression).
 
 Outputs in DIR: metrics.json, predictions.csv or .parquet (out-of-fold), pred_vs_true_<target>.png,
-gold_confusion.png, model.joblib (every model refitted on all rows; a pickle: load only files you made). The
-summaries, figures and MLflow names are made in :mod:`.regress_report`.
+gold_confusion.png, model.skops (every model refitted on all rows, a skops file: see hagan_clinic.io.model_file).
+The summaries, figures and MLflow names are made in :mod:`.regress_report`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from hagan_clinic.io.files import (
     write_table,
     write_text,
 )
+from hagan_clinic.io.model_file import RegressionBundle, load_bundle, save_bundle, sha256_hex
 from hagan_clinic.regression import (
     MAX_SEED,
     Dataset,
@@ -253,8 +254,6 @@ def run(
 ) -> RegressResult:
     """Cross-validate every target of ``opts`` (and GOLD) on the joined tables and write the outputs to
     ``opts.out``; every argument and column is checked before any fitting."""
-    import joblib
-
     from hagan_clinic.tracking import NullTracker
 
     tracker = tracker or NullTracker()
@@ -271,13 +270,14 @@ def run(
     features = read_table(features_path, "feature", opts.id_column)
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
+    features_sha256 = sha256_hex(features_path)  # the table the models are fitted on, named in every output
     for name in opts.targets:  # every column checked before hours of fitting, not after
         clinical_target(data, name)
     if opts.gold_required and opts.gold_column:
         gold_values(data, opts.gold_column)
     out = opts.out
     guard = Outputs("regress", [features_path, clinical_path], opts.overwrite)
-    names = ["metrics.json", opts.predictions_name, "model.joblib", "gold_confusion.png"]
+    names = ["metrics.json", opts.predictions_name, "model.skops", "gold_confusion.png"]
     names += [plot_name(name) for name in opts.targets]
     for name in names:  # before hours of fitting
         guard.check(out / name)
@@ -287,12 +287,12 @@ def run(
             "targets": ",".join(opts.targets), "log_targets": ",".join(opts.log_targets), "folds": opts.folds,
             "seed": opts.seed, "id_column": opts.id_column, "n_rows": len(data.ids),
             "n_patients": len(np.unique(data.ids)), "n_features": len(data.feature_columns),
-            "qct_baseline": ",".join(data.qct_columns) or "none",
+            "qct_baseline": ",".join(data.qct_columns) or "none", "features_sha256": features_sha256,
         })  # fmt: skip
         metrics, preds, models, scored = cross_validate(data, opts)
         metrics["join"] = data.join
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
-                               "patients": int(len(np.unique(data.ids)))}  # fmt: skip
+                               "patients": int(len(np.unique(data.ids))), "sha256": features_sha256}  # fmt: skip
         check_finite(metrics)
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
         write_table(out / opts.predictions_name, preds, opts.fmt, guard)
@@ -302,11 +302,11 @@ def run(
         gold_plots = {k: v for k, v in metrics["gold"].items() if k != "majority_baseline"}
         if gold_plots:
             write_confusion(out / "gold_confusion.png", gold_plots, guard)
-        bundle = {"models": models, "feature_columns": data.feature_columns, "id_column": opts.id_column,
-                  "log_targets": opts.log_targets, "targets": opts.targets}  # fmt: skip
-        with guard.target(out / "model.joblib", ".joblib") as tmp:
-            joblib.dump(bundle, tmp)
+        bundle = RegressionBundle(models, data.feature_columns, opts.id_column, opts.targets, opts.log_targets,
+                                  features_sha256)  # fmt: skip
+        save_bundle(bundle, out / "model.skops", guard)
         tracker.log_metrics(mlflow_metrics(metrics))
+        tracker.log_sklearn_models(models, data.feature_columns, data.features[:2])
         for name in names:  # what this run wrote, never other files in the folder
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "regress")
@@ -319,27 +319,28 @@ def predict(
     out: str | Path,
     overwrite: bool = False,
     fmt: str | None = None,
+    tracking_uri: str | None = None,
 ) -> PredictResult:
-    """Apply a model.joblib written by ``regress`` to a feature table; writes a table (``fmt`` csv or parquet,
-    default: from the name of ``out``, csv when it says neither) with one prediction per target.
+    """Apply the models written by ``regress`` to a feature table; writes a table (``fmt`` csv or parquet, default:
+    from the name of ``out``, csv when it says neither) with one prediction per target.
+
+    ``model_path``: the model file (DIR/model.skops) or a regress run's model URI, ``runs:/RUN_ID``, in the store
+    ``tracking_uri`` (default: MLFLOW_TRACKING_URI, else ./mlruns). Either is read as untrusted input (see
+    hagan_clinic.io.model_file). A parquet table carries in its key-value metadata the model's SHA-256 and that of
+    the feature table the model was fitted on.
 
     Predictions stay on the scale each model was fitted on; the GOLD rules (PRISm as its own category) read the
     predicted spirometry when both fev1pp and fev1_fvc were fitted."""
-    import joblib
+    from hagan_clinic.tracking.sklearn_models import is_uri
 
-    model_path, out = Path(model_path), Path(out)
-    if not model_path.is_file():
-        raise RegressionError(f"model not found: {model_path}")
+    model, out = str(model_path), Path(out)
+    if not is_uri(model) and not Path(model).exists():  # anything else there is refused by the model file's reader
+        raise RegressionError(f"model not found: {model}")
     fmt = table_format(out, fmt, "csv")
-    guard = Outputs("predict", [model_path, features_path], overwrite)
+    guard = Outputs("predict", [features_path, *([] if is_uri(model) else [model])], overwrite)
     guard.check(out)
-    try:
-        bundle = joblib.load(model_path)
-        models, columns, id_column = bundle["models"], bundle["feature_columns"], bundle["id_column"]
-    except Exception as err:  # not a bundle written by regress
-        raise RegressionError(
-            f"{model_path}: not a model written by hagan-clinic regress ({type(err).__name__})"
-        ) from None
+    bundle = _read_model(model, tracking_uri)
+    columns, id_column = bundle.feature_columns, bundle.id_column
     table = read_table(features_path, "feature", id_column)
     missing = [c for c in [id_column, *columns] if c not in table.columns]
     if missing:
@@ -350,17 +351,50 @@ def predict(
     ok = np.isfinite(x).all(axis=1)
     result = pd.DataFrame({id_column: table[id_column].astype(str)})
     notes: list[str] = []
-    for name, model in models.items():
+    for name, fitted in bundle.models.items():
         pred = np.full(len(table), np.nan)
         if ok.any():
-            pred[ok] = model.predict(x[ok])
-        if name in bundle["log_targets"]:
+            pred[ok] = fitted.predict(x[ok])
+        if name in bundle.log_targets:
             pred = np.exp(pred)
         # predictions stay on the scale the model was fitted on (regress fits ratio targets as ratios): a unit
         # guess on predictions would rescale an outlier prediction silently
         result[f"{name}_pred"] = gold_labels(pred) if name == "gold" else pred
-    if {"fev1pp", "fev1_fvc"} <= set(models):
+    if {"fev1pp", "fev1_fvc"} <= set(bundle.models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
         result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
-    write_table(out, result, fmt, guard)
+    write_table(out, result, fmt, guard, provenance=_provenance(model, bundle, features_path))
     return PredictResult(result, out, notes)
+
+
+def _read_model(model: str, tracking_uri: str | None) -> RegressionBundle:
+    """The bundle of a model file, or of a regress run's model URI (downloaded to a temporary folder, removed once
+    the bundle is read)."""
+    import tempfile
+
+    from hagan_clinic.tracking import resolve_uri
+    from hagan_clinic.tracking.sklearn_models import download_bundle, is_uri
+
+    if not is_uri(model):
+        return load_bundle(model)
+    if not model.startswith("runs:"):
+        raise RegressionError(
+            f"--model {short_repr(model, 80)}: give a model file (DIR/model.skops) or runs:/RUN_ID of a regress run"
+        )
+    with tempfile.TemporaryDirectory(prefix="hagan-clinic-model-") as tmp:
+        return load_bundle(download_bundle(model, resolve_uri(tracking_uri), Path(tmp)), shown_as=model)
+
+
+def _provenance(model: str, bundle: RegressionBundle, features_path: str | Path) -> dict:
+    """What made a table of predictions: the package, the model (as given, and its SHA-256), the feature table the
+    model was fitted on and the one it was applied to (SHA-256 of each)."""
+    from hagan_clinic import __version__
+
+    return {
+        "package": f"hagan-clinic {__version__}",
+        "command": "predict",
+        "model": model,
+        "model_sha256": bundle.sha256,
+        "training_features_sha256": bundle.features_sha256,
+        "features_sha256": sha256_hex(features_path),
+    }

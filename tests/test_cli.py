@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def test_generate_writes_nifti_in_hu_with_spacing(capsys, checkpoint, tmp_path):
     assert img.get_data_dtype() == np.int16
     data = np.asarray(img.dataobj)
     assert data.min() >= -1024 and data.max() <= 600
-    assert (out_dir / "samples.csv").read_text().splitlines()[0] == "file,index,seed,label"
+    assert (out_dir / "samples.csv").read_text().splitlines()[0] == "file,index,seed,label,model"
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert img.header["descrip"].item().decode().startswith(f"hagan-clinic model={sha[:12]}; seed=0 index=0")
     assert [p.name for p in out_dir.glob(".*")] == [LEDGER_NAME]  # no temporary files left, only the ledger
 
 
@@ -165,11 +168,16 @@ def test_cuda_request_without_cuda_is_a_clear_error(capsys, checkpoint):
 
 
 @pytest.mark.slow
-def test_demo_fast_logs_nested_runs(capsys, tmp_path):
-    import mlflow
+def test_demo_fast_logs_nested_runs(capsys, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the demo's default store: under --out, not the current folder
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     code, out, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"))
     assert code == 0, err
+    assert not any(cwd.iterdir())
     assert (tmp_path / "demo" / "generated.png").stat().st_size > 0
     assert (tmp_path / "demo" / "run" / "model.pt").is_file()
     assert "Nothing was tuned" in out
@@ -178,7 +186,15 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     demo = tmp_path / "demo"
     assert (demo / "features.parquet").is_file() and (demo / "regress" / "metrics.json").is_file()
     assert (demo / "evaluate" / "metrics.json").is_file()
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    store = demo / "mlruns" / "mlflow.db"
+    assert store.is_file()
+    client = MlflowClient(f"sqlite:///{store}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    # the printed summary opens the UI on this store and this experiment's runs
+    assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve()}" in out
+    assert out.rstrip().endswith(f"then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs")
     stages = ["augment", "data", "encode", "evaluate", "generate", "regress", "train"]
     arms = sorted(f"{arm} seed {seed}" for arm in ("real", "real+synthetic", "real+classical") for seed in (0, 1))
     assert sorted(r.info.run_name for r in runs) == sorted(["demo", *stages, *arms])
@@ -195,6 +211,14 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     assert train_run.data.params["train.iterations"] == "60"
     generate_run = next(r for r in runs if r.info.run_name == "generate")
     assert generate_run.data.metrics["slab_vs_one_pass_max_abs_diff"] <= 1e-5
+    samples = [a.path for a in client.list_artifacts(generate_run.info.run_id, "generated")]
+    assert len([p for p in samples if p.endswith(".nii.gz")]) == 2, samples  # --fast makes two
+    # every run says its stage; the parent holds the summary table and the headline figures
+    stage_of = {r.info.run_name: r.data.tags.get("stage") for r in runs}
+    assert all(stage_of[name] == name for name in ["demo", *stages]) and all(stage_of[a] == "augment" for a in arms)
+    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    figures = parent.data.metrics
+    assert "fid" in figures and any(k.startswith("r2_") for k in figures), sorted(figures)
     # the clean path: the GAN saw the training patients of the augmentation split only
     import json
 
@@ -218,6 +242,7 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path):
     code, _, err = run(capsys, "demo", "--fast", "--out", str(tmp_path / "demo"), "--no-tracking")
     assert code == 0, err
     assert first_slice.stat().st_mtime_ns == mtime
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs) and not any(cwd.iterdir())
 
 
 # ---------------------------------------------------------------- flags that mean the same everywhere

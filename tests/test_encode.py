@@ -156,7 +156,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_batches(
     out = tmp_path / "features.parquet"
     args = ("--checkpoint", str(checkpoint), "--batch-size", "2", *FAST)
     calls, stop = [], [True]
-    real = encode_pipeline._encode_batch
+    real = encode_pipeline.encode_batch
 
     def counting(model, grids, device, precision):
         calls.append(len(grids))
@@ -164,7 +164,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_batches(
             raise KeyboardInterrupt  # the user stops the run while the second batch is encoded
         return real(model, grids, device, precision)
 
-    monkeypatch.setattr(encode_pipeline, "_encode_batch", counting)
+    monkeypatch.setattr(encode_pipeline, "encode_batch", counting)
     code, _, err = encode(capsys, cohort, out, *args)
     assert code == 130 and "interrupted" in err
     state = state_of(out)

@@ -115,7 +115,7 @@ def test_predict_refuses_a_feature_of_1e300(capsys, tables, tmp_path):
     features = tables.features.copy()
     features.loc[0, "z2"] = -1e300
     features.to_csv(tmp_path / "new.csv", index=False)
-    code = main(["predict", "--model", "out/model.joblib", "--features", "new.csv", "--out", "p.csv"])
+    code = main(["predict", "--model", "out/model.skops", "--features", "new.csv", "--out", "p.csv"])
     assert_refused(code, capsys.readouterr().err, "feature column 'z2'", "-1e+300")
     assert not (tmp_path / "p.csv").exists()
 

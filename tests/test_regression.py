@@ -6,6 +6,7 @@ as one-line errors, and the same seed giving the same predictions. Every table i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import subprocess
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,6 +22,7 @@ from sklearn.model_selection import KFold
 
 from hagan_clinic import regression
 from hagan_clinic.cli import main
+from hagan_clinic.io.model_file import RegressionBundle, load_bundle, save_bundle
 from hagan_clinic.regression import (
     PRISM,
     fit_regressor,
@@ -297,7 +298,8 @@ def test_metrics_json_layout(cohort):
     assert all(set(s) == GOLD_KEYS for s in m["gold"].values())
     assert m["dropped_rows"] == {"fev1pp": 0, "fev1_fvc": 0, "fev1": 0, "gold": 0}
     assert m["join"] == {"matched_ids": 45, "features_only": [], "clinical_only": [], "feature_rows_dropped": 0}
-    assert m["features"] == {"columns": D, "rows": 60, "patients": 45}
+    digest = hashlib.sha256((cohort.root / "features.csv").read_bytes()).hexdigest()
+    assert m["features"] == {"columns": D, "rows": 60, "patients": 45, "sha256": digest}
 
 
 def test_qct_baseline_scores_the_qct_columns_alone(cohort):
@@ -378,7 +380,7 @@ def test_predictions_csv_and_plots(cohort):
     for t in targets:
         assert np.allclose(preds[f"{t}_true"], truth.loc[preds["patient_id"], t])
         assert preds[f"{t}_pred"].notna().all()
-    for name in [*[f"pred_vs_true_{t}.png" for t in targets], "gold_confusion.png", "model.joblib"]:
+    for name in [*[f"pred_vs_true_{t}.png" for t in targets], "gold_confusion.png", "model.skops"]:
         assert (cohort.out / name).stat().st_size > 0, name
 
 
@@ -388,7 +390,7 @@ def test_predict_applies_the_model_to_a_new_table(cohort, capsys, tmp_path):
     truth = spirometry(x, rng)
     new = feature_table(x, [f"N{i:02d}" for i in range(12)], laa950_pct=laa950(x, rng))
     new.to_csv(tmp_path / "new.csv", index=False)
-    code = main(["predict", "--model", str(cohort.out / "model.joblib"), "--features", "new.csv", "--out", "p.csv"])
+    code = main(["predict", "--model", str(cohort.out / "model.skops"), "--features", "new.csv", "--out", "p.csv"])
     assert code == 0, capsys.readouterr().err
     got = pd.read_csv(tmp_path / "p.csv")
     predicted = ["fev1pp_pred", "fev1_fvc_pred", "fev1_pred", "gold_pred", "gold_rules_pred"]
@@ -401,11 +403,11 @@ def test_predict_applies_the_model_to_a_new_table(cohort, capsys, tmp_path):
     assert (got["fev1_pred"] > 0).all()
     assert np.allclose(got["fev1_pred"], truth["fev1"], rtol=0.15)
     # ...and exactly what the refitted models of the bundle say (log targets back on their scale)
-    bundle = joblib.load(cohort.out / "model.joblib")
-    columns = bundle["feature_columns"]
+    bundle = load_bundle(cohort.out / "model.skops")
+    columns = bundle.feature_columns
     assert columns == [f"z{i}" for i in range(D)]
-    assert np.allclose(got["fev1pp_pred"], bundle["models"]["fev1pp"].predict(new[columns].to_numpy()))
-    assert np.allclose(got["fev1_pred"], np.exp(bundle["models"]["fev1"].predict(new[columns].to_numpy())))
+    assert np.allclose(got["fev1pp_pred"], bundle.models["fev1pp"].predict(new[columns].to_numpy()))
+    assert np.allclose(got["fev1_pred"], np.exp(bundle.models["fev1"].predict(new[columns].to_numpy())))
     rules = gold_from_spirometry(got["fev1pp_pred"], got["fev1_fvc_pred"])
     assert got["gold_rules_pred"].astype(str).tolist() == labels(rules)
 
@@ -413,7 +415,7 @@ def test_predict_applies_the_model_to_a_new_table(cohort, capsys, tmp_path):
 def test_predict_names_a_missing_feature_column(cohort, capsys, tmp_path):
     table = feature_table(np.zeros((3, D)), ["A", "B", "C"]).drop(columns="z3")
     table.to_csv(tmp_path / "new.csv", index=False)
-    code = main(["predict", "--model", str(cohort.out / "model.joblib"), "--features", "new.csv", "--out", "p.csv"])
+    code = main(["predict", "--model", str(cohort.out / "model.skops"), "--features", "new.csv", "--out", "p.csv"])
     assert_one_line_error(code, capsys.readouterr().err, "'z3'")
     assert not (tmp_path / "p.csv").exists()
 
@@ -421,7 +423,7 @@ def test_predict_names_a_missing_feature_column(cohort, capsys, tmp_path):
 def test_predict_writes_the_format_its_name_or_format_says(cohort, capsys, tmp_path):
     x = np.random.default_rng(12).normal(size=(5, D))
     feature_table(x, [f"N{i}" for i in range(5)]).to_csv(tmp_path / "new.csv", index=False)
-    args = ["predict", "--model", str(cohort.out / "model.joblib"), "--features", "new.csv", "--out"]
+    args = ["predict", "--model", str(cohort.out / "model.skops"), "--features", "new.csv", "--out"]
     assert main([*args, "p.parquet"]) == 0 and main([*args, "p.csv"]) == 0, capsys.readouterr().err
     parquet = pd.read_parquet(tmp_path / "p.parquet")  # real parquet, not CSV text under a parquet name
     text = pd.read_csv(tmp_path / "p.csv", dtype={"gold_pred": str, "gold_rules_pred": str})
@@ -475,7 +477,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(cohort):
         assert f"{name}.mae" in metrics
     assert metrics["gold.classifier.accuracy"] == pytest.approx(cohort.metrics["gold"]["classifier"]["accuracy"])
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "regress")}
-    files = {"metrics.json", "predictions.csv", "model.joblib", "gold_confusion.png", "pred_vs_true_fev1pp.png"}
+    files = {"metrics.json", "predictions.csv", "model.skops", "gold_confusion.png", "pred_vs_true_fev1pp.png"}
     assert files <= logged
 
 
@@ -812,11 +814,10 @@ def test_predict_keeps_predictions_on_the_scale_the_model_was_fitted_on(capsys, 
     for ratio, gold in ((0.75, "PRISm"), (4.27, "PRISm")):
         models = {"fev1pp": DummyRegressor(strategy="constant", constant=70.0).fit(x, [0, 0]),
                   "fev1_fvc": DummyRegressor(strategy="constant", constant=ratio).fit(x, [0, 0])}  # fmt: skip
-        bundle = {"models": models, "feature_columns": ["z0", "z1", "z2"], "id_column": "patient_id",
-                  "log_targets": [], "targets": ["fev1pp", "fev1_fvc"]}  # fmt: skip
-        joblib.dump(bundle, "model.joblib")
+        bundle = RegressionBundle(models, ["z0", "z1", "z2"], "patient_id", ["fev1pp", "fev1_fvc"], [], "0" * 64)
+        save_bundle(bundle, "model.skops")
         feature_table(x, ["A", "B"]).to_csv("new.csv", index=False)
-        code = main(["predict", "--model", "model.joblib", "--features", "new.csv", "--out", "p.csv"])
+        code = main(["predict", "--model", "model.skops", "--features", "new.csv", "--out", "p.csv"])
         out = capsys.readouterr().out
         assert code == 0
         got = pd.read_csv("p.csv")

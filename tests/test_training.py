@@ -316,12 +316,12 @@ def test_tracked_run_params_metrics_artifacts_and_registered_model(volume_dir, t
     version = versions[0]
     assert version.run_id == result.run_id
     contract = cfg.data_contract()
-    assert {k: version.tags[k] for k in contract} == {k: str(v) for k, v in contract.items()}
-    # the registered source holds the snapshot
-    import mlflow
+    assert {k: version.tags[f"data.{k}"] for k in contract} == {k: str(v) for k, v in contract.items()}
+    # the registered version serves the snapshot: its checkpoint artifact is that file
+    from hagan_clinic.tracking.registry import resolve_checkpoint
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl")))
-    registered = load_checkpoint(local / "model.pt")
+    found = resolve_checkpoint(f"models:/{name}/{version.version}", os.environ["MLFLOW_TRACKING_URI"])
+    registered = load_checkpoint(found.path)
     assert_same(registered.G.state_dict(), load_checkpoint(out / "model.pt").G.state_dict())
 
     # resuming continues the same MLflow run and registers a new version

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_readers()
     configure(0)  # --quiet / --verbose, on the group or the command, change it while the flags are parsed
     try:
-        cli.main(args=argv, prog_name=prog, standalone_mode=False)
+        args = sys.argv[1:] if argv is None else list(argv)
+        cli.main(args=args, prog_name=prog, standalone_mode=False, obj={"argv": args})
         return 0
     except click.exceptions.Abort:
         _say(f"{prog}: interrupted")

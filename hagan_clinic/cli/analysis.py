@@ -9,16 +9,19 @@ import click
 from ..io.files import table_format
 from .group import cli
 from .options import (
+    CHECKPOINT_HELP,
+    TrackingFlags,
+    checkpoint_source,
     config_options,
     count_option,
     device_option,
     format_option,
     load,
-    no_tracking_option,
     out_option,
     overwrite_option,
     seed_option,
-    tracker,
+    tracking_options,
+    tracking_uri_option,
     verbosity,
 )
 
@@ -46,17 +49,17 @@ def _names(text: str | None, flag: str) -> tuple[str, ...] | None:
 @seed_option(True)
 @out_option("Output folder.", folder=True)
 @format_option("csv")
-@no_tracking_option
+@tracking_options
 @overwrite_option
 @verbosity
 def regress(
     features: str, clinical: str, config_file: str, overrides: tuple[str, ...], id_column: str | None,
     targets: str | None, log_targets: str | None, gold_column: str | None, feature_regex: str | None,
-    folds: int | None, seed: int | None, out: str, fmt: str | None, no_tracking: bool, overwrite: bool,
+    folds: int | None, seed: int | None, out: str, fmt: str | None, tracking: TrackingFlags, overwrite: bool,
 ) -> None:  # fmt: skip
     """Cross-validated regression of clinical measures and GOLD stage from latent features, with baselines.
 
-    Writes metrics.json, predictions.csv (or .parquet with --format parquet), plots and model.joblib to --out.
+    Writes metrics.json, predictions.csv (or .parquet with --format parquet), plots and model.skops to --out.
     """
     from ..pipelines.regress import RegressOptions, run
 
@@ -74,25 +77,30 @@ def regress(
         gold_column=r.gold_column or "gold", gold_required=r.gold_column is not None, folds=r.folds, seed=cfg.seed,
         feature_regex=r.feature_regex, overwrite=overwrite, fmt=fmt or "csv",
     )  # fmt: skip
-    click.echo(run(features, clinical, opts, tracker(no_tracking)).summary())
+    click.echo(run(features, clinical, opts, tracking.tracker(cfg.tracking)).summary())
 
 
 @cli.command()
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="DIR/model.joblib.")
+@click.option("--model", "model_path", required=True, help="DIR/model.skops, or runs:/RUN_ID of a regress run.")
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature table.")
 @out_option("Table of predictions (.csv or .parquet).", folder=False)
 @format_option("csv")
+@tracking_uri_option
 @overwrite_option
 @verbosity
-def predict(model_path: str, features: str, out: str, fmt: str | None, overwrite: bool) -> None:
-    """Apply a model fitted by `regress` to a new feature table (only load model files you made)."""
+def predict(
+    model_path: str, features: str, out: str, fmt: str | None, tracking_uri: str | None, overwrite: bool
+) -> None:
+    """Apply the models fitted by `regress` (DIR/model.skops, or runs:/RUN_ID of the regress run) to a new feature
+    table; a model file holding anything but scikit-learn's and numpy's own types is refused, never run."""
     from ..pipelines.regress import predict as run
 
-    click.echo(run(model_path, features, out, overwrite, table_format(out, fmt, "csv")).summary())
+    uri = TrackingFlags(tracking_uri).choice().uri
+    click.echo(run(model_path, features, out, overwrite, table_format(out, fmt, "csv"), tracking_uri=uri).summary())
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
+@click.option("--checkpoint", required=True, help=CHECKPOINT_HELP)
 @click.option("--real", required=True, type=click.Path(), help="Held-out real volumes (a preprocess cache).")
 @click.option("--train", "train_dir", type=click.Path(file_okay=False), default=None,
               help="The model's training volumes, for the memorisation check (default: the checkpoint's training "
@@ -109,28 +117,29 @@ def predict(model_path: str, features: str, out: str, fmt: str | None, overwrite
 @click.option("--slab", type=click.IntRange(min=1), default=None, help="Generate in slabs (less memory).")
 @device_option(from_config=True)
 @out_option("Output folder.", folder=True)
-@no_tracking_option
+@tracking_options
 @overwrite_option
 @verbosity
 def evaluate(
     checkpoint: str, real: str, train_dir: str | None, config_file: str, overrides: tuple[str, ...], n: int | None,
     feature_net: str | None, measure: str | None, seed: int | None, batch_size: int | None, slab: int | None,
-    device: str | None, out: str, no_tracking: bool, overwrite: bool,
+    device: str | None, out: str, tracking: TrackingFlags, overwrite: bool,
 ) -> None:  # fmt: skip
     """FID, MMD, MS-SSIM diversity, memorisation, reconstruction and a latent direction, generated vs real."""
     from ..devices import resolve_device
     from ..pipelines.evaluate import EvaluateOptions, run
 
     flags = {"n": n, "feature_net": feature_net, "measure": measure, "batch_size": batch_size, "slab": slab}
-    cfg = load(config_file, overrides, only=("evaluate", "seed", "device")).with_values(flags, "evaluate")
+    cfg = load(config_file, overrides, only=("evaluate", "seed", "device", "tracking")).with_values(flags, "evaluate")
     cfg = cfg.with_values({"seed": seed})
     e = cfg.evaluate
+    path, version = checkpoint_source(checkpoint, tracking, cfg.tracking)
     opts = EvaluateOptions(
-        checkpoint=Path(checkpoint), real=Path(real), out=Path(out), n=e.n, feature_net=e.feature_net, seed=cfg.seed,
+        checkpoint=path, real=Path(real), out=Path(out), n=e.n, feature_net=e.feature_net, seed=cfg.seed,
         device=str(resolve_device(device or cfg.device)), batch_size=e.batch_size, measure=e.measure, slab=e.slab,
         train=None if train_dir is None else Path(train_dir), overwrite=overwrite,
     )  # fmt: skip
-    click.echo(run(opts, tracker(no_tracking)).summary())
+    click.echo(run(opts, tracking.tracker(cfg.tracking)).summary())
 
 
 @cli.command()
@@ -142,12 +151,12 @@ def evaluate(
     help="Only write the split and the training part (train_table.csv) to train the GAN on, then stop.",
 )
 @device_option(from_config=True)
-@no_tracking_option
+@tracking_options
 @overwrite_option
 @verbosity
 def augment(
-    config_file: str, overrides: tuple[str, ...], out: str, write_split: bool, device: str | None, no_tracking: bool,
-    overwrite: bool,
+    config_file: str, overrides: tuple[str, ...], out: str, write_split: bool, device: str | None,
+    tracking: TrackingFlags, overwrite: bool,
 ) -> None:  # fmt: skip
     """Train a downstream 3D classifier on real volumes with and without synthetic and classical augmentation.
 
@@ -169,4 +178,7 @@ def augment(
                    f"--set model.num_classes={classes}")  # fmt: skip
         return
     dev = str(resolve_device(device or cfg.device))
-    click.echo(augment_pipeline.run(cfg, Path(out), tracker(no_tracking), dev, overwrite).summary())
+    if cfg.augment.checkpoint and cfg.augment.checkpoint.startswith("models:/"):  # a registered model
+        path, _ = checkpoint_source(cfg.augment.checkpoint, tracking, cfg.tracking)
+        cfg = cfg.with_values({"checkpoint": str(path)}, "augment")
+    click.echo(augment_pipeline.run(cfg, Path(out), tracking.tracker(cfg.tracking), dev, overwrite).summary())

@@ -10,16 +10,19 @@ from ..io import logs
 from ..io.files import table_format
 from .group import cli
 from .options import (
+    CHECKPOINT_HELP,
+    TrackingFlags,
+    checkpoint_source,
     config_options,
     count_option,
     device_option,
     format_option,
+    invocation,
     load,
-    no_tracking_option,
     out_option,
     overwrite_option,
     seed_option,
-    tracker,
+    tracking_options,
     verbosity,
     workers_option,
     workers_or_default,
@@ -122,7 +125,7 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
 
 @cli.command()
 @click.argument("src", type=click.Path())
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file (with E^H and E^G).")
+@click.option("--checkpoint", required=True, help=f"{CHECKPOINT_HELP} With E^H and E^G.")
 @out_option("Feature table to write.", folder=False)
 @format_option("parquet")
 @config_options("base", "the encode section (the data contract is the checkpoint's)")
@@ -136,13 +139,13 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
               help="Replace PatientID, UIDs, folders and file names (also in reasons) by salted hashes.")  # fmt: skip
 @click.option("--qct", is_flag=True, help="Add lung volume, %LAA-950 and Perc15 columns.")
 @click.option("--shard", default=None, metavar="I/N", help="Encode share I of N (default: torchrun's RANK/WORLD_SIZE).")
-@no_tracking_option
+@tracking_options
 @overwrite_option
 @verbosity
 def encode(
     src: str, checkpoint: str, out: str, fmt: str | None, config_file: str, overrides: tuple[str, ...],
     workers: int | None, batch_size: int | None, device: str | None, precision: str | None, salt: str | None,
-    qct: bool, shard: str | None, no_tracking: bool, overwrite: bool,
+    qct: bool, shard: str | None, tracking: TrackingFlags, overwrite: bool,
 ) -> None:  # fmt: skip
     """Encode every CT series under SRC (DICOM, NIfTI, or a preprocess cache) into one latent-feature table.
 
@@ -154,26 +157,27 @@ def encode(
 
     if salt is not None and not salt.strip():
         raise click.BadParameter("the salt must not be empty", param_hint="--pseudonymize")
-    cfg = load(config_file, overrides, only=("encode", "device")).with_values(
+    cfg = load(config_file, overrides, only=("encode", "device", "tracking")).with_values(
         {"batch_size": batch_size, "workers": workers, "precision": precision}, "encode"
     )
     e = cfg.encode
+    path, version = checkpoint_source(checkpoint, tracking, cfg.tracking)
     opts = EncodeOptions(
-        checkpoint=Path(checkpoint), out=Path(out), fmt=table_format(out, fmt, "parquet"),
+        checkpoint=path, out=Path(out), fmt=table_format(out, fmt, "parquet"),
         workers=workers_or_default(e.workers), batch_size=e.batch_size, precision=e.precision,
         device=str(resolve_device(device or cfg.device)), pseudonymize=salt, qct=qct, shard=_parse_shard(shard),
-        overwrite=overwrite,
+        overwrite=overwrite, model_version=version, argv=invocation(),
     )  # fmt: skip
-    click.echo(run(src, opts, tracker(no_tracking)).summary())
+    click.echo(run(src, opts, tracking.tracker(cfg.tracking)).summary())
 
 
 @cli.command()
 @out_option("Output folder.", folder=True, required=False, default="demo_out")
 @click.option("--fast", is_flag=True, help="Smaller and quicker.")
-@no_tracking_option
+@tracking_options
 @verbosity
-def demo(out: str, fast: bool, no_tracking: bool) -> None:
-    """Run the end-to-end demo on the built-in synthetic data, logged to mlruns/."""
+def demo(out: str, fast: bool, tracking: TrackingFlags) -> None:
+    """Run the end-to-end demo on the built-in synthetic data, logged to OUT/mlruns/ (unless told otherwise)."""
     from ..pipelines.demo import run
 
-    click.echo(run(Path(out), fast=fast, tracking=not no_tracking).summary())
+    click.echo(run(Path(out), fast=fast, tracking=tracking.choice(None, root=out)).summary())

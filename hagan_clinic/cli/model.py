@@ -1,4 +1,4 @@
-"""Commands about one model: check-config, generate, info, import-reference, train."""
+"""Commands about one model: check-config, generate, info, promote, import-reference, train."""
 
 from __future__ import annotations
 
@@ -10,17 +10,24 @@ import click
 
 from .group import cli
 from .options import (
+    CHECKPOINT_HELP,
     SET_HELP,
+    TrackingFlags,
+    checkpoint_source,
     config_options,
     count_option,
     device_option,
     load,
-    no_tracking_option,
     out_option,
     overwrite_option,
     seed_option,
+    tracking_options,
+    tracking_uri_option,
     verbosity,
 )
+
+#: Generated volumes logged as artifacts by a tracked ``generate`` (each can be tens of MB at 256^3).
+GENERATE_ARTIFACTS = 4
 
 
 @cli.command("check-config")
@@ -40,7 +47,7 @@ def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(dir_okay=False), help="Model file.")
+@click.option("--checkpoint", "checkpoint", required=True, help=CHECKPOINT_HELP)
 @count_option(1, 1, "Volumes to write")
 @out_option("Output folder for NIfTI files.", folder=True)
 @seed_option(False, "Same seed, same volumes.")
@@ -48,28 +55,44 @@ def check_config(config_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--slab", type=click.IntRange(min=1), default=None,
               help="Run G^H this many feature slices at a time (same output, less memory).")  # fmt: skip
 @device_option(from_config=False)
+@tracking_options
 @overwrite_option
 @verbosity
 def generate(
-    checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str, overwrite: bool
-) -> None:
+    checkpoint: str, n: int, out: str, seed: int, label: int | None, slab: int | None, device: str,
+    tracking: TrackingFlags, overwrite: bool,
+) -> None:  # fmt: skip
     """Generate volumes from a checkpoint and write them as NIfTI (HU for CT, spacing in the affine)."""
     from ..sampling import generate as run
 
-    click.echo(run(checkpoint, n, out, seed, label, slab, device, overwrite).summary())
+    path, version = checkpoint_source(checkpoint, tracking)
+    result = run(path, n, out, seed, label, slab, device, overwrite, version)
+    tracker = tracking.tracker()  # a run only for volumes made: a refused input creates no store
+    with tracker.run("generate", tags={"stage": "generate"}):
+        tracker.log_params({"checkpoint_sha256": result.checkpoint_sha256, "model_version": version or "-", "n": n,
+                            "seed": seed, "label": "-" if label is None else label, "slab": slab or 0})  # fmt: skip
+        for sample in result.paths[:GENERATE_ARTIFACTS]:  # a few samples to look at; the rest stay on disk
+            tracker.log_artifact(sample, "generated")
+        tracker.log_artifact(result.out / "samples.csv", "generated")
+    click.echo(result.summary())
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (the config in full).")
+@tracking_uri_option
 @verbosity
-def info(checkpoint: str, as_json: bool) -> None:
-    """What a checkpoint is: identity, data contract, parameters, training set (size and digests), provenance."""
+def info(checkpoint: str, as_json: bool, tracking_uri: str | None) -> None:
+    """What a checkpoint is (a file, or models:/NAME/VERSION or models:/NAME@ALIAS): identity, data contract,
+    parameters, training set (size and digests), provenance."""
     import json
 
     from ..models.hagan import describe_checkpoint
 
-    d = describe_checkpoint(checkpoint)
+    path, version = checkpoint_source(checkpoint, TrackingFlags(tracking_uri))
+    d = describe_checkpoint(path)
+    if version:
+        d["registered_model"] = version
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
         return
@@ -83,6 +106,8 @@ def info(checkpoint: str, as_json: bool) -> None:
         + f" (total {total / 1e6:.2f}M)",
         f"data contract  {d['data_contract']}",
     ]  # fmt: skip
+    if version:
+        lines.insert(1, f"registered     {version} ({checkpoint})")
     t = d["training_set"]
     if t is None:
         lines.append("training set   not recorded (imported weights, or a checkpoint older than training records)")
@@ -93,6 +118,21 @@ def info(checkpoint: str, as_json: bool) -> None:
                      f"file list sha256 {t['files_sha256']}")  # fmt: skip
     lines.append(f"provenance     {d['provenance'] or '-'}")
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--alias", default="champion", show_default=True, help="The alias to move to this version.")
+@tracking_uri_option
+@verbosity
+def promote(model: str, alias: str, tracking_uri: str | None) -> None:
+    """Point an alias (default @champion) at a registered version: MODEL is models:/NAME/VERSION (or NAME/VERSION,
+    or models:/NAME@ALIAS); the generator registered from the same checkpoint gets the alias too."""
+    from ..tracking.registry import set_alias
+
+    uri = TrackingFlags(tracking_uri).choice().uri
+    name_version = set_alias(model, alias, uri)
+    click.echo(f"@{alias} -> {name_version} (models:/{name_version.rpartition('/')[0]}@{alias})")
 
 
 @cli.command("import-reference")
@@ -136,11 +176,11 @@ def import_reference_cmd(
 @out_option("Run folder (default runs/<run name>).", folder=True, required=False)
 @device_option(from_config=True)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the data summary, then stop.")
-@no_tracking_option
+@tracking_options
 @verbosity
 def train(
     config_file: str, overrides: tuple[str, ...], data_dir: str | None, resume: str | None, run_name: str | None,
-    out: str | None, device: str | None, dry_run: bool, no_tracking: bool,
+    out: str | None, device: str | None, dry_run: bool, tracking: TrackingFlags,
 ) -> None:  # fmt: skip
     """Train HA-GAN (D, G, E^H, E^G) on a folder of volumes; several GPUs with torchrun."""
     from ..config import resolve_path
@@ -157,14 +197,11 @@ def train(
         click.echo(f"{cfg.to_yaml().rstrip()}\n# data: {VolumeFolder.from_config(cfg, data_dir).summary()}\n"
                    f"# run folder: {run_dir}")  # fmt: skip
         return
-    from ..tracking import Tracker
     from ..training.loop import train as run_training
 
     # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the MLflow run is closed as KILLED
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    tracker = None
-    if cfg.tracking.enabled and not no_tracking and torchrun_env().rank == 0:
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = tracking.tracker(cfg.tracking) if torchrun_env().rank == 0 else None
     result = run_training(cfg, run_dir, data_dir=data_dir, resume=resume, run_name=name, tracker=tracker)
     if result.summary():
         click.echo(result.summary())

@@ -2,14 +2,18 @@
 
 ``--out`` (what the command writes), ``-n/--n`` (how many), ``--device`` (where torch computes), ``--config`` and
 ``--set`` (settings; flags of the same meaning override the config), ``--workers`` (one default rule,
-:func:`default_workers`), ``--format csv|parquet`` (tables), ``--seed``, ``--overwrite``, ``--no-tracking``, and
+:func:`default_workers`), ``--format csv|parquet`` (tables), ``--seed``, ``--overwrite``,
+``--tracking-uri``/``--experiment``/``--no-tracking`` (one switchboard: :func:`hagan_clinic.tracking.choose`), and
 ``--quiet``/``--verbose`` (accepted by the group and by every command).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -110,14 +114,72 @@ def seed_option(from_config: bool, help: str = "Same seed, same result.") -> Cal
 
 
 overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-no_tracking_option = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 
 
-def tracker(no_tracking: bool):
-    """MLflow tracking, or none (``--no-tracking``)."""
-    from ..tracking import NullTracker, Tracker
+@dataclass(frozen=True)
+class TrackingFlags:
+    """``--tracking-uri``, ``--experiment`` and ``--no-tracking`` as given (None: not given)."""
 
-    return NullTracker() if no_tracking else Tracker()
+    uri: str | None = None
+    experiment: str | None = None
+    off: bool = False
+
+    def choice(self, section: Any = None, root: str | Path = "."):
+        """The switchboard's decision with the config's tracking ``section`` (None: the defaults)."""
+        from ..tracking import choose
+
+        return choose(section, self.uri, self.experiment, self.off, root)
+
+    def tracker(self, section: Any = None, root: str | Path = "."):
+        """A lazy Tracker (nothing is created before its first run), or a NullTracker when tracking is off."""
+        return self.choice(section, root).tracker()
+
+
+TRACKING_URI_HELP = (
+    "MLflow store (e.g. sqlite:///DIR/mlflow.db, http://host:5000). Default: the config's tracking.uri, else "
+    "MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db."
+)
+#: ``--tracking-uri`` alone: for commands that only read the store (models:/ and runs:/ URIs), never log.
+tracking_uri_option = click.option("--tracking-uri", default=None, metavar="URI", help=TRACKING_URI_HELP)
+
+
+def tracking_options(f: F) -> F:
+    """``--tracking-uri``, ``--experiment``, ``--no-tracking``: handed to the command as one ``tracking``
+    argument (a :class:`TrackingFlags`)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, tracking_uri: str | None, experiment: str | None, no_tracking: bool, **kwargs: Any) -> Any:
+        return f(*args, tracking=TrackingFlags(tracking_uri, experiment, no_tracking), **kwargs)
+
+    command = click.option("--no-tracking", is_flag=True, help="Do not log to MLflow (the config's tracking.enabled: "
+                           "false does the same).")(command)  # fmt: skip
+    command = click.option("--experiment", default=None, metavar="NAME",
+                           help="MLflow experiment. Default: the config's tracking.experiment.")(command)  # fmt: skip
+    command = tracking_uri_option(command)
+    return command  # type: ignore[return-value]
+
+
+def invocation() -> list[str]:
+    """The arguments this command line was given (after the program's name), for provenance records."""
+    ctx = click.get_current_context()
+    obj = ctx.find_root().obj
+    args = list(obj.get("argv", [])) if isinstance(obj, dict) else []
+    return args[args.index(ctx.info_name) :] if ctx.info_name in args else args
+
+
+CHECKPOINT_HELP = "Model file, or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS."
+
+
+def checkpoint_source(text: str, tracking: TrackingFlags | None = None, section: Any = None) -> tuple[Path, str | None]:
+    """A checkpoint argument as a local file and, for a registered model (``models:/NAME/VERSION`` or
+    ``models:/NAME@ALIAS``, looked up in the store of ``--tracking-uri``/the config/the environment), its
+    ``NAME/VERSION``."""
+    if not text.startswith("models:/"):
+        return Path(text), None
+    from ..tracking.registry import resolve_checkpoint
+
+    found = resolve_checkpoint(text, (tracking or TrackingFlags()).choice(section).uri)
+    return found.path, f"{found.name}/{found.version}"
 
 
 def load(config_file: str, overrides: tuple[str, ...], only: tuple[str, ...] | None = None):

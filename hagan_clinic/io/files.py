@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -120,15 +122,51 @@ def is_parquet(path: str | os.PathLike) -> bool:
         return f.read(4) == PARQUET_MAGIC
 
 
-def write_table(path: str | os.PathLike, table, fmt: str | None = None, guard: Outputs | None = None) -> None:
-    """A pandas DataFrame as CSV (spreadsheet-safe text cells, no index) or parquet, written atomically."""
+def write_table(
+    path: str | os.PathLike,
+    table,
+    fmt: str | None = None,
+    guard: Outputs | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> None:
+    """A pandas DataFrame as CSV (spreadsheet-safe text cells, no index) or parquet, written atomically.
+    ``provenance`` (JSON-able) goes into a parquet file's key-value metadata (a CSV file has no place for it)."""
     fmt = table_format(path, fmt)
     suffix = ".parquet" if fmt == "parquet" else ".csv"
     with guard.target(path, suffix) if guard is not None else atomic_target(path, suffix) as tmp:
         if fmt == "parquet":
-            table.to_parquet(tmp, index=False)
+            to_parquet(table, tmp, provenance)
         else:
             csv_safe_frame(table).to_csv(tmp, index=False)
+
+
+#: The key of a parquet file's key-value metadata that holds what made it (JSON).
+PROVENANCE_KEY = "hagan_clinic.provenance"
+
+
+def to_parquet(table, path: str | os.PathLike, provenance: Mapping[str, Any] | None = None) -> None:
+    """Write a DataFrame (no index) to ``path`` as parquet, with ``provenance`` as JSON under PROVENANCE_KEY."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    if provenance is not None:
+        meta = dict(arrow.schema.metadata or {})
+        meta[PROVENANCE_KEY.encode()] = json.dumps(provenance, sort_keys=True, default=str).encode()
+        arrow = arrow.replace_schema_metadata(meta)
+    pq.write_table(arrow, path)
+
+
+def read_provenance(path: str | os.PathLike) -> dict | None:
+    """The provenance a parquet file was written with (None: it has none, or it is not parquet)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        text = meta.get(PROVENANCE_KEY.encode())
+        return None if text is None else json.loads(text)
+    except (OSError, ValueError):  # not parquet, or damaged metadata
+        return None
 
 
 # ---------------------------------------------------------------- spreadsheet-safe text cells

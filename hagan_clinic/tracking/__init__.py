@@ -1,24 +1,90 @@
-"""Experiment tracking. This is the only module that imports mlflow.
+"""Experiment tracking. This package (and the served model, hagan_clinic.serving) is the only code that imports
+mlflow.
 
-By default runs go to ``sqlite:///<root>/mlruns/mlflow.db`` with artifacts under ``<root>/mlruns/artifacts``
-(root: the current folder). ``MLFLOW_TRACKING_URI`` overrides the store. Loops and pipelines receive a
-:class:`Tracker` (or a :class:`NullTracker` when tracking is off) and never talk to mlflow themselves.
+One switchboard decides where every command logs (:func:`choose`): ``--no-tracking`` or the config's
+``tracking.enabled: false`` switch it off; the store is ``--tracking-uri``, else the config's ``tracking.uri``, else
+``MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlruns/mlflow.db`` with artifacts under ``<root>/mlruns/artifacts``
+(root: the current folder; the demo's --out folder for the demo); the experiment is ``--experiment``, else the
+config's ``tracking.experiment``. Loops and pipelines receive a :class:`Tracker` (or a :class:`NullTracker` when
+tracking is off) and never talk to mlflow themselves. A Tracker touches the store only when its first run opens:
+a command that refuses its inputs creates nothing.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import HaganError
+
 DEFAULT_EXPERIMENT = "hagan-clinic"
+#: The MLflow UI opens an experiment in its model-training view (runs, metrics, models) when it carries this tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Seconds between two samples of the system metrics (CPU, memory, disk, GPU) of train, encode and augment.
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
+class TrackingError(HaganError):
+    """A tracking store or experiment that cannot be used (one line)."""
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
     root = Path(root).resolve()
     return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def resolve_uri(flag: str | None = None, config_uri: str | None = None, root: str | Path = ".") -> str:
+    """The store a command uses: ``--tracking-uri``, else the config's ``tracking.uri``, else the environment's
+    ``MLFLOW_TRACKING_URI``, else the sqlite store under ``root``."""
+    return flag or config_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where a command logs: ``enabled`` False means nowhere (a NullTracker)."""
+
+    enabled: bool
+    uri: str
+    experiment: str
+
+    def tracker(self) -> NullTracker:
+        return Tracker(self.uri, self.experiment) if self.enabled else NullTracker()
+
+
+def choose(
+    section: Any = None,
+    uri: str | None = None,
+    experiment: str | None = None,
+    off: bool = False,
+    root: str | Path = ".",
+) -> Choice:
+    """The switchboard. ``section``: the config's tracking section (``enabled``, ``uri``, ``experiment``) or None for
+    the defaults; ``uri``/``experiment``/``off``: the command's ``--tracking-uri``, ``--experiment`` and
+    ``--no-tracking``, which win over the config."""
+    enabled = not off and bool(getattr(section, "enabled", True))
+    name = experiment or getattr(section, "experiment", None) or DEFAULT_EXPERIMENT
+    return Choice(enabled, resolve_uri(uri, getattr(section, "uri", None), root), name)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for any other kind of store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store (with its artifacts)."""
+    db = sqlite_path(uri)
+    tail = f" --default-artifact-root {(db.parent / 'artifacts').resolve().as_uri()}" if db else ""
+    return f"mlflow ui --backend-store-uri {uri}{tail}"
+
+
+def runs_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The UI page of an experiment's runs (the default page of MLflow 3 is the GenAI overview)."""
+    return f"{host}/#/experiments/{experiment_id}/runs"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -37,10 +103,17 @@ class NullTracker:
     """Tracking switched off: every call is accepted and does nothing."""
 
     run_id: str | None = None
+    uri: str | None = None
+    experiment_id: str | None = None
 
     @contextmanager
     def run(
-        self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False, run_id: str | None = None
+        self,
+        name: str,
+        tags: Mapping[str, str] | None = None,
+        nested: bool = False,
+        run_id: str | None = None,
+        system_metrics: bool = False,
     ) -> Iterator[NullTracker]:
         yield self
 
@@ -48,8 +121,12 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
-    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
+    def log_table(self, frame: Any, artifact_file: str) -> None: ...
+    def log_input(self, name: str, digest: str, rows: int, source: str, context: str) -> None: ...
+    def register_model(self, name: str, checkpoint: Path, cfg_dict: dict, tags: Mapping[str, Any]) -> str | None:
         return None
+
+    def log_sklearn_models(self, models: Mapping[str, Any], feature_columns: list[str], example: Any) -> None: ...
 
     def find_model_version(self, sha256: str) -> str | None:
         return None
@@ -58,44 +135,84 @@ class NullTracker:
 class Tracker(NullTracker):
     """An MLflow experiment in a given store; ``run`` opens a (possibly nested) run as a context manager.
 
-    A run left by an exception is marked FAILED (KILLED on Ctrl-C), never left RUNNING.
+    Nothing is imported, created or connected until the first run opens. A run left by an exception is marked
+    FAILED (KILLED on Ctrl-C), never left RUNNING.
     """
 
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, root: str | Path = ".") -> None:
+        self.uri = resolve_uri(uri, None, root)
+        self.experiment = experiment
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self._mlflow: Any = None
+
+    def _connect(self) -> Any:
+        """Import mlflow, create the store and the experiment if need be (once)."""
+        if self._mlflow is not None:
+            return self._mlflow
         import logging
 
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep store migrations off the console
-        self._mlflow = mlflow
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-        if self.uri.startswith("sqlite:///"):
-            db = Path(self.uri.removeprefix("sqlite:///"))
-            db.parent.mkdir(parents=True, exist_ok=True)
+        uri = str(self.uri)
+        db = sqlite_path(uri)
+        artifacts = None
+        if db is not None:
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise TrackingError(f"tracking store {self.uri}: cannot create its folder ({err.strerror})") from None
             artifacts = (db.parent / "artifacts").resolve().as_uri()
-        else:
-            artifacts = None
-        mlflow.set_tracking_uri(self.uri)
-        found = mlflow.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifacts)
-        )
-        self.run_id: str | None = None
+        mlflow.set_tracking_uri(uri)
+        try:
+            found = mlflow.get_experiment_by_name(self.experiment)
+            if found is not None and found.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"experiment '{self.experiment}' is deleted in {self.uri}: restore it, or give another --experiment"
+                )
+            self.experiment_id = (
+                found.experiment_id
+                if found
+                else mlflow.create_experiment(self.experiment, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+            )
+            if found is not None and not found.tags.get("mlflow.experimentKind"):
+                mlflow.MlflowClient(self.uri).set_experiment_tag(
+                    self.experiment_id, *next(iter(EXPERIMENT_KIND.items()))
+                )
+        except MlflowException as err:
+            raise TrackingError(f"tracking store {self.uri}: {' '.join(str(err).split())[:300]}") from None
+        self._mlflow = mlflow
+        return mlflow
 
     @contextmanager
     def run(
-        self, name: str, tags: Mapping[str, str] | None = None, nested: bool = False, run_id: str | None = None
+        self,
+        name: str,
+        tags: Mapping[str, str] | None = None,
+        nested: bool = False,
+        run_id: str | None = None,
+        system_metrics: bool = False,
     ) -> Iterator[Tracker]:
-        """Open a run (or reopen ``run_id``, e.g. when training resumes) for the duration of the block."""
-        mlflow = self._mlflow
+        """Open a run (or reopen ``run_id``, e.g. when training resumes) for the duration of the block;
+        ``system_metrics``: sample CPU, memory, disk (and GPU) use while it is open."""
+        mlflow = self._connect()
         nested = nested or self.run_id is not None  # a run opened inside another becomes its child
         if run_id is not None and not self._exists(run_id):
             run_id = None  # a resumed run logged elsewhere: start a new one here
+        mlflow.set_tracking_uri(str(self.uri))  # the fluent API follows one global store: this tracker's
+        if system_metrics and "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:  # the user's value wins
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         if run_id is not None:
-            active = mlflow.start_run(run_id=run_id, nested=nested)
+            active = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
         else:
             active = mlflow.start_run(
-                run_name=name, experiment_id=self.experiment_id, nested=nested, tags=dict(tags or {})
+                run_name=name,
+                experiment_id=self.experiment_id,
+                nested=nested,
+                tags=dict(tags or {}),
+                log_system_metrics=system_metrics,
             )
         outer, self.run_id = self.run_id, active.info.run_id
         status = "FINISHED"
@@ -130,6 +247,29 @@ class Tracker(NullTracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def log_table(self, frame: Any, artifact_file: str) -> None:
+        """A table (a DataFrame) as a table artifact, shown as a table in the UI's artifact view."""
+        self._mlflow.log_table(data=frame, artifact_file=artifact_file)
+
+    def log_input(self, name: str, digest: str, rows: int, source: str, context: str) -> None:
+        """Record a cohort or cache the run read: its name, digest, row count and where it is (no patient data:
+        the rows themselves are not logged)."""
+        import warnings
+
+        import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
+
+        with warnings.catch_warnings():  # mlflow's hints on ambiguous sources and integer schemas, on the console
+            warnings.simplefilter("ignore", UserWarning)
+            # a one-column frame of row numbers carries the row count into the dataset's profile, and nothing else
+            dataset = from_pandas(pd.DataFrame({"row": range(rows)}), source=source, name=name, digest=digest[:36])
+            self._mlflow.log_input(dataset, context=context)
+
+    def log_sklearn_models(self, models: Mapping[str, Any], feature_columns: list[str], example: Any) -> None:
+        from .sklearn_models import log_sklearn_models
+
+        log_sklearn_models(dict(models), feature_columns, example)
+
     def _exists(self, run_id: str) -> bool:
         try:
             self._mlflow.get_run(run_id)
@@ -138,26 +278,16 @@ class Tracker(NullTracker):
             return False
 
     def find_model_version(self, sha256: str) -> str | None:
-        """'name/version' of the registered model whose file has this SHA-256 (tag set at registration)."""
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+        """'NAME/VERSION' of the newest encoder version registered from the file with this SHA-256, or None."""
+        from .registry import find_version
 
-        try:
-            found = MlflowClient(self.uri).search_model_versions(f"tags.sha256 = '{sha256}'")
-        except MlflowException:
-            return None
-        return f"{found[0].name}/{found[0].version}" if found else None
+        return find_version(sha256, str(self.uri))
 
-    def register_model(self, name: str, artifact_path: str, tags: Mapping[str, Any]) -> str | None:
-        """Register the active run's ``artifact_path`` as a new version of model ``name``; returns the version."""
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
+    def register_model(self, name: str, checkpoint: Path, cfg_dict: dict, tags: Mapping[str, Any]) -> str | None:
+        """Register ``checkpoint`` in the open run as a new version of the served encoder ``name`` (and of
+        ``name-generator``), see :func:`~hagan_clinic.tracking.registry.register_checkpoint`; returns the encoder's
+        version."""
+        from .registry import register_checkpoint
 
-        client = MlflowClient(self.uri)
-        with suppress(MlflowException):  # it exists already: add a version
-            client.create_registered_model(name)
-        source = self._mlflow.get_artifact_uri(artifact_path)
-        version = client.create_model_version(
-            name, source, run_id=self.run_id, tags={k: str(v) for k, v in tags.items()}
-        )
-        return str(version.version)
+        self._connect()
+        return register_checkpoint(name, checkpoint, cfg_dict, tags, self.run_id, self.uri)

@@ -11,6 +11,7 @@ each), ``previews/`` (PNG mid-slices) and ``model.pt`` (the final snapshot). Eve
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -251,11 +252,15 @@ def train(
     bar = _Progress(start, tc.iterations, progress and main)
     last: dict[str, float] = {}
     snap_path: Path | None = None
-    with tracker.run(name, run_id=run_id, tags={"stage": "train"}):
+    with tracker.run(name, run_id=run_id, tags={"stage": "train"}, system_metrics=True):
         active_run_id = tracker.run_id  # the tracker forgets it when the run closes
         if active_run_id != run_id:  # a new run (also on resuming a run logged to another store)
             tracker.log_params(cfg.to_dict())
             tracker.set_tags({f"data.{k}": v for k, v in cfg.data_contract().items()})
+            # the training set: its folder's name, a digest of its file list and table, and its size
+            digest = hashlib.sha256(f"{training_set['files_sha256']} {training_set['table_sha256']}".encode())
+            tracker.log_input(data.root.resolve().name, digest.hexdigest(), training_set["n_volumes"],
+                              training_set["data_dir"], "training")  # fmt: skip
         if main:
             log.info("training %s: %s; %d process(es) on %s", name, data.summary(), dist.world, device)
         t_window = time.perf_counter()
@@ -322,9 +327,9 @@ def train(
                 tracker.log_artifact(snap_path, "snapshot")
                 tracker.log_artifact(out / "config.yaml")
                 tracker.log_artifact(out / "metrics.jsonl")
-                if cfg.tracking.register_model:
-                    tags = {**cfg.data_contract(), "sha256": file_sha256(snap_path)}  # lets encode name the version
-                    tracker.register_model(cfg.tracking.register_model, "snapshot", tags)
+                if cfg.tracking.register_model:  # the encoder and the generator as served models
+                    sha = {"sha256": file_sha256(snap_path)}  # lets a command that reads the file name its version
+                    tracker.register_model(cfg.tracking.register_model, snap_path, cfg.to_dict(), sha)
         finally:
             bar.close()
     dist.barrier()
