@@ -53,6 +53,9 @@ REPORT_COLUMNS = [
 ]  # fmt: skip
 PSEUDONYMISED = ("patient_id", "study_uid", "series_uid", "source")
 NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
+#: Keys of the checkpoint's data section that name its training data (folders, tables, columns), not how a scan is
+#: preprocessed: never in a feature table's provenance.
+TRAINING_DATA_KEYS = ("dir", "table", "path_column", "label_column")
 SALT_CHECK = "hagan-clinic pseudonym salt check"  # its keyed digest tells salts apart without storing one
 log = logging.getLogger(__name__)
 
@@ -251,7 +254,7 @@ def provenance(opts: EncodeOptions, cfg, checkpoint_sha: str, model_version: str
         "checkpoint": "<redacted>" if opts.pseudonymize else opts.checkpoint.name,
         "model_version": model_version,
         "data_contract": cfg.data_contract(),
-        "preprocessing": cfg.to_dict()["data"],
+        "preprocessing": {k: v for k, v in cfg.to_dict()["data"].items() if k not in TRAINING_DATA_KEYS},
         "encode": {
             "batch_size": opts.batch_size,
             "precision": opts.precision,
@@ -415,5 +418,6 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         if out.stat().st_size <= 50 * 2**20:
             tracker.log_artifact(out)
         else:  # too large for an artifact store: its place and identity instead
-            tracker.log_params({"table_path": str(out.resolve()), "table_sha256": file_sha256(out)})
+            where = "<redacted>" if opts.pseudonymize else str(out.resolve())
+            tracker.log_params({"table_path": where, "table_sha256": file_sha256(out)})
     return EncodeResult(out, report, counts, seconds, opts.shard)

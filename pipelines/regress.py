@@ -9,6 +9,7 @@ The summaries, figures and MLflow names are made in :mod:`.regress_report`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,14 @@ from hagan_clinic.io.files import (
     write_table,
     write_text,
 )
-from hagan_clinic.io.model_file import RegressionBundle, load_bundle, save_bundle, sha256_hex
+from hagan_clinic.io.model_file import (
+    RegressionBundle,
+    check_encoder,
+    load_bundle,
+    save_bundle,
+    sha256_hex,
+    table_encoder,
+)
 from hagan_clinic.regression import (
     MAX_SEED,
     Dataset,
@@ -55,12 +63,15 @@ from .regress_report import (
     check_finite,
     mlflow_metrics,
     plot_name,
+    unchecked_encoder,
     write_confusion,
     write_scatter,
 )
 
 if TYPE_CHECKING:
     from hagan_clinic.tracking import NullTracker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -271,6 +282,7 @@ def run(
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
     features_sha256 = sha256_hex(features_path)  # the table the models are fitted on, named in every output
+    checkpoint, contract = table_encoder(features_path)  # its encoder, which predict's tables must share
     for name in opts.targets:  # every column checked before hours of fitting, not after
         clinical_target(data, name)
     if opts.gold_required and opts.gold_column:
@@ -288,11 +300,13 @@ def run(
             "seed": opts.seed, "id_column": opts.id_column, "n_rows": len(data.ids),
             "n_patients": len(np.unique(data.ids)), "n_features": len(data.feature_columns),
             "qct_baseline": ",".join(data.qct_columns) or "none", "features_sha256": features_sha256,
+            "checkpoint_sha256": checkpoint or "unknown",
         })  # fmt: skip
         metrics, preds, models, scored = cross_validate(data, opts)
         metrics["join"] = data.join
         metrics["features"] = {"columns": len(data.feature_columns), "rows": len(data.ids),
-                               "patients": int(len(np.unique(data.ids))), "sha256": features_sha256}  # fmt: skip
+                               "patients": int(len(np.unique(data.ids))), "sha256": features_sha256,
+                               "checkpoint_sha256": checkpoint}  # fmt: skip
         check_finite(metrics)
         write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n", guard)
         write_table(out / opts.predictions_name, preds, opts.fmt, guard)
@@ -303,10 +317,10 @@ def run(
         if gold_plots:
             write_confusion(out / "gold_confusion.png", gold_plots, guard)
         bundle = RegressionBundle(models, data.feature_columns, opts.id_column, opts.targets, opts.log_targets,
-                                  features_sha256)  # fmt: skip
+                                  features_sha256, checkpoint_sha256=checkpoint, data_contract=contract)  # fmt: skip
         save_bundle(bundle, out / "model.skops", guard)
         tracker.log_metrics(mlflow_metrics(metrics))
-        tracker.log_sklearn_models(models, data.feature_columns, data.features[:2])
+        tracker.log_sklearn_models(models, data.feature_columns, data.features[:2], log_targets=opts.log_targets)
         for name in names:  # what this run wrote, never other files in the folder
             if (out / name).is_file():
                 tracker.log_artifact(out / name, "regress")
@@ -329,6 +343,10 @@ def predict(
     hagan_clinic.io.model_file). A parquet table carries in its key-value metadata the model's SHA-256 and that of
     the feature table the model was fitted on.
 
+    The feature table must come from the encoder of the training features: when the provenance of both names a
+    checkpoint, another checkpoint is refused (EncoderMismatch, before anything is written); when either does not
+    say, the predictions are written with a warning on stderr and ``encoder_checked`` false in their provenance.
+
     Predictions stay on the scale each model was fitted on; the GOLD rules (PRISm as its own category) read the
     predicted spirometry when both fev1pp and fev1_fvc were fitted."""
     from hagan_clinic.tracking.sklearn_models import is_uri
@@ -345,6 +363,8 @@ def predict(
     missing = [c for c in [id_column, *columns] if c not in table.columns]
     if missing:
         raise RegressionError(f"feature table lacks column '{missing[0]}' ({len(missing)} missing)")
+    checkpoint = table_encoder(features_path)[0]
+    checked = check_encoder(bundle, features_path, checkpoint)  # same names, another encoder: refused here
     x = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     for k, column in enumerate(columns):
         check_magnitude(x[:, k], f"feature column {short_repr(str(column))}")
@@ -363,7 +383,9 @@ def predict(
     if {"fev1pp", "fev1_fvc"} <= set(bundle.models):
         rules = gold_from_spirometry(result["fev1pp_pred"].fillna(0), result["fev1_fvc_pred"].fillna(1))
         result["gold_rules_pred"] = gold_labels(np.where(ok, rules, np.nan))
-    write_table(out, result, fmt, guard, provenance=_provenance(model, bundle, features_path))
+    if not checked:  # said once the table is known to be usable, not before a refusal
+        log.warning("warning: %s", unchecked_encoder(features_path, checkpoint, bundle.checkpoint_sha256))
+    write_table(out, result, fmt, guard, provenance=_provenance(model, bundle, features_path, checkpoint, checked))
     return PredictResult(result, out, notes)
 
 
@@ -385,9 +407,12 @@ def _read_model(model: str, tracking_uri: str | None) -> RegressionBundle:
         return load_bundle(download_bundle(model, resolve_uri(tracking_uri), Path(tmp)), shown_as=model)
 
 
-def _provenance(model: str, bundle: RegressionBundle, features_path: str | Path) -> dict:
+def _provenance(
+    model: str, bundle: RegressionBundle, features_path: str | Path, checkpoint: str | None, checked: bool
+) -> dict:
     """What made a table of predictions: the package, the model (as given, and its SHA-256), the feature table the
-    model was fitted on and the one it was applied to (SHA-256 of each)."""
+    model was fitted on and the one it was applied to (SHA-256 of each, and of the checkpoint that encoded each:
+    None when not known), and whether the two checkpoints were checked to be the same."""
     from hagan_clinic import __version__
 
     return {
@@ -397,4 +422,7 @@ def _provenance(model: str, bundle: RegressionBundle, features_path: str | Path)
         "model_sha256": bundle.sha256,
         "training_features_sha256": bundle.features_sha256,
         "features_sha256": sha256_hex(features_path),
+        "training_checkpoint_sha256": bundle.checkpoint_sha256,
+        "checkpoint_sha256": checkpoint,
+        "encoder_checked": checked,
     }

@@ -58,6 +58,20 @@ class PredictResult:
         return "\n".join([*(f"note: {note}" for note in self.notes), f"{len(self.table)} rows: {self.out}"])
 
 
+def unchecked_encoder(features: str | Path, checkpoint: str | None, trained: str | None) -> str:
+    """Why the encoder of the feature table ``features`` (made by the checkpoint whose SHA-256 is ``checkpoint``)
+    could not be checked against that of the models' training features (``trained``): one of them is None, not
+    known. One line, for the warning of ``predict``."""
+    reasons = [] if checkpoint else ["the table names no encoder (no provenance in it, nor a .provenance.json beside)"]
+    if trained is None:
+        reasons.append("the models do not record the encoder of their training features")
+    known = f" (checkpoint {trained[:12]})" if trained else ""
+    return (
+        f"the encoder of {features} could not be checked: {' and '.join(reasons)}; the predictions hold only if it "
+        f"is the encoder of the models' training features{known}"
+    )
+
+
 def r2_text(scores: dict, key: str = "r2") -> str:
     """'r2 0.912 [0.850, 0.950]': one R^2 and its interval, as the console and the plot titles show it."""
     low, high = scores[f"{key}_ci"]

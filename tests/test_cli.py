@@ -194,7 +194,8 @@ def test_demo_fast_logs_nested_runs(capsys, tmp_path, monkeypatch):
     runs = client.search_runs([experiment.experiment_id])
     # the printed summary opens the UI on this store and this experiment's runs
     assert f"mlflow ui --backend-store-uri sqlite:///{store.resolve()}" in out
-    assert out.rstrip().endswith(f"then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs")
+    runs_page = f"then open http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    assert out.rstrip().endswith(f"{runs_page}?workflowType=machine_learning")  # the model-training view
     stages = ["augment", "data", "encode", "evaluate", "generate", "regress", "train"]
     arms = sorted(f"{arm} seed {seed}" for arm in ("real", "real+synthetic", "real+classical") for seed in (0, 1))
     assert sorted(r.info.run_name for r in runs) == sorted(["demo", *stages, *arms])

@@ -1,10 +1,13 @@
 """Hostile tables and arguments for regress and predict: exit 2 with one line naming the column and a bad value,
 or rows dropped with a note; never an internal error, and never NaN (or a number for an undefined R^2) printed or
-written as a result."""
+written as a result. A feature table that its provenance says another encoder made is refused; one whose encoder
+is not known is used with a warning."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +16,8 @@ from conftest import assert_refused
 
 from hagan_clinic import regression
 from hagan_clinic.cli import main
+from hagan_clinic.io.files import read_provenance, write_json, write_table
+from hagan_clinic.io.model_file import load_bundle
 
 N = 20
 
@@ -180,3 +185,81 @@ def test_a_hostile_target_name_gives_a_plain_plot_name_and_an_undefined_score_is
     check_finite({"targets": {"y": {"r2": 0.5, "r2_ci": [0.1, 0.9]}}})
     with pytest.raises(regression.RegressionError, match=r"metrics\.targets\.y\.r2_ci is nan"):
         check_finite({"targets": {"y": {"r2": 0.5, "r2_ci": [0.1, float("nan")]}}})
+
+
+# ---------------------------------------------------------------- features of another encoder
+#: Two checkpoints' SHA-256: every encoder names its features z0, z1, ..., so only the provenance tells them apart.
+SHA_A, SHA_B = (hashlib.sha256(name).hexdigest() for name in (b"checkpoint A", b"checkpoint B"))
+CONTRACT = {"modality": "CT", "window": [-1024.0, 600.0], "spacing_mm": [1.5, 1.5, 1.5], "size": 64, "resize": True}
+
+
+def made_by(checkpoint_sha256: str) -> dict:
+    """The provenance encode writes (its keys), for a table encoded by the checkpoint ``checkpoint_sha256``."""
+    return {"package": "hagan-clinic 0", "checkpoint_sha256": checkpoint_sha256, "checkpoint": "model.pt",
+            "model_version": "unregistered", "data_contract": CONTRACT, "preprocessing": {}, "encode": {},
+            "command_line": "encode"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted_on_a(tmp_path_factory):
+    """The folder of one regress (``out/``) on features.parquet, whose provenance names checkpoint A; returns the
+    folder and the feature table."""
+    root = tmp_path_factory.mktemp("encoder_a")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(N, 4))
+    features = pd.DataFrame(x, columns=[f"z{i}" for i in range(4)])
+    features.insert(0, "patient_id", [f"P{i:02d}" for i in range(N)])
+    write_table(root / "features.parquet", features, "parquet", provenance=made_by(SHA_A))
+    pd.DataFrame({"patient_id": features["patient_id"], "y": x[:, 0] + rng.normal(0, 0.1, N)}).to_csv(
+        root / "clinical.csv", index=False
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(regression, "BOOTSTRAP", 100)
+        argv = ["regress", "--features", "features.parquet", "--clinical", "clinical.csv", "--targets", "y",
+                "--folds", "3", "--out", "out", "--no-tracking"]  # fmt: skip
+        assert main(argv) == 0
+    return SimpleNamespace(model=str(root / "out" / "model.skops"), out=root / "out", features=features)
+
+
+def predict(capsys, model: str, features: str, out: str) -> tuple[int, str]:
+    code = main(["predict", "--model", model, "--features", features, "--out", out])
+    return code, capsys.readouterr().err
+
+
+def test_regress_records_the_encoder_of_its_features(fitted_on_a):
+    assert strict_json(fitted_on_a.out / "metrics.json")["features"]["checkpoint_sha256"] == SHA_A
+    bundle = load_bundle(fitted_on_a.model)
+    assert (bundle.checkpoint_sha256, bundle.data_contract) == (SHA_A, CONTRACT)
+
+
+def test_predict_refuses_features_of_another_encoder_under_the_same_names(capsys, fitted_on_a, tmp_path):
+    write_table(tmp_path / "b.parquet", fitted_on_a.features, "parquet", provenance=made_by(SHA_B))
+    code, err = predict(capsys, fitted_on_a.model, "b.parquet", "p.parquet")
+    assert_refused(code, err, "b.parquet", f"checkpoint {SHA_B[:12]}", f"checkpoint {SHA_A[:12]}")
+    # a CSV table's provenance is the record beside it
+    fitted_on_a.features.to_csv(tmp_path / "b.csv", index=False)
+    write_json(tmp_path / "b.provenance.json", made_by(SHA_B))
+    code, err = predict(capsys, fitted_on_a.model, "b.csv", "p.csv")
+    assert_refused(code, err, f"checkpoint {SHA_B[:12]}", f"checkpoint {SHA_A[:12]}")
+    assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_predict_on_features_of_the_same_encoder_is_checked(capsys, fitted_on_a, tmp_path):
+    write_table(tmp_path / "a.parquet", fitted_on_a.features, "parquet", provenance=made_by(SHA_A))
+    code, err = predict(capsys, fitted_on_a.model, "a.parquet", "p.parquet")
+    assert code == 0, err
+    assert "could not be checked" not in err
+    made = read_provenance(tmp_path / "p.parquet")
+    assert made["encoder_checked"] is True and made["checkpoint_sha256"] == SHA_A
+
+
+def test_predict_on_a_table_made_by_hand_warns_that_the_encoder_could_not_be_checked(capsys, fitted_on_a, tmp_path):
+    fitted_on_a.features.to_csv(tmp_path / "hand.csv", index=False)  # no provenance, none beside it
+    code, err = predict(capsys, fitted_on_a.model, "hand.csv", "p.parquet")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "could not be checked" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: the encoder of hand.csv"), err
+    assert f"checkpoint {SHA_A[:12]}" in warning[0]
+    assert len(pd.read_parquet(tmp_path / "p.parquet")) == N
+    assert read_provenance(tmp_path / "p.parquet")["encoder_checked"] is False

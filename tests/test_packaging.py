@@ -154,9 +154,9 @@ def test_a_checkout_on_the_path_runs_its_own_workflows(tmp_path):
     assert (paths, no_tests) == ("1", "True")  # the package is its own folder, not the whole repository
 
 
-#: Declared for what the imported libraries load on their own: pandas' parquet engine and pydicom's decoders of
-#: compressed transfer syntaxes.
-USED_INDIRECTLY = {"pyarrow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"}
+#: Read by a library, not imported: pyarrow (pandas' parquet), the pylibjpeg decoders (pydicom), psutil (MLflow's
+#: system metrics of train, encode and augment).
+USED_INDIRECTLY = {"pyarrow", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "psutil"}
 
 
 def _imported_modules() -> set[str]:

@@ -1,7 +1,8 @@
 """The model registry: a checkpoint registered as two served models (encoder NAME, generator NAME-generator) with a
 description, the data contract as tags, a signature and an input example; ``@latest`` follows the newest version,
 ``set_alias`` moves ``@champion`` (on both models); ``resolve_checkpoint`` turns registry URIs back into the
-checkpoint file, and refuses in one line what it cannot resolve, without creating a store."""
+checkpoint file, checked against the version's SHA-256, and refuses in one line what it cannot resolve, without
+creating a store. Registering a checkpoint again reuses its versions."""
 
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def test_a_version_has_a_description_the_data_contract_a_signature_and_an_input_
     assert model.signature.outputs.input_names() == [f"z{i}" for i in range(32)]
     assert {c["type"] for c in model.signature.outputs.to_dict()} == {"float"}
     assert model.saved_input_example_info is not None
-    assert model.flavors["python_function"]["artifacts"]["checkpoint"]["path"].endswith("tiny.pt")
+    artifacts = model.flavors["python_function"]["artifacts"]
+    assert artifacts["checkpoint"]["path"].endswith("tiny.pt")
+    # the SHA-256 the served model checks its checkpoint against when it loads
+    assert artifacts["checkpoint_sha256"]["path"].endswith("checkpoint.sha256")
 
     generator = client().get_model_version(f"{name}-generator", "1")
     assert generator.tags["role"] == "generator" and "generator" in generator.description
@@ -123,8 +127,9 @@ def test_registering_neither_loads_nor_runs_the_model(checkpoint, name, monkeypa
     register(checkpoint, name)
     model = Model.load(f"models:/{name}/1")
     assert model.load_input_example().to_dict("list") == {"path": ["/data/cohort/PATIENT0001/CT_SERIES"]}
-    # the description's bounds are the served model's
-    assert f"up to {serving.MAX_VOLUMES} arrays" in client().get_model_version(name, "1").description
+    # the description's bounds and settings are the served model's
+    description = client().get_model_version(name, "1").description
+    assert f"up to {serving.MAX_VOLUMES} arrays" in description and serving.ROOT_ENV in description
 
 
 def test_a_checkpoint_without_an_encoder_registers_its_generator_only(tmp_path, name):
@@ -133,6 +138,41 @@ def test_a_checkpoint_without_an_encoder_registers_its_generator_only(tmp_path, 
     assert register(model.save(tmp_path / "g_only.pt"), name) == "1"
     names = {m.name for m in client().search_registered_models()}
     assert f"{name}-generator" in names and name not in names
+
+
+def test_registering_a_checkpoint_again_reuses_its_versions(checkpoint, other_checkpoint, name, monkeypatch):
+    """``train --resume`` of a finished run registers its checkpoint again, and a run killed between the encoder's
+    and the generator's registration registers the encoder again on resume: neither makes a duplicate version."""
+    from hagan_clinic.tracking import registry
+
+    def versions(model: str) -> list[str]:
+        return sorted(str(v.version) for v in client().search_model_versions(f"name = '{model}'"))
+
+    assert register(checkpoint, name) == "1"
+    assert register(checkpoint, name) == "1"
+    assert versions(name) == versions(f"{name}-generator") == ["1"]
+
+    real = registry._log_and_register
+
+    def killed_before_the_generator(kind, *args, **kwargs):
+        if kind == "generator":
+            raise RuntimeError("killed")
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "_log_and_register", killed_before_the_generator)
+    with pytest.raises(RuntimeError, match="killed"):
+        register(other_checkpoint, name)
+    assert versions(name) == ["1", "2"] and versions(f"{name}-generator") == ["1"]
+    monkeypatch.setattr(registry, "_log_and_register", real)
+    assert register(other_checkpoint, name) == "2"  # resumed: the encoder's version reused, the generator's added
+    assert versions(name) == versions(f"{name}-generator") == ["1", "2"]
+    assert client().get_model_version(name, "2").tags["sibling"] == f"{name}-generator/2"
+    assert client().get_model_version(f"{name}-generator", "2").tags["sibling"] == f"{name}/2"
+    assert register(checkpoint, name) == "1"  # the newest version of that checkpoint, not a third one
+    assert versions(name) == ["1", "2"]
+    with pytest.raises(RegistryError) as err:  # a sha256 tag that is not the file's would make a model that never loads
+        registry.register_checkpoint(name, checkpoint, tiny_config().to_dict(), {"sha256": "0" * 64})
+    assert_one_line(err.value, "does not match the file")
 
 
 # ---------------------------------------------------------------- resolving registry URIs
@@ -183,6 +223,11 @@ def test_champion_is_set_on_the_encoder_and_its_generator(checkpoint, other_chec
         ("models:/", "give models:/NAME/VERSION"),
         ("models:/{name}/stable", "give models:/NAME/VERSION"),
         ("models:/a/b/1", "give models:/NAME/VERSION"),
+        ("models:/{name}/\u0661", "give models:/NAME/VERSION"),  # an Arabic-Indic one is no version number
+        ("models:/{name}/" + "1" * 23, "give models:/NAME/VERSION"),  # no SQLite integer
+        ("models:/{name}/" + "9" * 18, "has no version " + "9" * 18),
+        ("models:/{name}@" + "a" * 500, "has no alias 'aaa"),  # long names and aliases are cut in the message
+        ("models:/" + "n" * 500 + "/1", "no registered model 'nnn"),
     ],
 )
 def test_what_cannot_be_resolved_is_refused_in_one_line(checkpoint, name, uri, needle):
@@ -215,6 +260,46 @@ def test_a_version_without_a_checkpoint_is_refused(checkpoint, tmp_path, name):
     with pytest.raises(RegistryError) as err:
         resolve_checkpoint(f"models:/{name}/1", store())
     assert_one_line(err.value, f"models:/{name}/1", "no hagan-clinic checkpoint")
+    with pytest.raises(RegistryError) as err:  # promote refuses it too
+        set_alias(f"models:/{name}/1", "champion", store())
+    assert_one_line(err.value, f"models:/{name}/1", "no hagan-clinic checkpoint", "no alias set")
+    assert not client().get_registered_model(name).aliases
+
+
+def test_a_checkpoint_replaced_in_a_local_store_is_refused_by_the_registry_and_the_served_model(
+    checkpoint, other_checkpoint, name
+):
+    """A local store's checkpoint is read in place: one replaced there (here by a valid checkpoint of other weights)
+    is refused, never used and labelled as the registered version; the loaded pyfunc model refuses it too."""
+    import mlflow
+
+    register(checkpoint, name)
+    stored = resolve_checkpoint(f"models:/{name}/1", store()).path
+    assert stored.parent != Path(checkpoint).parent  # the stored file itself, in the store's artifact folder
+    stored.write_bytes(other_checkpoint.read_bytes())
+    with pytest.raises(RegistryError) as err:
+        resolve_checkpoint(f"models:/{name}@latest", store())
+    expected = file_sha256(checkpoint)[:12]
+    assert_one_line(err.value, f"models:/{name}@latest", f"does not match the version's sha256 {expected}", "replaced?")
+    with pytest.raises(HaganError) as err:
+        mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert_one_line(err.value, "does not match the sha256", expected, "replaced?")
+    # the generator's own copy is untouched: it still resolves and loads
+    assert file_sha256(resolve_checkpoint(f"models:/{name}-generator/1", store()).path) == file_sha256(checkpoint)
+    assert mlflow.pyfunc.load_model(f"models:/{name}-generator/1") is not None
+
+
+def test_a_stored_checkpoint_is_bounded_as_the_checkpoint_reader_bounds_it(checkpoint, name, monkeypatch):
+    from hagan_clinic.models.hagan import MAX_PARAMETERS
+    from hagan_clinic.tracking import registry
+
+    # float32 parameters, and at most as many again for the EMA copy of the generator
+    assert registry.MAX_CHECKPOINT_BYTES == 8 * MAX_PARAMETERS
+    register(checkpoint, name)
+    monkeypatch.setattr(registry, "MAX_CHECKPOINT_BYTES", checkpoint.stat().st_size - 1)
+    with pytest.raises(RegistryError) as err:
+        resolve_checkpoint(f"models:/{name}/1", store())
+    assert_one_line(err.value, f"models:/{name}/1", "registered checkpoint", "MiB")
 
 
 def test_from_a_remote_artifact_store_the_checkpoint_is_downloaded_and_checked(checkpoint, monkeypatch, name):
@@ -230,4 +315,18 @@ def test_from_a_remote_artifact_store_the_checkpoint_is_downloaded_and_checked(c
     client().set_model_version_tag(name, "1", "sha256", "0" * 64)
     with pytest.raises(RegistryError) as err:
         resolve_checkpoint(f"models:/{name}/1", store())
-    assert_one_line(err.value, "does not match")
+    assert_one_line(err.value, "does not match the version's sha256 000000000000 (replaced?)")
+
+
+def test_a_command_records_the_served_model_it_uses_whichever_uri_it_was_given(checkpoint, name):
+    """encode uses the encoder and generate the generator of a checkpoint: given the other model's URI, each still
+    records its own model's NAME/VERSION (provenance must not name the generator for features)."""
+    from hagan_clinic.cli.options import checkpoint_source
+
+    register(checkpoint, name)
+    for uri in (f"models:/{name}/1", f"models:/{name}-generator/1", f"models:/{name}-generator@latest"):
+        path, encoder = checkpoint_source(uri, role="encoder")
+        _, generator = checkpoint_source(uri, role="generator")
+        assert file_sha256(path) == file_sha256(checkpoint)
+        assert (encoder, generator) == (f"{name}/1", f"{name}-generator/1"), uri
+    assert checkpoint_source(str(checkpoint)) == (checkpoint, None)

@@ -1,7 +1,8 @@
 """The model file of ``regress`` (model.skops) and its MLflow side: ``predict`` from the file or from the run's URI
 gives the predictions of the fitted models; a pickle, a type skops does not trust, a callable and an oversized zip
 are refused in one line before anything runs (a file that would be written stays unwritten); the feature table's
-digest travels into every output; each fitted model is logged with mlflow.sklearn in the skops format."""
+digest travels into every output, and the encoder of the training features into the bundle; each fitted model is
+logged with mlflow.sklearn in the skops format, with its scale (a log target's model predicts the log) said."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def test_predict_from_the_file_gives_the_predictions_of_the_fitted_models(fitted
 
 def test_the_feature_tables_digest_is_in_every_output(fitted, capsys, tmp_path):
     digest = sha256(fitted.root / "features.csv")
-    assert json.loads((fitted.out / "metrics.json").read_text())["features"]["sha256"] == digest
+    features = json.loads((fitted.out / "metrics.json").read_text())["features"]
+    assert features["sha256"] == digest
+    assert features["checkpoint_sha256"] is None  # a table made by hand names no encoder
     assert load_bundle(fitted.out / "model.skops").features_sha256 == fitted.bundle.features_sha256 == digest
     assert fitted.run.data.params["features_sha256"] == digest
     new_table(tmp_path / "new.csv")
@@ -146,6 +149,33 @@ def test_a_tracked_regress_logs_each_model_with_mlflow_sklearn_in_the_skops_form
         assert skops.io.get_untrusted_types(file=local) == []
     artifacts = {a.path for a in fitted.client.list_artifacts(run.info.run_id, "regress")}
     assert "regress/model.skops" in artifacts and "regress/model.joblib" not in artifacts
+
+
+@pytest.mark.filterwarnings("ignore:X has feature names")  # fitted on arrays; pyfunc passes the DataFrame on
+def test_a_logged_model_says_its_scale_and_pyfunc_gives_a_log_targets_log(fitted, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fitted.uri)
+    logged = {m.name: m for m in fitted.client.search_logged_models(experiment_ids=[fitted.run.info.experiment_id])}
+    expected = {
+        "y": ("y", {"target": "y", "scale": "linear"}),
+        "ypos": ("log_ypos", {"target": "ypos", "scale": "log", "inverse": "exp"}),
+        "gold": ("gold_code", {"target": "gold", "scale": "class"}),
+    }
+    for name, (output, tags) in expected.items():
+        found = logged[name]
+        model = Model.load(f"models:/{found.model_id}")
+        assert model.signature.outputs.input_names() == [output]
+        assert {key: found.tags.get(key) for key in tags} == tags
+        assert ("inverse" in found.tags) == (tags["scale"] == "log")
+        assert model.metadata["output"] == output and model.metadata["scale"] == tags["scale"]
+    codes = logged["gold"].tags["codes"]  # what the classifier's integers mean
+    assert f"{regression.PRISM}: PRISm" in codes and all(str(c) in codes for c in regression.GOLD_CODES)
+    # as an MLflow user loads it: the log of ypos, whose exp is what predict writes
+    x = feature_table(np.random.default_rng(5).normal(size=(3, D)))[COLUMNS]
+    log_ypos = mlflow.pyfunc.load_model(f"models:/{logged['ypos'].model_id}").predict(x)
+    np.testing.assert_allclose(np.asarray(log_ypos), fitted.bundle.models["ypos"].predict(x.to_numpy()), rtol=1e-12)
 
 
 def test_predict_from_the_run_uri_equals_predict_from_the_file(fitted, capsys, monkeypatch, tmp_path):
@@ -400,9 +430,63 @@ def test_a_bundle_of_the_wrong_shape_is_refused(tmp_path):
         ({"targets": ["y", "y"]}, "distinct names"),
         ({"log_targets": ["other"]}, "log target that is no target"),
         ({"features_sha256": "abc"}, "not a SHA-256"),
+        ({"checkpoint_sha256": "ABC"}, "checkpoint_sha256 is neither a SHA-256 nor None"),
+        ({"data_contract": {"window": (1, 2)}}, "data_contract is neither a mapping"),
         ({"format": "hagan-clinic-regress/0"}, "run regress again"),
         ({"models": {"y": good.models["y"], "extra": good.models["y"]}}, "one per target"),
     ]:
         path.write_bytes(skops.io.dumps({**good.as_dict(), **change}))
         with pytest.raises(model_file.ModelFileError, match=needle):
             load_bundle(path)
+
+
+def test_a_model_file_of_the_earlier_format_is_refused_run_regress_again(capsys, tmp_path):
+    from sklearn.linear_model import Ridge
+
+    # the layout before the encoder of the training features was recorded
+    old = {"format": "hagan-clinic-regress/1", "models": {"y": Ridge().fit(np.zeros((3, D)), [0.0, 1.0, 2.0])},
+           "feature_columns": COLUMNS, "id_column": "patient_id", "targets": ["y"], "log_targets": [],
+           "features_sha256": "0" * 64}  # fmt: skip
+    (tmp_path / "model.skops").write_bytes(skops.io.dumps(old))
+    new_table(tmp_path / "new.csv")
+    assert_refused(*predict(capsys, "model.skops"), "format 'hagan-clinic-regress/1'", "run regress again")
+    assert not (tmp_path / "p.parquet").exists()
+
+
+# ---------------------------------------------------------------- the encoder of a feature table
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_a_tables_encoder_is_read_from_its_metadata_else_the_record_beside_it(tmp_path):
+    from hagan_clinic.io.files import write_json, write_table
+
+    table = feature_table(np.zeros((2, D)))
+    contract = {"modality": "CT", "window": [-1024, 600], "spacing_mm": None}
+    write_table(tmp_path / "f.parquet", table, "parquet", provenance={"checkpoint_sha256": SHA_A,
+                                                                      "data_contract": contract})  # fmt: skip
+    write_json(tmp_path / "f.provenance.json", {"checkpoint_sha256": SHA_B})  # the table's own metadata wins
+    assert model_file.table_encoder(tmp_path / "f.parquet") == (SHA_A, contract)
+    table.to_csv(tmp_path / "f.csv", index=False)
+    assert model_file.table_encoder(tmp_path / "f.csv") == (SHA_B, None)
+    table.to_csv(tmp_path / "hand.csv", index=False)
+    assert model_file.table_encoder(tmp_path / "hand.csv") == (None, None)
+    for beside in ["{not json", '["a list"]', json.dumps({"checkpoint_sha256": "A" * 64, "data_contract": [1]})]:
+        (tmp_path / "hand.provenance.json").write_text(beside)
+        assert model_file.table_encoder(tmp_path / "hand.csv") == (None, None)  # said in no usable form: unknown
+    (tmp_path / "hand.provenance.json").unlink()
+    os.mkfifo(tmp_path / "hand.provenance.json")  # never opened: it would block
+    assert model_file.table_encoder(tmp_path / "hand.csv") == (None, None)
+
+
+def test_the_encoder_is_checked_when_both_sides_name_one_and_another_is_refused():
+    from dataclasses import replace
+
+    from sklearn.dummy import DummyRegressor
+
+    bundle = RegressionBundle({"y": DummyRegressor().fit(np.zeros((2, D)), [0, 1])}, COLUMNS, "patient_id", ["y"],
+                              [], "0" * 64, checkpoint_sha256=SHA_A)  # fmt: skip
+    assert model_file.check_encoder(bundle, "f.parquet", SHA_A) is True
+    assert model_file.check_encoder(bundle, "f.parquet", None) is False
+    assert model_file.check_encoder(replace(bundle, checkpoint_sha256=None), "f.parquet", SHA_B) is False
+    with pytest.raises(model_file.EncoderMismatch, match=f"checkpoint {SHA_B[:12]}.*checkpoint {SHA_A[:12]}"):
+        model_file.check_encoder(bundle, "f.parquet", SHA_B)

@@ -299,7 +299,8 @@ def test_metrics_json_layout(cohort):
     assert m["dropped_rows"] == {"fev1pp": 0, "fev1_fvc": 0, "fev1": 0, "gold": 0}
     assert m["join"] == {"matched_ids": 45, "features_only": [], "clinical_only": [], "feature_rows_dropped": 0}
     digest = hashlib.sha256((cohort.root / "features.csv").read_bytes()).hexdigest()
-    assert m["features"] == {"columns": D, "rows": 60, "patients": 45, "sha256": digest}
+    # a CSV made by hand, without a .provenance.json beside it: no encoder is known
+    assert m["features"] == {"columns": D, "rows": 60, "patients": 45, "sha256": digest, "checkpoint_sha256": None}
 
 
 def test_qct_baseline_scores_the_qct_columns_alone(cohort):

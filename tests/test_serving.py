@@ -1,7 +1,8 @@
 """The served models: a registered encoder loaded by alias with ``mlflow.pyfunc.load_model`` gives, for a DICOM
 series folder and a NIfTI file, the same features as ``hagan-clinic encode``; so does ``mlflow models serve`` over
-HTTP; arrays are taken within bounds; bad input is one line (HTTP 400 from the server). The generator model gives
-the volumes ``generate`` makes from the same seeds.
+HTTP; arrays are taken within bounds; a path is bounded before it is read (one series, no system tree, under the
+serving root when one is set); bad input is one line (HTTP 400 from the server). The generator model gives the
+volumes ``generate`` makes from the same seeds; a model refuses a checkpoint that is not the one it recorded.
 
 Tolerance: the served model and encode run the same functions on the same float16 grids with the same weights; only
 the batches differ (encode batches series in discovery order, a request in its own order), and a convolution may
@@ -167,6 +168,96 @@ def test_a_grid_too_large_for_arrays_is_refused(encoder, monkeypatch):
     assert_refused(err.value, "32^3", "send the scan's 'path'")
 
 
+def test_a_path_is_bounded_before_anything_is_read(encoder, tmp_path, monkeypatch):
+    """A request names one series: a tree of more entries (a cohort, a folder of 10^5 files, /proc/self whose walk
+    never ends) is refused after counting at most MAX_SERIES_ENTRIES of them, before encode's reader sees it."""
+    from hagan_clinic.pipelines import encode_inputs
+
+    from hagan_clinic import serving
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the path was handed to the reader")
+
+    monkeypatch.setattr(encode_inputs, "list_series", not_reached)
+    many = tmp_path / "many"
+    for part in ("a", "b"):  # entries at any depth count
+        (many / part).mkdir(parents=True)
+        for i in range(serving.MAX_SERIES_ENTRIES // 2):
+            (many / part / f"{i:05d}.dcm").touch()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = [
+        (many, ("row 0", f"over {serving.MAX_SERIES_ENTRIES} files and folders", "give one series folder")),
+        (tmp_path / "fifo", ("not a file or a folder",)),
+        (tmp_path / "loop", ("cannot be read",)),
+        (tmp_path / "missing", ("source not found",)),
+        (Path("/proc/self"), ("/proc, a system folder",)),
+        (Path("/dev/zero"), ("/dev, a system folder",)),
+        ("scan\0.nii.gz", ("not a usable path",)),
+    ]
+    for path, needles in cases:
+        start = time.monotonic()
+        with pytest.raises(HaganError) as err:
+            encoder.predict(pd.DataFrame({"path": [str(path)]}))
+        assert_refused(err.value, *needles)
+        assert time.monotonic() - start < 5, path
+
+
+def test_with_a_serving_root_every_path_must_lie_under_it(encoder, scans, encoded, tmp_path, monkeypatch):
+    import shutil
+
+    from hagan_clinic.serving import ROOT_ENV
+
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy(scans[1]["scan7"], outside)
+    root = tmp_path / "served"
+    (root / "series").mkdir(parents=True)
+    shutil.copy(scans[1]["scan7"], root / "scan7.nii.gz")
+    (root / "link.nii.gz").symlink_to(outside)
+    (root / "series" / "scan.nii.gz").symlink_to(outside)
+    monkeypatch.setenv(ROOT_ENV, str(root))
+    got = encoder.predict(pd.DataFrame({"path": [str(root / "scan7.nii.gz")]}))
+    np.testing.assert_allclose(got.to_numpy(), encoded.loc[["scan7"]].to_numpy(), rtol=0, atol=ATOL)
+    for path, needle in (
+        (outside, f"is not under {ROOT_ENV}"),
+        (root / ".." / "outside.nii.gz", f"is not under {ROOT_ENV}"),
+        (root / "link.nii.gz", f"is not under {ROOT_ENV}"),  # links are followed before the check
+        (root / "series", f"holds a link that leads out of {ROOT_ENV}"),
+    ):
+        with pytest.raises(HaganError) as err:
+            encoder.predict(pd.DataFrame({"path": [str(path)]}))
+        assert_refused(err.value, "row 0", needle)
+    monkeypatch.setenv(ROOT_ENV, "served")
+    with pytest.raises(HaganError) as err:
+        encoder.predict(pd.DataFrame({"path": [str(root / "scan7.nii.gz")]}))
+    assert_refused(err.value, ROOT_ENV, "not the absolute path of a folder")
+
+
+# ---------------------------------------------------------------- the checkpoint a model loads
+def test_a_model_refuses_a_checkpoint_other_than_the_one_it_recorded(checkpoint, tmp_path, caplog):
+    """Each served model records its checkpoint's SHA-256 at registration (the version's tags are not visible
+    where it loads) and checks it in load_context."""
+    from types import SimpleNamespace
+
+    from hagan_clinic.io.torch_files import file_sha256
+    from hagan_clinic.serving import EncoderModel, GeneratorModel
+
+    record = tmp_path / "checkpoint.sha256"
+    context = SimpleNamespace(artifacts={"checkpoint": str(checkpoint), "checkpoint_sha256": str(record)})
+    record.write_text("0" * 64 + "\n")
+    for cls in (EncoderModel, GeneratorModel):
+        with pytest.raises(HaganError) as err:
+            cls().load_context(context)
+        assert_refused(err.value, f"{checkpoint.name} does not match the sha256 '000000000000'", "replaced?")
+    record.write_text(file_sha256(checkpoint) + "\n")
+    for cls in (EncoderModel, GeneratorModel):
+        cls().load_context(context)
+    # a version registered before the record existed loads, with a warning
+    with caplog.at_level("WARNING", logger="hagan_clinic.serving"):
+        GeneratorModel().load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}))
+    assert "no recorded sha256" in caplog.text
+
+
 # ---------------------------------------------------------------- the generator
 def test_the_generator_model_gives_the_volumes_of_generate(store, checkpoint):
     import mlflow
@@ -258,3 +349,28 @@ def test_served_over_http_it_answers_with_the_features_of_encode(store, scans, e
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_the_generator_gives_a_conditional_sample_its_class_by_index(tmp_path):
+    """Sample ``index`` of ``generate --seed S`` has class index % classes; a request for that index alone must get
+    the same class (not its row's place in the request)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hagan_clinic.models.hagan import HAGAN, load_checkpoint
+    from hagan_clinic.sampling import sample_latent
+    from hagan_clinic.serving import GeneratorModel
+
+    path = tmp_path / "conditional.pt"
+    HAGAN.from_config(tiny_config("model.num_classes=2")).save(path)
+    served = GeneratorModel()
+    served.load_context(SimpleNamespace(artifacts={"checkpoint": str(path)}))
+    got = served.predict(None, pd.DataFrame({"seed": [0], "index": [1]}))
+    model = load_checkpoint(path)
+    with torch.no_grad():
+        z = sample_latent(0, 1, 32)
+        as_generated = model.generate(z, torch.tensor([1]))[0, 0].numpy()  # generate's sample_0001_label1
+        other_class = model.generate(z, torch.tensor([0]))[0, 0].numpy()
+    assert not np.allclose(as_generated, other_class, atol=1e-3)  # the class matters to this model
+    np.testing.assert_allclose(got[0], as_generated, rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -106,19 +107,29 @@ def tracked(cohort, checkpoint, tmp_path_factory):
     return {"out": out, "uri": sqlite_uri(store), "args": args}
 
 
+#: Where the checkpoint of the pseudonymised run says it was trained: its config's data.dir and data.table name
+#: the training site, and must not reach a pseudonymised output (they are not preprocessing settings).
+TRAINING_PLACES = ("/site/SECRETDIR", "/site/SECRETTABLE/train.csv")
+
+
 @pytest.fixture(scope="module")
-def pseudonymized(cohort, checkpoint, tmp_path_factory):
-    """A tracked encode with --pseudonymize into its own store."""
+def pseudonymized(cohort, tmp_path_factory):
+    """A tracked encode with --pseudonymize into its own store, by a model whose config names its training data."""
     from hagan_clinic.cli import main
+    from hagan_clinic.models.hagan import HAGAN
 
     base = tmp_path_factory.mktemp("pseudo")
+    checkpoint = base / "trained_at_site.pt"
+    HAGAN.from_config(tiny_config(f"data.dir={TRAINING_PLACES[0]}", f"data.table={TRAINING_PLACES[1]}")).save(
+        checkpoint
+    )
     out, store = base / "out" / "features.parquet", base / "store"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
         args = ["encode", str(cohort), "--checkpoint", str(checkpoint), "--out", str(out), *FAST,
                 "--pseudonymize", SALT, "--tracking-uri", sqlite_uri(store), "--experiment", "pseudo"]  # fmt: skip
         assert main(args) == 0
-    return {"out": out, "store": store, "uri": sqlite_uri(store)}
+    return {"out": out, "store": store, "uri": sqlite_uri(store), "checkpoint": checkpoint}
 
 
 def encode_into(capsys, cohort, checkpoint, out: Path, *args: str) -> None:
@@ -313,10 +324,10 @@ def test_the_feature_table_says_what_made_it(tracked, cohort, checkpoint):
     assert run.data.params["checkpoint_sha256"] == beside["checkpoint_sha256"]
 
 
-def test_a_pseudonymised_encode_keeps_no_salt_path_or_name(pseudonymized, cohort, checkpoint, tmp_path):
+def test_a_pseudonymised_encode_keeps_no_salt_path_or_name(pseudonymized, cohort, tmp_path):
     from hagan_clinic.io.files import read_provenance
 
-    out = pseudonymized["out"]
+    out, checkpoint = pseudonymized["out"], pseudonymized["checkpoint"]
     provenance = read_provenance(out)
     assert provenance is not None and set(provenance) == PROVENANCE_KEYS
     assert provenance["encode"]["pseudonymized"] is True
@@ -338,7 +349,7 @@ def test_a_pseudonymised_encode_keeps_no_salt_path_or_name(pseudonymized, cohort
     files = [*out.parent.rglob("*"), *pseudonymized["store"].rglob("*"), *downloads.rglob("*")]
     texts.update({str(p): p.read_bytes().decode("latin-1") for p in files if p.is_file()})
     assert any(name.endswith("provenance.json") for name in texts) and any(n.endswith("mlflow.db") for n in texts)
-    secrets = {SALT, SECRET_FOLDER, str(cohort), checkpoint.name, *patient_identity(cohort)}
+    secrets = {SALT, SECRET_FOLDER, str(cohort), checkpoint.name, *patient_identity(cohort), "SECRETDIR", "SECRETTABLE"}
     for where, text in texts.items():
         assert not [s for s in secrets if s in text], where
 
@@ -363,3 +374,85 @@ def test_a_tracked_generate_logs_its_samples_and_names_its_model(capsys, checkpo
     logged = [Path(a.path).name for a in client(uri).list_artifacts(run.info.run_id, "generated")]
     assert "samples.csv" in logged
     assert len([a for a in logged if a.endswith(".nii.gz")]) == GENERATE_ARTIFACTS  # a few, not all of them
+
+
+@pytest.mark.parametrize(
+    "argv, salt, expected",
+    [
+        (["encode", "/data/DOE", "--tracking-uri", "http://bob:pw@host:5000"], None,
+         "hagan-clinic encode /data/DOE --tracking-uri http://<credentials>@host:5000"),
+        (["encode", "x", "--set", "tracking.uri=https://a:b@h/x", "--pseudonymize=abc"], None,
+         "hagan-clinic encode x --set tracking.uri=https://<credentials>@h/x --pseudonymize=<salt>"),
+        (["encode", "/data/DOE", "--pseudonymize", "s3cr3t", "--precision", "bf16", "--batch-size", "4"], "s3cr3t",
+         "hagan-clinic encode <redacted> --pseudonymize <salt> --precision bf16 --batch-size 4"),
+    ],
+)  # fmt: skip
+def test_the_recorded_command_line_holds_no_salt_credentials_or_pseudonymised_paths(argv, salt, expected):
+    from hagan_clinic.pipelines.privacy import command_line
+
+    assert command_line(argv, salt) == expected
+
+
+# ---------------------------------------------------------------- a bad tracking setting costs nothing
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD_SETTINGS = {
+    "a bare name": (["--tracking-uri", "foo"], "give sqlite:///PATH/mlflow.db"),
+    "a file store": (["--tracking-uri", "file:./mlruns"], "no plain folder store"),
+    "sqlite without a path": (["--tracking-uri", "sqlite:///"], "give sqlite:///PATH/mlflow.db"),
+    "a server that is down": (["--tracking-uri", "http://127.0.0.1:{port}"], "no MLflow server answers"),
+    "an empty experiment": (["--experiment", ""], "is empty"),
+    "a 10 KB experiment": (["--experiment", "e" * 10_000], "at most 500"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_a_bad_tracking_setting_is_refused_before_any_work(capsys, cohort, checkpoint, tmp_path, monkeypatch, case):
+    """Refused in one line within seconds (MLflow itself retries a dead server for minutes, and a file store
+    fails only at the end), before encode writes its state folder: the current folder stays empty."""
+    args, needle = BAD_SETTINGS[case]
+    args = [a.format(port=_free_port()) for a in args]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    cwd = empty_folder(tmp_path)
+    monkeypatch.chdir(cwd)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "encode", cohort, "--checkpoint", checkpoint, "--out", "f.parquet", *FAST, *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - start < 60  # the connection timeout is 5 s; MLflow's own retries take minutes
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+def test_a_read_only_store_is_refused_before_any_work(capsys, cohort, checkpoint, tmp_path, monkeypatch):
+    import hagan_clinic.tracking as tracking
+
+    real_access = os.access
+    store = tmp_path / "store"  # stands in for a read-only mount (as root, permissions would not refuse)
+    monkeypatch.setattr(tracking.os, "access", lambda p, mode: False if str(p).startswith(str(store)) or
+                        Path(p) == tmp_path else real_access(p, mode))  # fmt: skip
+    cwd = empty_folder(tmp_path)
+    monkeypatch.chdir(cwd)
+    code, _, err = run_cli(capsys, "encode", cohort, "--checkpoint", checkpoint, "--out", "f.parquet", *FAST,
+                           "--tracking-uri", sqlite_uri(store))  # fmt: skip
+    assert code == 2 and "cannot write there" in err, err
+    assert sorted(p.name for p in cwd.iterdir()) == [] and not store.exists()
+
+
+def test_a_deleted_experiment_is_refused_before_any_work(capsys, cohort, checkpoint, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = sqlite_uri(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    cwd = empty_folder(tmp_path)
+    monkeypatch.chdir(cwd)
+    code, _, err = run_cli(capsys, "encode", cohort, "--checkpoint", checkpoint, "--out", "f.parquet", *FAST,
+                           "--tracking-uri", uri, "--experiment", "gone")  # fmt: skip
+    assert code == 2 and "'gone' is deleted" in err, err
+    assert sorted(p.name for p in cwd.iterdir()) == []

@@ -95,7 +95,7 @@ def predict(
     table; a model file holding anything but scikit-learn's and numpy's own types is refused, never run."""
     from ..pipelines.regress import predict as run
 
-    uri = TrackingFlags(tracking_uri).choice().uri
+    uri = TrackingFlags(tracking_uri).store()
     click.echo(run(model_path, features, out, overwrite, table_format(out, fmt, "csv"), tracking_uri=uri).summary())
 
 
@@ -133,7 +133,7 @@ def evaluate(
     cfg = load(config_file, overrides, only=("evaluate", "seed", "device", "tracking")).with_values(flags, "evaluate")
     cfg = cfg.with_values({"seed": seed})
     e = cfg.evaluate
-    path, version = checkpoint_source(checkpoint, tracking, cfg.tracking)
+    path, _ = checkpoint_source(checkpoint, tracking, cfg.tracking)
     opts = EvaluateOptions(
         checkpoint=path, real=Path(real), out=Path(out), n=e.n, feature_net=e.feature_net, seed=cfg.seed,
         device=str(resolve_device(device or cfg.device)), batch_size=e.batch_size, measure=e.measure, slab=e.slab,

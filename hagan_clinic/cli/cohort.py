@@ -180,4 +180,4 @@ def demo(out: str, fast: bool, tracking: TrackingFlags) -> None:
     """Run the end-to-end demo on the built-in synthetic data, logged to OUT/mlruns/ (unless told otherwise)."""
     from ..pipelines.demo import run
 
-    click.echo(run(Path(out), fast=fast, tracking=tracking.choice(None, root=out)).summary())
+    click.echo(run(Path(out), fast=fast, tracking=tracking.choice(None, root=out).checked()).summary())

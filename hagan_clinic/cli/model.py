@@ -65,9 +65,9 @@ def generate(
     """Generate volumes from a checkpoint and write them as NIfTI (HU for CT, spacing in the affine)."""
     from ..sampling import generate as run
 
-    path, version = checkpoint_source(checkpoint, tracking)
+    path, version = checkpoint_source(checkpoint, tracking, role="generator")
+    tracker = tracking.tracker()  # checked now; its run opens only for volumes made (a refused input creates no store)
     result = run(path, n, out, seed, label, slab, device, overwrite, version)
-    tracker = tracking.tracker()  # a run only for volumes made: a refused input creates no store
     with tracker.run("generate", tags={"stage": "generate"}):
         tracker.log_params({"checkpoint_sha256": result.checkpoint_sha256, "model_version": version or "-", "n": n,
                             "seed": seed, "label": "-" if label is None else label, "slab": slab or 0})  # fmt: skip
@@ -130,7 +130,7 @@ def promote(model: str, alias: str, tracking_uri: str | None) -> None:
     or models:/NAME@ALIAS); the generator registered from the same checkpoint gets the alias too."""
     from ..tracking.registry import set_alias
 
-    uri = TrackingFlags(tracking_uri).choice().uri
+    uri = TrackingFlags(tracking_uri).store()
     name_version = set_alias(model, alias, uri)
     click.echo(f"@{alias} -> {name_version} (models:/{name_version.rpartition('/')[0]}@{alias})")
 

@@ -131,8 +131,15 @@ class TrackingFlags:
         return choose(section, self.uri, self.experiment, self.off, root)
 
     def tracker(self, section: Any = None, root: str | Path = "."):
-        """A lazy Tracker (nothing is created before its first run), or a NullTracker when tracking is off."""
-        return self.choice(section, root).tracker()
+        """A lazy Tracker (nothing is created before its first run), or a NullTracker when tracking is off; the
+        setting is checked first (a usable, writable store; an experiment name), so a bad one costs no work."""
+        return self.choice(section, root).checked().tracker()
+
+    def store(self, section: Any = None) -> str:
+        """The store a command that only reads (models:/ and runs:/ URIs) reads from: checked, never created."""
+        from ..tracking import check_uri
+
+        return check_uri(self.choice(section).uri)
 
 
 TRACKING_URI_HELP = (
@@ -170,16 +177,19 @@ def invocation() -> list[str]:
 CHECKPOINT_HELP = "Model file, or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS."
 
 
-def checkpoint_source(text: str, tracking: TrackingFlags | None = None, section: Any = None) -> tuple[Path, str | None]:
+def checkpoint_source(
+    text: str, tracking: TrackingFlags | None = None, section: Any = None, role: str = "encoder"
+) -> tuple[Path, str | None]:
     """A checkpoint argument as a local file and, for a registered model (``models:/NAME/VERSION`` or
-    ``models:/NAME@ALIAS``, looked up in the store of ``--tracking-uri``/the config/the environment), its
-    ``NAME/VERSION``."""
+    ``models:/NAME@ALIAS``, looked up in the store of ``--tracking-uri``/the config/the environment), the
+    ``NAME/VERSION`` of the served model of ``role`` (encoder or generator) that the command uses: encode records the
+    encoder's version even when given the generator's URI, and the other way round."""
     if not text.startswith("models:/"):
         return Path(text), None
     from ..tracking.registry import resolve_checkpoint
 
-    found = resolve_checkpoint(text, (tracking or TrackingFlags()).choice(section).uri)
-    return found.path, f"{found.name}/{found.version}"
+    found = resolve_checkpoint(text, (tracking or TrackingFlags()).store(section))
+    return found.path, found.as_used_by(role)
 
 
 def load(config_file: str, overrides: tuple[str, ...], only: tuple[str, ...] | None = None):

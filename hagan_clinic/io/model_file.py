@@ -19,12 +19,17 @@ trust. A model file is read as untrusted input, in this order:
 
 The file is read into memory once (at most :data:`MAX_MODEL_BYTES`): what is checked is what is loaded, and its
 SHA-256 names exactly those bytes.
+
+Features are only comparable when one encoder made them: every encoder writes columns z0, z1, ... A bundle records
+the encoder of the table it was fitted on (the checkpoint's SHA-256 and the data contract, from the table's
+provenance: see :func:`table_encoder`), and :func:`check_encoder` refuses a table made by another checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import struct
 import zipfile
@@ -33,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HaganError, describe, one_line, short_repr
-from .files import Outputs, atomic_target, regular_file
+from .files import Outputs, atomic_target, read_provenance, regular_file
 
-#: The bundle's layout; a file of another layout is refused (run regress again).
-FORMAT = "hagan-clinic-regress/1"
+#: The bundle's layout; a file of another layout is refused (run regress again). 2: the encoder of the training
+#: features is recorded (checkpoint_sha256, data_contract).
+FORMAT = "hagan-clinic-regress/2"
 #: A model file on disk; a bundle of ridge models and PCAs for thousands of features is a few MiB.
 MAX_MODEL_BYTES = 256 * 2**20
 #: Bytes of the zip's central directory, checked before zipfile builds an object per entry.
@@ -52,16 +58,25 @@ MAX_VALUES = 1_000_000
 #: Types a model file may name beyond those skops trusts by itself: plain data that scikit-learn's estimators may
 #: hold, and harmless to call with any arguments (skops calls some trusted names with arguments from the file).
 TRUSTED_EXTRA = frozenset({"builtins.frozenset", "numpy.dtype"})
+#: A feature table's ``<stem>.provenance.json`` (a few KiB as encode writes it).
+MAX_PROVENANCE_BYTES = 2**20
+#: The data contract as JSON (modality, window, spacing, size: under 1 KiB as the config gives it).
+MAX_CONTRACT_CHARS = 64 * 2**10
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _END_RECORD = b"PK\x05\x06"  # the zip's end of central directory record: 22 bytes and a comment
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_KEYS = {"format", "models", "feature_columns", "id_column", "targets", "log_targets", "features_sha256"}
+_KEYS = {"format", "models", "feature_columns", "id_column", "targets", "log_targets", "features_sha256",
+         "checkpoint_sha256", "data_contract"}  # fmt: skip
 
 
 class ModelFileError(HaganError):
     """A file that is not a model file of hagan-clinic regress, or one that would not be safe to load."""
+
+
+class EncoderMismatch(HaganError):
+    """A feature table made by another encoder than the one whose features the models were fitted on."""
 
 
 @dataclass
@@ -71,7 +86,9 @@ class RegressionBundle:
     ``models``: target name (and ``"gold"`` for the GOLD classifier) -> fitted scikit-learn estimator whose
     ``predict`` takes the feature columns as floats (N, len(feature_columns)); a model of a ``log_targets`` target
     predicts the log of its target. ``features_sha256``: SHA-256 of the feature table file the models were fitted
-    on. ``sha256`` is not stored: it is the digest of the file the bundle was loaded from ('' when not loaded).
+    on. ``checkpoint_sha256`` and ``data_contract``: the encoder that made that table, as its provenance says (None
+    when it says nothing: a table made by hand). ``sha256`` is not stored: it is the digest of the file the bundle
+    was loaded from ('' when not loaded).
     """
 
     models: dict[str, Any]
@@ -80,6 +97,8 @@ class RegressionBundle:
     targets: list[str]
     log_targets: list[str]
     features_sha256: str
+    checkpoint_sha256: str | None = None
+    data_contract: dict[str, Any] | None = None
     sha256: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -92,6 +111,8 @@ class RegressionBundle:
             "targets": list(self.targets),
             "log_targets": list(self.log_targets),
             "features_sha256": self.features_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "data_contract": None if self.data_contract is None else dict(self.data_contract),
         }
 
 
@@ -214,11 +235,11 @@ def _bundle(path: Path, obj: Any) -> RegressionBundle:
     def bad(what: str) -> ModelFileError:
         return ModelFileError(f"{path} is not a model file of hagan-clinic regress: {what}")
 
+    if isinstance(obj, dict) and obj.get("format", FORMAT) != FORMAT:  # an earlier layout has other keys too
+        raise bad(f"format {short_repr(obj['format'])}, this version reads {FORMAT!r}; run regress again")
     if not isinstance(obj, dict) or set(obj) != _KEYS:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise bad(f"it holds {short_repr(found, 80)}")
-    if obj["format"] != FORMAT:
-        raise bad(f"format {short_repr(obj['format'])}, this version reads {FORMAT!r}; run regress again")
     columns, targets, logs = obj["feature_columns"], obj["targets"], obj["log_targets"]
     for name, value in (("feature_columns", columns), ("targets", targets), ("log_targets", logs)):
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value) and len(set(value)) == len(value)):
@@ -229,6 +250,11 @@ def _bundle(path: Path, obj: Any) -> RegressionBundle:
         raise bad("id_column or features_sha256 is not text")
     if not _SHA256.fullmatch(obj["features_sha256"]):
         raise bad("features_sha256 is not a SHA-256")
+    checkpoint, contract = obj["checkpoint_sha256"], obj["data_contract"]
+    if checkpoint is not None and not (isinstance(checkpoint, str) and _SHA256.fullmatch(checkpoint)):
+        raise bad("checkpoint_sha256 is neither a SHA-256 nor None")
+    if contract is not None and _plain_mapping(contract) is None:
+        raise bad("data_contract is neither a mapping of plain values nor None")
     models = obj["models"]
     if not isinstance(models, dict) or set(models) - {"gold"} != set(targets):
         raise bad("its models are not one per target (and GOLD)")
@@ -238,7 +264,9 @@ def _bundle(path: Path, obj: Any) -> RegressionBundle:
     for name, model in models.items():
         if not isinstance(model, BaseEstimator) or getattr(model, "n_features_in_", None) != len(columns):
             raise bad(f"the model of {short_repr(name)} is no estimator fitted on {len(columns)} features")
-    return RegressionBundle(models, columns, obj["id_column"], targets, logs, obj["features_sha256"])
+    return RegressionBundle(
+        models, columns, obj["id_column"], targets, logs, obj["features_sha256"], checkpoint, contract
+    )
 
 
 def _data_only(value: Any, where: str, budget: list[int], path: Path, depth: int = 0) -> None:
@@ -276,3 +304,60 @@ def _data_only(value: Any, where: str, budget: list[int], path: Path, depth: int
         _data_only(vars(value), where, budget, path, depth + 1)
         return
     raise ModelFileError(f"{path}: {one_line(where, 120)} is a {short_repr(kind, 80)}, which no model of regress holds")
+
+
+# ---------------------------------------------------------------- the encoder of a feature table
+def table_provenance(path: str | Path) -> dict[str, Any] | None:
+    """What made a feature table, as encode records it: a parquet table's key-value metadata, else the
+    ``<stem>.provenance.json`` beside the table (CSV or parquet). None when neither exists (a table made by hand)
+    or what is there is no readable JSON object."""
+    made = read_provenance(path)
+    if isinstance(made, dict):
+        return made
+    beside = Path(path).with_name(f"{Path(path).stem}.provenance.json")
+    if not beside.exists():
+        return None
+    try:  # bounded and never a FIFO: a record that cannot be read says nothing, and the check then warns
+        regular_file(beside, "provenance record", MAX_PROVENANCE_BYTES)
+        made = json.loads(beside.read_text(encoding="utf-8"))
+    except (HaganError, OSError, ValueError, RecursionError):
+        return None
+    return made if isinstance(made, dict) else None
+
+
+def table_encoder(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(checkpoint SHA-256, data contract) of the encoder that made the feature table ``path``, from its provenance
+    (see :func:`table_provenance`); each None when the provenance does not say it, or says it in another form."""
+    made = table_provenance(path) or {}
+    sha = made.get("checkpoint_sha256")
+    return (sha if isinstance(sha, str) and _SHA256.fullmatch(sha) else None), _plain_mapping(made.get("data_contract"))
+
+
+def check_encoder(bundle: RegressionBundle, features: str | Path, checkpoint_sha256: str | None) -> bool:
+    """Whether the feature table ``features``, made by the checkpoint ``checkpoint_sha256`` (None: not known), was
+    checked to come from the encoder of the bundle's training features: True when both checkpoints are known and
+    the same, False when either is not known. Two known checkpoints that differ raise EncoderMismatch (one line):
+    every encoder names its features z0, z1, ..., so the models would read other features under the same names."""
+    trained = bundle.checkpoint_sha256
+    if trained is None or checkpoint_sha256 is None:
+        return False
+    if checkpoint_sha256 != trained:
+        raise EncoderMismatch(
+            f"{features} was encoded by checkpoint {checkpoint_sha256[:12]}, but the models were fitted on features "
+            f"of checkpoint {trained[:12]}: other features under the same names; encode with that checkpoint, or "
+            "run regress on features of this one"
+        )
+    return True
+
+
+def _plain_mapping(value: Any) -> dict[str, Any] | None:
+    """``value`` when it is a JSON object of plain values (text keys; text, numbers, booleans, None, lists and such
+    objects) of bounded size, else None."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        text = json.dumps(value, allow_nan=False, sort_keys=True)
+        same = len(text) <= MAX_CONTRACT_CHARS and json.loads(text) == value  # a tuple or a numpy value differs
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return value if same else None

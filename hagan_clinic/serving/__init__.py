@@ -4,15 +4,24 @@
 The networks use spectral normalisation, which does not pickle, so each model is logged as code (MLflow's
 "models from code"): the code file (:data:`ENCODER_CODE` or :data:`GENERATOR_CODE`, one model per file as MLflow
 requires) is stored with the model version and names one class of this module; the checkpoint travels as the
-version's artifact ``checkpoint`` and is read with ``weights_only`` like every checkpoint. Loading a version thus
-needs hagan-clinic installed (``mlflow models serve --env-manager local`` in the environment that has it).
+version's artifact ``checkpoint`` and is read with ``weights_only`` like every checkpoint, after checking it against
+the SHA-256 recorded beside it at registration (artifact ``checkpoint_sha256``): a checkpoint replaced in the store
+is refused. Loading a version thus needs hagan-clinic installed (``mlflow models serve --env-manager local`` in the
+environment that has it).
 
 - :class:`EncoderModel`: a DataFrame with a ``path`` column (a DICOM series folder or a NIfTI file, read on the
   machine that runs the model) -> one row of latent features ``z0..z{L-1}`` per path, each scan read and
-  preprocessed exactly as ``hagan-clinic encode`` does (the same functions). Or a ``volume`` column (or an array)
-  of at most :data:`MAX_VOLUMES` volumes (S, S, S) already on the model's scale [-1, 1].
+  preprocessed exactly as ``hagan-clinic encode`` does (the same functions). Or a ``volume`` column of at most
+  :data:`MAX_VOLUMES` volumes (S, S, S) already on the model's scale [-1, 1]. The loaded pyfunc model takes
+  DataFrames only (MLflow checks the input against the column signature first); a plain array (n, S, S, S) is
+  taken by the model's own ``predict`` (``unwrap_python_model()``).
 - :class:`GeneratorModel`: a DataFrame with a ``seed`` column (optional ``index`` and ``label``) -> the volumes
   (n, S, S, S) float32 in [-1, 1] that ``hagan-clinic generate --seed SEED`` writes as sample ``index``.
+
+A ``path`` is checked before it is read, so that one request stays bounded: it must be a regular file or a folder
+of at most :data:`MAX_SERIES_ENTRIES` files and folders (walked without following links: one series, not a
+cohort), outside the system trees (/proc, /sys, /dev), and, when :data:`ROOT_ENV` (``HAGAN_CLINIC_SERVING_ROOT``)
+is set, resolve under that folder, as every link inside the folder must.
 
 Bad input is a :class:`ServingError`: one line, an MlflowException to the scoring server (HTTP 400 with the
 message), a HaganError to the command line.
@@ -20,7 +29,9 @@ message), a HaganError to the command line.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +56,14 @@ MAX_ARRAY_SIZE = 128
 DEVICE_ENV = "HAGAN_CLINIC_SERVING_DEVICE"
 #: Values a model-scale volume may hold: [-1, 1] and float16 rounding.
 _SCALE_LIMIT = 1.001
+#: Files and folders (at any depth) a requested path may hold: a series is hundreds to a few thousand files; a
+#: larger tree is a cohort or a system folder, and walking it would hold the request (and the memory) for minutes.
+MAX_SERIES_ENTRIES = 4096
+#: A folder that every requested path must resolve under (links followed); unset: any path the server can read.
+ROOT_ENV = "HAGAN_CLINIC_SERVING_ROOT"
+#: Trees of the kernel's own files, never scans: a walk through them can block, loop or never end.
+SYSTEM_TREES = ("/proc", "/sys", "/dev")
+log = logging.getLogger(__name__)
 
 
 class ServingError(HaganError, MlflowException):
@@ -62,6 +81,109 @@ def serving_device() -> str:
         return str(resolve_device(os.environ.get(DEVICE_ENV) or "cpu", DEVICE_ENV))
     except HaganError as err:
         raise ServingError(str(err)) from None
+
+
+def checked_checkpoint(context: Any) -> str:
+    """The model's checkpoint artifact, checked against the SHA-256 recorded beside it when the version was
+    registered: a checkpoint replaced in the store is refused, never served under the version's name. A version
+    registered before the record existed has none: loaded as it is, with a warning."""
+    from hagan_clinic.io.files import regular_file
+    from hagan_clinic.io.torch_files import file_sha256
+    from hagan_clinic.tracking.registry import SHA256_ARTIFACT
+
+    artifacts = dict(context.artifacts or {})
+    path = artifacts["checkpoint"]
+    if SHA256_ARTIFACT not in artifacts:
+        log.warning(
+            "%s: no recorded sha256 to check the checkpoint against (registered by an older hagan-clinic)", path
+        )
+        return path
+    try:
+        recorded = regular_file(artifacts[SHA256_ARTIFACT], "recorded sha256", 1024).read_text("ascii").strip()
+        actual = file_sha256(path)
+    except (HaganError, OSError, UnicodeDecodeError) as err:
+        raise ServingError(f"the model's checkpoint cannot be checked ({describe(err)})") from None
+    if actual != recorded:
+        raise ServingError(
+            f"the model's checkpoint {Path(path).name} does not match the sha256 {short_repr(recorded[:12])} recorded "
+            "when it was registered (replaced?): not loaded"
+        )
+    return path
+
+
+def _shown(text: str) -> str:
+    """A requested path as a message names it (whole unless it is very long)."""
+    return text if len(text) <= 200 and text.isprintable() else short_repr(text, 200)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def serving_root() -> Path | None:
+    """The folder of :data:`ROOT_ENV` (links resolved), or None when it is unset."""
+    text = os.environ.get(ROOT_ENV, "")
+    if not text:
+        return None
+    root = Path(os.path.realpath(text))
+    if not os.path.isabs(text) or not root.is_dir():
+        raise ServingError(f"{ROOT_ENV}={_shown(text)}: not the absolute path of a folder")
+    return root
+
+
+def checked_source(text: str, row: int) -> Path:
+    """The path of row ``row`` with links resolved, once it is under :data:`ROOT_ENV` (when set), outside
+    :data:`SYSTEM_TREES`, and a regular file or a folder of at most :data:`MAX_SERIES_ENTRIES` entries (see the
+    module doc); ServingError otherwise, before anything is read."""
+    shown, root = _shown(text), serving_root()
+    try:
+        real = Path(os.path.realpath(text))
+    except (OSError, ValueError) as err:  # a NUL byte, a name too long
+        raise ServingError(f"row {row}: {shown} is not a usable path ({one_line(err, 80)})") from None
+    if root is not None and not _under(real, root):
+        raise ServingError(f"row {row}: {shown} is not under {ROOT_ENV} ({root}): not read")
+    tree = next((t for t in SYSTEM_TREES if _under(real, Path(t))), None)
+    if tree is not None:
+        raise ServingError(f"row {row}: {shown} is in {tree}, a system folder: give a series folder or a NIfTI file")
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise ServingError(f"row {row}: source not found: {shown}") from None
+    except OSError as err:  # a loop of links, no permission
+        raise ServingError(f"row {row}: {shown} cannot be read ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(info.st_mode):
+        _walk(real, row, shown, root)
+    elif not stat.S_ISREG(info.st_mode):
+        raise ServingError(f"row {row}: {shown} is not a file or a folder (a FIFO, socket or device): not read")
+    return real
+
+
+def _walk(folder: Path, row: int, shown: str, root: Path | None) -> None:
+    """Count the entries under ``folder`` without following links, up to :data:`MAX_SERIES_ENTRIES`; with a root,
+    refuse a link that leads out of it (encode's reader follows links to files)."""
+    count, stack = 0, [folder]
+    while stack:
+        try:
+            listing = os.scandir(stack.pop())
+        except OSError:  # an unreadable folder: encode's reader names it in its reason
+            continue
+        with listing:
+            for entry in listing:
+                count += 1
+                if count > MAX_SERIES_ENTRIES:
+                    raise ServingError(
+                        f"row {row}: {shown} holds over {MAX_SERIES_ENTRIES} files and folders: give one series "
+                        "folder (hagan-clinic encode reads cohorts)"
+                    )
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                        continue
+                    link = entry.is_symlink()
+                except OSError:  # vanished or unreadable: encode's reader says so
+                    continue
+                if link and root is not None and not _under(Path(os.path.realpath(entry.path)), root):
+                    raise ServingError(f"row {row}: {shown} holds a link that leads out of {ROOT_ENV}: not read")
 
 
 def _frame(model_input: Any, what: str) -> pd.DataFrame:
@@ -141,9 +263,9 @@ def series_grid(text: Any, row: int, cfg: Any) -> np.ndarray:
 
     if not isinstance(text, str) or not text.strip():
         raise ServingError(f"row {row}: 'path' must name a series folder or a NIfTI file, got {short_repr(text)}")
-    src = Path(text)
+    src, real = _shown(text), checked_source(text, row)  # the path checked is the one read
     try:
-        ok, others = list_series(src, cfg, False, False)
+        ok, others = list_series(real, cfg, False, False)
         if len(ok) > 1:
             raise ServingError(f"row {row}: {src} holds {len(ok)} series; give one series (encode reads cohorts)")
         if not ok:
@@ -153,8 +275,8 @@ def series_grid(text: Any, row: int, cfg: Any) -> np.ndarray:
     except ServingError:
         raise
     except Exception as err:  # HaganError, or an unexpected failure of this scan: the request's failure, said once
-        text = describe(err)
-        raise ServingError(f"row {row}: {text}" if str(src) in text else f"row {row}: {src}: {text}") from None
+        said = describe(err)
+        raise ServingError(f"row {row}: {said}" if str(real) in said else f"row {row}: {src}: {said}") from None
     if prepared["grid"] is None:
         raise ServingError(f"row {row}: {src}: {prepared['row']['reason']}")
     return prepared["grid"]
@@ -171,10 +293,11 @@ class EncoderModel(PythonModel):
         from hagan_clinic.models.hagan import load_checkpoint
 
         self.device = serving_device()
-        self.model = load_checkpoint(context.artifacts["checkpoint"], self.device, ema=False, require=("EH", "EG"))
+        self.model = load_checkpoint(checked_checkpoint(context), self.device, ema=False, require=("EH", "EG"))
 
-    # model_input is hinted as a DataFrame, which is what MLflow passes; the hint also keeps MLflow from inferring
-    # a signature from it. Called directly, the model takes an array (n, S, S, S) as well.
+    # model_input is hinted as a DataFrame, which is what MLflow passes (the loaded pyfunc refuses a plain array: its
+    # schema check wants columns); the hint also keeps MLflow from inferring a signature from it. Called directly
+    # (unwrap_python_model().predict), the model takes an array (n, S, S, S) as well.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """``path`` (n,) str or ``volume`` (n, S, S, S) -> a DataFrame (n, L) of float32 columns z0..z{L-1}."""
         cfg = self.model.config
@@ -228,7 +351,7 @@ class GeneratorModel(PythonModel):
         from hagan_clinic.models.hagan import load_checkpoint
 
         self.device = serving_device()
-        self.model = load_checkpoint(context.artifacts["checkpoint"], self.device)
+        self.model = load_checkpoint(checked_checkpoint(context), self.device)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         """``seed`` (n,), optional ``index`` (n,) and ``label`` (n,) -> volumes (n, S, S, S) float32 in [-1, 1]:
@@ -236,7 +359,7 @@ class GeneratorModel(PythonModel):
         ``label`` for a conditional model (default: the classes in turn, as generate does)."""
         import torch
 
-        from hagan_clinic.sampling import sample_labels, sample_latent
+        from hagan_clinic.sampling import sample_latent
 
         cfg = self.model.config
         size, classes = cfg.model.size, cfg.model.num_classes
@@ -256,8 +379,8 @@ class GeneratorModel(PythonModel):
             if classes == 0:
                 raise ServingError("this model is unconditional: leave out the 'label' column")
             labels = list(_whole_numbers(frame, "label", 0, classes - 1))
-        else:
-            labels = sample_labels(n, classes, None)
+        else:  # the class generate gives sample ``index`` (classes in turn), not this row's place in the request
+            labels = [i % classes if classes else None for i in index]
         volumes = []
         for seed, i, label in zip(seeds, index, labels):
             z = sample_latent(seed, i, cfg.model.latent_dim)

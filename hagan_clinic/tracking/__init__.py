@@ -12,14 +12,23 @@ a command that refuses its inputs creates nothing.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from ..errors import HaganError
+from ..errors import HaganError, short_repr
+
+#: MLflow 3 reports usage to its makers over the network, and keeps an installation id in the home folder, unless
+#: told not to: runs of clinical cohorts stay on this machine. Set before any mlflow import of this package (a
+#: value the user set wins).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+NO_TELEMETRY = "MLFLOW_DISABLE_TELEMETRY=true"
 
 DEFAULT_EXPERIMENT = "hagan-clinic"
 #: The MLflow UI opens an experiment in its model-training view (runs, metrics, models) when it carries this tag.
@@ -39,8 +48,83 @@ def default_tracking_uri(root: str | Path = ".") -> str:
 
 def resolve_uri(flag: str | None = None, config_uri: str | None = None, root: str | Path = ".") -> str:
     """The store a command uses: ``--tracking-uri``, else the config's ``tracking.uri``, else the environment's
-    ``MLFLOW_TRACKING_URI``, else the sqlite store under ``root``."""
-    return flag or config_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    ``MLFLOW_TRACKING_URI``, else the sqlite store under ``root``. A value given empty stays empty (and is refused
+    by :func:`check_uri`), never silently replaced by the default."""
+    for given in (flag, config_uri):
+        if given is not None:
+            return given
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+#: The stores MLflow 3 can use: a sqlite file, a tracking server, or a database server (no plain folder: the file
+#: store is retired).
+_STORE = re.compile(
+    r"(?:https?://[^/\s]+(?:/\S*)?|(?:postgresql|mysql|mssql)(?:\+\w+)?://\S+|databricks(?:-uc)?(?::\S*)?)"
+)
+#: MLflow's own bound on an experiment's name.
+MAX_EXPERIMENT_NAME = 500
+#: Seconds a tracking server has to accept a connection before a command gives up on it (MLflow itself retries
+#: for minutes).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_uri(uri: str) -> str:
+    """``uri`` if it names a store MLflow 3 can use (``sqlite:///PATH``, ``http(s)://HOST[:PORT]``, a database
+    server), else a TrackingError in one line. Nothing is opened or created."""
+    if (uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")) or _STORE.fullmatch(uri):
+        return uri
+    shown = short_repr(uri) if uri else "an empty value"
+    raise TrackingError(
+        f"tracking store {shown}: give sqlite:///PATH/mlflow.db or http(s)://HOST:PORT (MLflow 3 has no plain "
+        "folder store)"
+    )
+
+
+def check_writable(uri: str) -> None:
+    """Refuse, in one line and within seconds, a store a run could not be written to: a sqlite file (or the folder
+    it would be made in) that is read-only or not a file, a tracking server that does not answer. Creates nothing."""
+    db = sqlite_path(uri)
+    if db is not None:
+        if db.exists():
+            ok = db.is_file() and os.access(db, os.R_OK | os.W_OK) and os.access(db.parent, os.W_OK)
+        else:
+            existing = next((p for p in db.parents if p.exists()), None)
+            ok = existing is not None and existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        if not ok:
+            raise TrackingError(f"tracking store {uri}: cannot write there (read-only, permissions, or not a file)")
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        import socket
+
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise TrackingError(f"tracking store {uri}: no MLflow server answers ({err.strerror or err})") from None
+
+
+def check_experiment(name: str) -> str:
+    if not name.strip() or len(name) > MAX_EXPERIMENT_NAME:
+        what = "empty" if not name.strip() else f"{len(name)} characters long (at most {MAX_EXPERIMENT_NAME})"
+        raise TrackingError(f"experiment name {short_repr(name)} is {what}: give another --experiment")
+    return name
+
+
+def _check_not_deleted(uri: str, experiment: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    except MlflowException as err:
+        raise TrackingError(f"tracking store {uri}: {' '.join(str(err).split())[:300]}") from None
+    except Exception as err:  # the database driver's own errors (a damaged or foreign file)
+        raise TrackingError(f"tracking store {uri}: cannot be read ({type(err).__name__})") from None
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {short_repr(experiment)} is deleted in {uri}: restore it, or give another "
+                            "--experiment")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,6 +134,17 @@ class Choice:
     enabled: bool
     uri: str
     experiment: str
+
+    def checked(self) -> Choice:
+        """This choice after the checks that need no store: a usable URI, a writable place, an experiment name
+        (tracking off: none). Commands call it before any work, so a bad tracking setting costs nothing."""
+        if self.enabled:
+            check_writable(check_uri(self.uri))
+            check_experiment(self.experiment)
+            db = sqlite_path(self.uri)
+            if db is None or db.is_file():  # an existing store: a deleted experiment is refused now, not at the end
+                _check_not_deleted(self.uri, self.experiment)
+        return self
 
     def tracker(self) -> NullTracker:
         return Tracker(self.uri, self.experiment) if self.enabled else NullTracker()
@@ -66,7 +161,7 @@ def choose(
     the defaults; ``uri``/``experiment``/``off``: the command's ``--tracking-uri``, ``--experiment`` and
     ``--no-tracking``, which win over the config."""
     enabled = not off and bool(getattr(section, "enabled", True))
-    name = experiment or getattr(section, "experiment", None) or DEFAULT_EXPERIMENT
+    name = experiment if experiment is not None else getattr(section, "experiment", None) or DEFAULT_EXPERIMENT
     return Choice(enabled, resolve_uri(uri, getattr(section, "uri", None), root), name)
 
 
@@ -79,12 +174,13 @@ def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store (with its artifacts)."""
     db = sqlite_path(uri)
     tail = f" --default-artifact-root {(db.parent / 'artifacts').resolve().as_uri()}" if db else ""
-    return f"mlflow ui --backend-store-uri {uri}{tail}"
+    return f"{NO_TELEMETRY} mlflow ui --backend-store-uri {uri}{tail}"
 
 
 def runs_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """The UI page of an experiment's runs (the default page of MLflow 3 is the GenAI overview)."""
-    return f"{host}/#/experiments/{experiment_id}/runs"
+    """The UI page of an experiment's runs in the model-training view. MLflow 3 opens on its GenAI overview and
+    picks the view from the URL's ``workflowType`` (else the browser's last choice), not from the experiment."""
+    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,7 +222,9 @@ class NullTracker:
     def register_model(self, name: str, checkpoint: Path, cfg_dict: dict, tags: Mapping[str, Any]) -> str | None:
         return None
 
-    def log_sklearn_models(self, models: Mapping[str, Any], feature_columns: list[str], example: Any) -> None: ...
+    def log_sklearn_models(
+        self, models: Mapping[str, Any], feature_columns: list[str], example: Any, log_targets: Sequence[str] = ()
+    ) -> None: ...
 
     def find_model_version(self, sha256: str) -> str | None:
         return None
@@ -150,7 +248,6 @@ class Tracker(NullTracker):
         """Import mlflow, create the store and the experiment if need be (once)."""
         if self._mlflow is not None:
             return self._mlflow
-        import logging
 
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -183,6 +280,8 @@ class Tracker(NullTracker):
                 )
         except MlflowException as err:
             raise TrackingError(f"tracking store {self.uri}: {' '.join(str(err).split())[:300]}") from None
+        except Exception as err:  # the database driver's own errors (a read-only or damaged file)
+            raise TrackingError(f"tracking store {self.uri}: cannot be used ({type(err).__name__})") from None
         self._mlflow = mlflow
         return mlflow
 
@@ -265,10 +364,12 @@ class Tracker(NullTracker):
             dataset = from_pandas(pd.DataFrame({"row": range(rows)}), source=source, name=name, digest=digest[:36])
             self._mlflow.log_input(dataset, context=context)
 
-    def log_sklearn_models(self, models: Mapping[str, Any], feature_columns: list[str], example: Any) -> None:
+    def log_sklearn_models(
+        self, models: Mapping[str, Any], feature_columns: list[str], example: Any, log_targets: Sequence[str] = ()
+    ) -> None:
         from .sklearn_models import log_sklearn_models
 
-        log_sklearn_models(dict(models), feature_columns, example)
+        log_sklearn_models(dict(models), feature_columns, example, log_targets)
 
     def _exists(self, run_id: str) -> bool:
         try:

@@ -5,13 +5,16 @@ A logged model does not come back through ``mlflow.sklearn.load_model``: its MLm
 wants trusted (and may add code paths to ``sys.path``), so a crafted run could have anything trusted. ``predict``
 downloads the run's ``regress/model.skops`` instead and loads it with :mod:`hagan_clinic.io.model_file`, which
 decides by itself what may be constructed.
+
+Loaded with ``mlflow.pyfunc``, a logged model predicts on the scale it was fitted on: the log of a target regressed
+on the log scale. Its signature's output name and its tags say which (see :func:`model_output`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,25 +40,54 @@ def model_name(target: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", target)[:100] or "model"
 
 
-def log_sklearn_models(models: dict, feature_columns: list[str], example: np.ndarray) -> None:
-    """Log each fitted estimator of ``models`` (target name -> estimator taking (N, len(feature_columns)) floats)
-    into the active run as an MLflow sklearn model in the skops format, named after its target (see
-    :func:`model_name`; the tag ``target`` keeps the name as given), with a signature and the first two rows of
-    ``example`` (N >= 1, len(feature_columns)) as its input example, a DataFrame with the feature names."""
+#: The key of the GOLD classifier among the models of ``regress`` (the others are named after their targets).
+GOLD_MODEL = "gold"
+#: What the GOLD classifier's integer codes mean (those of ``hagan_clinic.regression.GOLD_CODES``).
+GOLD_CODE_MEANING = "0, 1, 2, 3, 4: GOLD stage 0-4; -1: PRISm (preserved ratio, impaired spirometry)"
+
+
+def model_output(target: str, log_targets: Collection[str] = ()) -> tuple[str, dict[str, str]]:
+    """The name of a logged model's output and its tags: ``target`` (the name as given), ``scale`` (``log`` for a
+    target of ``log_targets``, whose model predicts the natural log: ``inverse`` ``exp`` gives the target back;
+    ``linear`` for another target; ``class`` for the GOLD classifier, whose ``codes`` say what it predicts)."""
+    tags = {"target": str(target)[:250]}
+    if target == GOLD_MODEL:
+        return "gold_code", {**tags, "scale": "class", "codes": GOLD_CODE_MEANING}
+    if target in log_targets:
+        return f"log_{target}", {**tags, "scale": "log", "inverse": "exp"}
+    return str(target), {**tags, "scale": "linear"}
+
+
+def log_sklearn_models(
+    models: dict, feature_columns: list[str], example: np.ndarray, log_targets: Collection[str] = ()
+) -> None:
+    """Log each fitted estimator of ``models`` (target name -> estimator taking (N, len(feature_columns)) floats;
+    ``"gold"``: the GOLD classifier) into the active run as an MLflow sklearn model in the skops format, named after
+    its target (see :func:`model_name`), with the first two rows of ``example`` (N >= 1, len(feature_columns)) as
+    its input example, a DataFrame with the feature names.
+
+    A model of a target in ``log_targets`` predicts the natural log of the target, and ``mlflow.pyfunc`` gives
+    exactly that: its signature names the output ``log_<target>`` and its tags and metadata (see
+    :func:`model_output`) say ``scale`` ``log`` and ``inverse`` ``exp``, so that no one reads a log as the value."""
     import warnings
 
     import mlflow.sklearn
     import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
 
     frame = pd.DataFrame(np.asarray(example, float)[:2], columns=list(feature_columns))
+    inputs = infer_signature(frame).inputs
     # given requirements skip MLflow's inference, which loads each model again in a subprocess
     requirements = mlflow.sklearn.get_default_pip_requirements(include_skops=True)
     for target, model in models.items():
+        output, tags = model_output(target, log_targets)
+        # the output is declared, not inferred: a classifier's codes are integers and the name says the scale
+        kind = "long" if tags["scale"] == "class" else "double"
+        signature = ModelSignature(inputs=inputs, outputs=Schema([ColSpec(kind, output)]))
         with warnings.catch_warnings():
             # the models were fitted on arrays; MLflow checks the example, a DataFrame with names, against them
             warnings.filterwarnings("ignore", message="X has feature names", category=UserWarning)
-            signature = infer_signature(frame, model.predict(frame.to_numpy()))
             mlflow.sklearn.log_model(
                 model,
                 name=model_name(target),
@@ -63,7 +95,8 @@ def log_sklearn_models(models: dict, feature_columns: list[str], example: np.nda
                 signature=signature,
                 input_example=frame,
                 pip_requirements=requirements,
-                tags={"target": str(target)[:250]},
+                metadata={"output": output, **tags},  # in the MLmodel file: what pyfunc's predict returns
+                tags=tags,
             )
 
 
