@@ -120,7 +120,7 @@ _PLAIN_VALUE = re.compile(r"^(?:[0-9][0-9./]*|fp32|bf16|fp16|cpu|cuda(?::[0-9]+)
 
 
 #: The user and password of a URI (``http://user:secret@host``), e.g. a --tracking-uri with credentials.
-_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")  # up to the last @ before the path: a password may hold an @
 
 
 def command_line(argv: list[str], salt: str | None) -> str:

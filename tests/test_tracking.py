@@ -383,6 +383,8 @@ def test_a_tracked_generate_logs_its_samples_and_names_its_model(capsys, checkpo
          "hagan-clinic encode /data/DOE --tracking-uri http://<credentials>@host:5000"),
         (["encode", "x", "--set", "tracking.uri=https://a:b@h/x", "--pseudonymize=abc"], None,
          "hagan-clinic encode x --set tracking.uri=https://<credentials>@h/x --pseudonymize=<salt>"),
+        (["encode", "x", "--tracking-uri", "https://alice:p@ss@mlflow.h/x"], None,
+         "hagan-clinic encode x --tracking-uri https://<credentials>@mlflow.h/x"),
         (["encode", "/data/DOE", "--pseudonymize", "s3cr3t", "--precision", "bf16", "--batch-size", "4"], "s3cr3t",
          "hagan-clinic encode <redacted> --pseudonymize <salt> --precision bf16 --batch-size 4"),
     ],
@@ -456,3 +458,87 @@ def test_a_deleted_experiment_is_refused_before_any_work(capsys, cohort, checkpo
                            "--tracking-uri", uri, "--experiment", "gone")  # fmt: skip
     assert code == 2 and "'gone' is deleted" in err, err
     assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+def test_a_server_that_accepts_but_never_answers_is_refused_within_seconds():
+    """A hung server (or another service on the port) passes the connection check; the first request is bounded
+    by the connection timeout instead of MLflow's minutes of retries."""
+    import socket
+    import threading
+
+    from hagan_clinic.tracking import Choice, TrackingError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # never answered
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(TrackingError) as err:
+            Choice(True, f"http://127.0.0.1:{listener.getsockname()[1]}", "e").checked()
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert time.perf_counter() - start < 60 and "\n" not in str(err.value)
+
+
+def test_a_server_behind_a_proxy_is_not_probed_directly(monkeypatch):
+    """Through HTTP_PROXY the server's name may not resolve here: a direct probe would refuse a working setup."""
+    from hagan_clinic.tracking import TrackingError, check_writable
+
+    uri = "http://mlflow.hospital.invalid:5000"
+    with pytest.raises(TrackingError):
+        check_writable(uri)  # no proxy: the name does not resolve
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    check_writable(uri)  # left to the first request, which goes through the proxy as MLflow's do
+
+
+def test_store_checks_name_no_credentials_and_take_any_case(capsys, tmp_path, monkeypatch):
+    from hagan_clinic.tracking import TrackingError, check_uri, shown
+
+    assert check_uri("HTTP://host:5000/mlflow") == "HTTP://host:5000/mlflow"
+    assert shown("https://alice:p@ss@mlflow.h/x") == "'https://<credentials>@mlflow.h/x'"
+    with pytest.raises(TrackingError) as err:
+        check_uri("ftp://alice:s3cret@host/x")
+    assert "s3cret" not in str(err.value)
+
+
+def test_predict_from_a_model_file_needs_no_store(capsys, tmp_path, monkeypatch):
+    """A local model file is read without the tracking store: an old MLFLOW_TRACKING_URI that names a folder
+    store does not stop it."""
+    import numpy as np
+
+    from hagan_clinic.cli import main
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(12, 3)), columns=["z0", "z1", "z2"])
+    frame.insert(0, "patient_id", [f"P{i}" for i in range(12)])
+    frame.to_csv(tmp_path / "f.csv", index=False)
+    pd.DataFrame({"patient_id": frame["patient_id"], "y": rng.normal(size=12) + 5}).to_csv(tmp_path / "c.csv",
+                                                                                          index=False)  # fmt: skip
+    args = ["regress", "--features", str(tmp_path / "f.csv"), "--clinical", str(tmp_path / "c.csv"), "--targets",
+            "y", "--folds", "3", "--out", str(tmp_path / "r"), "--no-tracking"]  # fmt: skip
+    assert main(args) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    code, _, err = run_cli(capsys, "predict", "--model", tmp_path / "r" / "model.skops", "--features",
+                           tmp_path / "f.csv", "--out", tmp_path / "p.csv")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "p.csv").is_file()

@@ -95,7 +95,7 @@ def predict(
     table; a model file holding anything but scikit-learn's and numpy's own types is refused, never run."""
     from ..pipelines.regress import predict as run
 
-    uri = TrackingFlags(tracking_uri).store()
+    uri = TrackingFlags(tracking_uri).store() if model_path.startswith("runs:/") else None  # a file needs no store
     click.echo(run(model_path, features, out, overwrite, table_format(out, fmt, "csv"), tracking_uri=uri).summary())
 
 

@@ -59,8 +59,11 @@ def resolve_uri(flag: str | None = None, config_uri: str | None = None, root: st
 #: The stores MLflow 3 can use: a sqlite file, a tracking server, or a database server (no plain folder: the file
 #: store is retired).
 _STORE = re.compile(
-    r"(?:https?://[^/\s]+(?:/\S*)?|(?:postgresql|mysql|mssql)(?:\+\w+)?://\S+|databricks(?:-uc)?(?::\S*)?)"
+    r"(?:https?://[^/\s]+(?:/\S*)?|(?:postgresql|mysql|mssql)(?:\+\w+)?://\S+|databricks(?:-uc)?(?::\S*)?)",
+    re.IGNORECASE,  # MLflow reads the scheme in any case
 )
+#: A URI's user and password (``http://user:secret@host``): never shown in a message.
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
 #: MLflow's own bound on an experiment's name.
 MAX_EXPERIMENT_NAME = 500
 #: Seconds a tracking server has to accept a connection before a command gives up on it (MLflow itself retries
@@ -68,15 +71,20 @@ MAX_EXPERIMENT_NAME = 500
 CONNECT_TIMEOUT_S = 5.0
 
 
+def shown(uri: str) -> str:
+    """``uri`` for a message: its credentials hidden, its length bounded."""
+    return short_repr(_USERINFO.sub("<credentials>@", uri))
+
+
 def check_uri(uri: str) -> str:
     """``uri`` if it names a store MLflow 3 can use (``sqlite:///PATH``, ``http(s)://HOST[:PORT]``, a database
     server), else a TrackingError in one line. Nothing is opened or created."""
     if (uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")) or _STORE.fullmatch(uri):
         return uri
-    shown = short_repr(uri) if uri else "an empty value"
+    given = shown(uri) if uri else "an empty value"
     raise TrackingError(
-        f"tracking store {shown}: give sqlite:///PATH/mlflow.db or http(s)://HOST:PORT (MLflow 3 has no plain "
-        "folder store)"
+        f"tracking store {given}: give sqlite:///PATH/mlflow.db or http(s)://HOST:PORT (MLflow 3 has no plain folder "
+        "store)"
     )
 
 
@@ -91,17 +99,29 @@ def check_writable(uri: str) -> None:
             existing = next((p for p in db.parents if p.exists()), None)
             ok = existing is not None and existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
         if not ok:
-            raise TrackingError(f"tracking store {uri}: cannot write there (read-only, permissions, or not a file)")
+            raise TrackingError(
+                f"tracking store {shown(uri)}: cannot write there (read-only, permissions, or not a file)"
+            )
         return
     parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https") and parsed.hostname:
+    if parsed.scheme.lower() in ("http", "https") and parsed.hostname and not _through_proxy(parsed):
         import socket
 
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as err:
-            raise TrackingError(f"tracking store {uri}: no MLflow server answers ({err.strerror or err})") from None
+            raise TrackingError(
+                f"tracking store {shown(uri)}: no MLflow server answers ({err.strerror or err})"
+            ) from None
+
+
+def _through_proxy(parsed: Any) -> bool:
+    """Whether requests to this server go through an HTTP(S) proxy (as MLflow's do when HTTP_PROXY and the like
+    say so): a direct connection then proves nothing, and the first request answers instead."""
+    import urllib.request
+
+    return parsed.scheme.lower() in urllib.request.getproxies() and not urllib.request.proxy_bypass(parsed.hostname)
 
 
 def check_experiment(name: str) -> str:
@@ -116,15 +136,26 @@ def _check_not_deleted(uri: str, experiment: str) -> None:
     from mlflow.exceptions import MlflowException
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # a server that accepts connections but does not answer must not hold the command for MLflow's minutes of
+    # retries: one try, CONNECT_TIMEOUT_S long (the run itself keeps MLflow's own settings)
+    quick = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(CONNECT_TIMEOUT_S)), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
         found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     except MlflowException as err:
-        raise TrackingError(f"tracking store {uri}: {' '.join(str(err).split())[:300]}") from None
+        raise TrackingError(f"tracking store {shown(uri)}: {' '.join(str(err).split())[:300]}") from None
     except Exception as err:  # the database driver's own errors (a damaged or foreign file)
-        raise TrackingError(f"tracking store {uri}: cannot be read ({type(err).__name__})") from None
+        raise TrackingError(f"tracking store {shown(uri)}: cannot be read ({type(err).__name__})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if found is not None and found.lifecycle_stage == "deleted":
-        raise TrackingError(f"experiment {short_repr(experiment)} is deleted in {uri}: restore it, or give another "
-                            "--experiment")  # fmt: skip
+        raise TrackingError(f"experiment {short_repr(experiment)} is deleted in {shown(uri)}: restore it, or give "
+                            "another --experiment")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -260,14 +291,15 @@ class Tracker(NullTracker):
             try:
                 db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise TrackingError(f"tracking store {self.uri}: cannot create its folder ({err.strerror})") from None
+                raise TrackingError(f"tracking store {shown(uri)}: cannot create its folder ({err.strerror})") from None
             artifacts = (db.parent / "artifacts").resolve().as_uri()
         mlflow.set_tracking_uri(uri)
         try:
             found = mlflow.get_experiment_by_name(self.experiment)
             if found is not None and found.lifecycle_stage == "deleted":
                 raise TrackingError(
-                    f"experiment '{self.experiment}' is deleted in {self.uri}: restore it, or give another --experiment"
+                    f"experiment '{self.experiment}' is deleted in {shown(uri)}: restore it, or give another "
+                    "--experiment"
                 )
             self.experiment_id = (
                 found.experiment_id
@@ -279,9 +311,9 @@ class Tracker(NullTracker):
                     self.experiment_id, *next(iter(EXPERIMENT_KIND.items()))
                 )
         except MlflowException as err:
-            raise TrackingError(f"tracking store {self.uri}: {' '.join(str(err).split())[:300]}") from None
+            raise TrackingError(f"tracking store {shown(uri)}: {' '.join(str(err).split())[:300]}") from None
         except Exception as err:  # the database driver's own errors (a read-only or damaged file)
-            raise TrackingError(f"tracking store {self.uri}: cannot be used ({type(err).__name__})") from None
+            raise TrackingError(f"tracking store {shown(uri)}: cannot be used ({type(err).__name__})") from None
         self._mlflow = mlflow
         return mlflow
 
