@@ -123,8 +123,8 @@ def generate(
     the first 12 hex digits of the checkpoint's SHA-256, and by ``model_version`` (registry NAME/VERSION) if
     given."""
     from .devices import resolve_device
+    from .io.files import file_sha256
     from .io.logs import progress
-    from .io.torch_files import file_sha256
     from .models.hagan import load_checkpoint
 
     model = load_checkpoint(checkpoint, device=str(resolve_device(device)))

@@ -134,8 +134,8 @@ def run(out: Path, fast: bool = False, tracking: Choice | None = None) -> DemoRe
     (``out/mlruns``) unless MLFLOW_TRACKING_URI says otherwise."""
 
     from hagan_clinic.config import CONFIG_DIR, load_config
+    from hagan_clinic.io.files import file_sha256
     from hagan_clinic.io.nifti import read_scan, to_model_range
-    from hagan_clinic.io.torch_files import file_sha256
     from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.plots import mid_slices_png
     from hagan_clinic.sampling import generate_to_nifti

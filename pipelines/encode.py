@@ -33,6 +33,7 @@ from hagan_clinic.io.files import (
     atomic_target,
     csv_safe_frame,
     make_folder,
+    provenance_path,
     regular_file,
     to_parquet,
     write_json,
@@ -89,7 +90,7 @@ class EncodeOptions:
     @property
     def provenance_path(self) -> Path:
         """What made the table (also in a parquet table's metadata), beside it."""
-        return self.out.with_name(f"{self.out.stem}.provenance.json")
+        return provenance_path(self.out)
 
 
 @dataclass
@@ -305,7 +306,7 @@ def _write_outputs(
 
 
 def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
-    from hagan_clinic.io.torch_files import file_sha256
+    from hagan_clinic.io.files import file_sha256
     from hagan_clinic.models.hagan import load_checkpoint
     from hagan_clinic.tracking import NullTracker
 
@@ -327,7 +328,8 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
     cfg, latent = model.config, model.config.model.latent_dim
     ok, others = list_series(src, cfg, opts.qct, opts.progress)
     sha = file_sha256(opts.checkpoint)
-    _check_state(state, _settings(opts, src, sha, [r.digest for r in ok]))
+    settings = _settings(opts, src, sha, [r.digest for r in ok])
+    _check_state(state, settings)
     scrub = Scrubber(src, opts.pseudonymize or None)
     batches = [ok[i : i + opts.batch_size] for i in range(0, len(ok), opts.batch_size)]
     shard, n_shards = opts.shard
@@ -345,9 +347,8 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
             model_version = tracker.find_model_version(sha) or "unregistered"
         made_by = provenance(opts, cfg, sha, model_version)
         source = pseudonym(opts.pseudonymize, str(src)) if opts.pseudonymize else str(src)
-        tracker.log_input(pseudonym(opts.pseudonymize, src.resolve().name) if opts.pseudonymize else src.resolve().name,
-                          _settings(opts, src, sha, [r.digest for r in ok])["series"], len(ok), source,
-                          "encode")  # fmt: skip
+        cohort = pseudonym(opts.pseudonymize, src.resolve().name) if opts.pseudonymize else src.resolve().name
+        tracker.log_input(cohort, settings["series"], len(ok), source, "encode")
         tracker.log_params({
             "checkpoint": "<redacted>" if opts.pseudonymize else opts.checkpoint.name, "checkpoint_sha256": sha,
             "model_version": model_version, "source": source,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hagan_clinic.errors import one_line
 from hagan_clinic.io.cohort import SeriesRecord
+from hagan_clinic.tracking import hide_credentials
 
 SCRUBBED = ("reason", "notes", "qct_warning", "warning")  # the free-text columns of the reports
 _PATH_CHARS = r"[^\s'\"`(),;]*"  # a path's characters up to a space, quote, bracket or list separator
@@ -119,16 +120,12 @@ class Scrubber:
 _PLAIN_VALUE = re.compile(r"^(?:[0-9][0-9./]*|fp32|bf16|fp16|cpu|cuda(?::[0-9]+)?|mps|auto|csv|parquet)$")
 
 
-#: The user and password of a URI (``http://user:secret@host``), e.g. a --tracking-uri with credentials.
-_CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")  # up to the last @ before the path: a password may hold an @
-
-
 def command_line(argv: list[str], salt: str | None) -> str:
     """``hagan-clinic`` and ``argv`` (the command and its arguments) for a provenance record. The salt is never
     written; with a salt every other value that is not a plain number or choice (paths, names, config overrides)
     becomes ``<redacted>``. Credentials in a URI are never written."""
     words, hide_next = ["hagan-clinic", *argv[:1]], False
-    for word in (_CREDENTIALS.sub("<credentials>@", w) for w in argv[1:]):
+    for word in map(hide_credentials, argv[1:]):  # a --tracking-uri may carry a password
         flag, eq, value = word.partition("=")
         if hide_next or (eq and flag == "--pseudonymize"):
             words.append("<salt>" if hide_next else "--pseudonymize=<salt>")

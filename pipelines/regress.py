@@ -20,6 +20,7 @@ import pandas as pd
 from hagan_clinic.errors import one_line, short_repr
 from hagan_clinic.io.files import (
     Outputs,
+    file_sha256,
     is_parquet,
     make_folder,
     read_csv_table,
@@ -33,7 +34,6 @@ from hagan_clinic.io.model_file import (
     check_encoder,
     load_bundle,
     save_bundle,
-    sha256_hex,
     table_encoder,
 )
 from hagan_clinic.regression import (
@@ -281,7 +281,7 @@ def run(
     features = read_table(features_path, "feature", opts.id_column)
     clinical = read_table(clinical_path, "clinical", opts.id_column)
     data = join_tables(features, clinical, opts.id_column, opts.feature_regex)
-    features_sha256 = sha256_hex(features_path)  # the table the models are fitted on, named in every output
+    features_sha256 = file_sha256(features_path)  # the table the models are fitted on, named in every output
     checkpoint, contract = table_encoder(features_path)  # its encoder, which predict's tables must share
     for name in opts.targets:  # every column checked before hours of fitting, not after
         clinical_target(data, name)
@@ -421,7 +421,7 @@ def _provenance(
         "model": model,
         "model_sha256": bundle.sha256,
         "training_features_sha256": bundle.features_sha256,
-        "features_sha256": sha256_hex(features_path),
+        "features_sha256": file_sha256(features_path),
         "training_checkpoint_sha256": bundle.checkpoint_sha256,
         "checkpoint_sha256": checkpoint,
         "encoder_checked": checked,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -138,6 +139,21 @@ def write_table(
             to_parquet(table, tmp, provenance)
         else:
             csv_safe_frame(table).to_csv(tmp, index=False)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content (read in 1 MiB blocks): the identity of a checkpoint or a table."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance_path(table: str | os.PathLike) -> Path:
+    """The provenance record written beside a table (``<stem>.provenance.json``), for CSV and parquet alike."""
+    table = Path(table)
+    return table.with_name(f"{table.stem}.provenance.json")
 
 
 #: The key of a parquet file's key-value metadata that holds what made it (JSON).

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HaganError, describe, one_line, short_repr
-from .files import Outputs, atomic_target, read_provenance, regular_file
+from .files import Outputs, atomic_target, provenance_path, read_provenance, regular_file
 
 #: The bundle's layout; a file of another layout is refused (run regress again). 2: the encoder of the training
 #: features is recorded (checkpoint_sha256, data_contract).
@@ -116,17 +116,6 @@ class RegressionBundle:
         }
 
 
-def sha256_hex(data: bytes | str | Path) -> str:
-    """Hex SHA-256 of bytes, or of a file's content."""
-    if isinstance(data, bytes):
-        return hashlib.sha256(data).hexdigest()
-    h = hashlib.sha256()
-    with open(data, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_bundle(bundle: RegressionBundle, path: str | Path, guard: Outputs | None = None) -> None:
     """Write ``bundle`` as a skops file, atomically (through ``guard`` when given)."""
     import skops.io
@@ -158,7 +147,7 @@ def load_bundle(path: str | Path, shown_as: str | None = None) -> RegressionBund
         )
     obj = _load(path, data, untrusted)
     bundle = _bundle(path, obj)
-    bundle.sha256 = sha256_hex(data)
+    bundle.sha256 = hashlib.sha256(data).hexdigest()
     return bundle
 
 
@@ -314,7 +303,7 @@ def table_provenance(path: str | Path) -> dict[str, Any] | None:
     made = read_provenance(path)
     if isinstance(made, dict):
         return made
-    beside = Path(path).with_name(f"{Path(path).stem}.provenance.json")
+    beside = provenance_path(path)
     if not beside.exists():
         return None
     try:  # bounded and never a FIFO: a record that cannot be read says nothing, and the check then warns

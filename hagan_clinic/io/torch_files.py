@@ -7,7 +7,6 @@ before anything prints or validates it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import HaganError, one_line
 from .files import atomic_target
+from .files import file_sha256 as file_sha256  # the identity of a checkpoint, for this module's users
 
 #: Values in a file's plain data (config, record, the keys of its state dicts) with shared containers expanded.
 MAX_PAYLOAD_VALUES = 1_000_000
@@ -88,12 +88,3 @@ def check_expanded_size(payload: Any, path: str | Path) -> None:
         too_many = True
     if too_many:
         raise CheckpointError(f"{path}: its plain data unfolds into over {MAX_PAYLOAD_VALUES} values (damaged?)")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file: the identity of a checkpoint in reports and MLflow."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -87,8 +87,7 @@ def checked_checkpoint(context: Any) -> str:
     """The model's checkpoint artifact, checked against the SHA-256 recorded beside it when the version was
     registered: a checkpoint replaced in the store is refused, never served under the version's name. A version
     registered before the record existed has none: loaded as it is, with a warning."""
-    from hagan_clinic.io.files import regular_file
-    from hagan_clinic.io.torch_files import file_sha256
+    from hagan_clinic.io.files import file_sha256, regular_file
     from hagan_clinic.tracking.registry import SHA256_ARTIFACT
 
     artifacts = dict(context.artifacts or {})

@@ -71,9 +71,14 @@ MAX_EXPERIMENT_NAME = 500
 CONNECT_TIMEOUT_S = 5.0
 
 
+def hide_credentials(text: str) -> str:
+    """``text`` with the user and password of every URI in it (``scheme://user:secret@``) replaced."""
+    return _USERINFO.sub("<credentials>@", text)
+
+
 def shown(uri: str) -> str:
     """``uri`` for a message: its credentials hidden, its length bounded."""
-    return short_repr(_USERINFO.sub("<credentials>@", uri))
+    return short_repr(hide_credentials(uri))
 
 
 def check_uri(uri: str) -> str:
@@ -131,6 +136,25 @@ def check_experiment(name: str) -> str:
     return name
 
 
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables (MLflow reads its settings there) for the block; their earlier values after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+#: MLflow's progress bar of artifact transfers off (one local file is no progress to show).
+NO_PROGRESS_BARS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def _check_not_deleted(uri: str, experiment: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -139,20 +163,13 @@ def _check_not_deleted(uri: str, experiment: str) -> None:
     # a server that accepts connections but does not answer must not hold the command for MLflow's minutes of
     # retries: one try, CONNECT_TIMEOUT_S long (the run itself keeps MLflow's own settings)
     quick = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(CONNECT_TIMEOUT_S)), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
     try:
-        found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+        with environment(**quick):
+            found = mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     except MlflowException as err:
         raise TrackingError(f"tracking store {shown(uri)}: {' '.join(str(err).split())[:300]}") from None
     except Exception as err:  # the database driver's own errors (a damaged or foreign file)
         raise TrackingError(f"tracking store {shown(uri)}: cannot be read ({type(err).__name__})") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     if found is not None and found.lifecycle_stage == "deleted":
         raise TrackingError(f"experiment {short_repr(experiment)} is deleted in {shown(uri)}: restore it, or give "
                             "another --experiment")  # fmt: skip

@@ -21,18 +21,18 @@ from __future__ import annotations
 import atexit
 import io
 import logging
-import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext, redirect_stderr
+from collections.abc import Mapping
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..errors import HaganError, one_line, short_repr
+from . import NO_PROGRESS_BARS, environment
 from .served_models import EXAMPLE_PATH, LogWithoutServing, contract_tags, describe, signature
 
 GENERATOR_SUFFIX = "-generator"
@@ -71,20 +71,6 @@ class Resolved:
         if self.role is not None and self.role != role and self.sibling:
             return self.sibling
         return f"{self.name}/{self.version}"
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """MLflow's artifact progress bars off (a copy of one local file is no progress to show); restored after."""
-    key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 # ---------------------------------------------------------------- registering
@@ -144,7 +130,7 @@ def register_checkpoint(
     from mlflow.exceptions import MlflowException
 
     from ..config import Config
-    from ..io.torch_files import file_sha256
+    from ..io.files import file_sha256
     from ..models.hagan import read_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -173,7 +159,7 @@ def register_checkpoint(
     where: Any = nullcontext()  # nothing to log, or the run to log in is open
     if missing and (active is None or (run_id is not None and active.info.run_id != run_id)):
         where = mlflow.start_run(run_id, run_name=None if run_id else f"register {name}", nested=bool(active))
-    with where, _no_progress_bars():
+    with where, environment(**NO_PROGRESS_BARS):
         try:
             for kind in missing:
                 versions[kind] = _log_and_register(kind, pair[kind], checkpoint, cfg, {**base, "role": kind}, client)
@@ -289,8 +275,7 @@ def _checkpoint_of(version: Any, text: str, client: Any) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from ..io.files import regular_file
-    from ..io.torch_files import file_sha256
+    from ..io.files import file_sha256, regular_file
 
     where = client.get_model_version_download_uri(version.name, version.version)
     local = _local_path(where)

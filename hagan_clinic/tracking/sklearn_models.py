@@ -12,17 +12,15 @@ on the log scale. Its signature's output name and its tags say which (see :func:
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import one_line, short_repr
 from ..io.model_file import MAX_MODEL_BYTES
-from . import TrackingError, sqlite_path
+from . import NO_PROGRESS_BARS, TrackingError, environment, sqlite_path
 
 #: Where ``regress`` logs its model file in its run; ``runs:/RUN_ID`` means this artifact of the run.
 BUNDLE_ARTIFACT = "regress/model.skops"
@@ -129,7 +127,7 @@ def download_bundle(uri: str, tracking_uri: str, dst: Path) -> Path:
     if found.file_size is not None and found.file_size > MAX_MODEL_BYTES:
         raise TrackingError(f"{uri}: {artifact} is over the {MAX_MODEL_BYTES // 2**20} MiB a model file may have")
     try:
-        with _no_progress_bar():
+        with environment(**NO_PROGRESS_BARS):
             local = download_artifacts(
                 run_id=run_id, artifact_path=artifact, dst_path=str(dst), tracking_uri=tracking_uri
             )
@@ -156,17 +154,3 @@ def _check_store(uri: str, tracking_uri: str) -> None:
         db = Path(re.sub(r"^file:(//)?", "", tracking_uri))
     if db is not None and not db.exists():
         raise TrackingError(f"{uri}: no tracking store at {tracking_uri} (give --tracking-uri, or run regress first)")
-
-
-@contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """MLflow draws a progress bar for every download; one small file needs none on the console."""
-    name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
