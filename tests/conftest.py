@@ -17,6 +17,24 @@ def _deterministic_threads():
 
 
 @pytest.fixture(autouse=True)
+def _project_logger_restored():
+    """An in-process command configures the project's logger (its own stderr handler, no propagation); each test
+    starts from the state before it, so a later test's ``caplog`` sees the project's records whatever ran first."""
+    import logging
+
+    from hagan_clinic.io import logs
+
+    root = logging.getLogger(logs.LOGGER)
+    saved = (list(root.handlers), root.propagate, root.level, dict(logs._state))
+    yield
+    root.handlers[:] = saved[0]
+    root.propagate = saved[1]
+    root.setLevel(saved[2])
+    logs._state.clear()
+    logs._state.update(saved[3])
+
+
+@pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """No test ever writes to the repository's mlruns/."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
