@@ -21,6 +21,10 @@ Parameter counts per block come from ``parameter_table`` for paper_128 and paper
 model each child builds (``parameters``). Sizes without a ``paper_S`` config (64, 512) use ``base`` with
 ``model.size=S``: the published widths (a third G^H stage at 512).
 
+The machine (host, threads, OMP settings, load, fp32 and bf16 matmul rates: ``machine.record``) is measured first,
+by the child that counts parameters, so that the parent still never imports torch; the JSON's header (benchmark,
+created, argv, machine with ``load_end``) is ``machine.write_result``'s.
+
 Options for large sizes: ``--modes`` picks which of one_pass / slab / reference / encode run (default all);
 ``--max-mb`` kills a child whose resident memory (VmRSS of the child, polled by the parent) passes that many MB
 and records it as skipped; when one_pass was skipped or failed, slab children do not compare against it (no
@@ -33,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -49,6 +51,8 @@ from typing import Any
 
 from hagan_clinic.config import CONFIG_DIR  # no torch: the parent process stays light (see above)
 from hagan_clinic.io.files import write_json, write_text
+
+from machine import load, record, write_result  # benchmarks/ is on sys.path when a script here runs; no torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "model_bench.json"
 MARK = "MODEL_BENCH_RESULT "
@@ -71,14 +75,6 @@ def _proc_mb(key: str) -> float | None:
     return None
 
 
-def _loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages: times on a shared host are only as good as the load allows."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -90,19 +86,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     if spec["task"] == "info":
+        # the machine first: its load is the load at the start of the benchmark, its matmul rate the one the
+        # measured times are read against (threads as the timing children will have them)
+        host = record(str(resolve_device(spec["device"])))
         params = {n: parameter_table(HAGAN.from_config(load_config(n))) for n in ("paper_128", "paper_256")}
-        host = {
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": spec["device"],
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_"))},
-        }
-        if spec["device"].startswith("cuda"):
-            host["cuda_device"] = torch.cuda.get_device_name(resolve_device(spec["device"]))
-        return {"host": host, "parameters": params}
+        return {"machine": host, "parameters": params}
 
     dev = resolve_device(spec["device"])
     cuda = dev.type == "cuda"
@@ -136,7 +124,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(dev)
     res: dict[str, Any] = {"config": spec["config"], "overrides": spec["overrides"], "mode": mode, "slab": slab}
     res["parameters"] = parameter_table(model)
-    res["loadavg_before"] = _loadavg()
+    res["loadavg_before"] = load()["loadavg"]
     res["high_stages"] = len(model.G.high.stages)
     res.update(maxrss_before_mb=_maxrss_mb(), rss_before_mb=_proc_mb("VmRSS"), cuda_before_mb=None)
     if cuda:
@@ -164,7 +152,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 pairs.append(t_mode / timed(partial(model.generate, z))[0])
             res["paired_time_ratio"] = statistics.median(pairs)
             res["paired_time_ratios"] = pairs
-    res.update(warmup_s=times[0], times_s=times[1:], time_s=statistics.median(times[1:]), loadavg_after=_loadavg())
+    res.update(
+        warmup_s=times[0], times_s=times[1:], time_s=statistics.median(times[1:]), loadavg_after=load()["loadavg"]
+    )
     if res["hwm_after_mb"] is not None and res["rss_before_mb"] is not None:
         res["peak_over_rss_mb"] = res["hwm_after_mb"] - res["rss_before_mb"]
     return res
@@ -293,15 +283,17 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _merge(paths: list[Path]) -> dict[str, Any]:
-    """One result document from several: ``results`` merged per size and mode, later files winning."""
+def _merge(paths: list[Path], argv: list[str]) -> dict[str, Any]:
+    """One result document from several: ``results`` merged per size and mode, later files winning. The header
+    is this command's (``argv``) with the first file's machine; every source keeps its own machine, since the
+    runs merged may come from different moments or hosts."""
     docs = [json.loads(p.read_text()) for p in paths]
-    data = {k: v for k, v in docs[0].items() if k not in ("results", "argv", "created", "repeats", "slabs")}
-    data.update(benchmark="model_bench", created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    data["sources"] = [
-        {"file": str(p), **{k: d.get(k) for k in ("created", "argv", "repeats", "slabs", "max_mb", "modes")}}
-        for p, d in zip(paths, docs)
-    ]
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    data: dict[str, Any] = {"benchmark": "model_bench", "created": created, "argv": argv}
+    skip = ("results", "argv", "created", "repeats", "slabs", "benchmark")
+    data.update({k: v for k, v in docs[0].items() if k not in skip})
+    keys = ("created", "argv", "repeats", "slabs", "max_mb", "modes", "machine")
+    data["sources"] = [{"file": str(p), **{k: d.get(k) for k in keys}} for p, d in zip(paths, docs)]
     results: dict[str, Any] = {}
     for d in docs:
         for size, r in d["results"].items():
@@ -314,6 +306,11 @@ def _merge(paths: list[Path]) -> dict[str, Any]:
         r["ratios"] = _ratios(r["modes"], slabs)
     data["results"] = dict(sorted(results.items(), key=lambda kv: int(kv[0])))
     return data
+
+
+def _argv(argv: list[str] | None) -> list[str]:
+    """The command line as run: this script and its arguments (``argv`` when main is called with them)."""
+    return list(sys.argv) if argv is None else [__file__, *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         if args.out is None:
             ap.error("--merge needs --out")
-        data = _merge(args.merge)
+        data = _merge(args.merge, _argv(argv))
         write_json(args.out, data, sort_keys=False)
         print(_table(data["results"], False))
         print(f"wrote {args.out}")
@@ -372,21 +369,19 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = _spawn({**common, **spec}, args.max_mb, args.timeout)
         ratios = _ratios(runs, args.slabs)
         results[str(s)] = {"config": config, "overrides": overrides, "modes": runs, "ratios": ratios}
-    data = {
-        "benchmark": "model_bench",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv[1:] if argv is None else argv,
+    body = {
+        "argv": _argv(argv),
         "repeats": args.repeats,
         "slabs": args.slabs,
         "quick": args.quick,
         "modes": args.modes,
         "max_mb": args.max_mb,
         "timeout": args.timeout,
-        **info,
+        "parameters": info["parameters"],
         "results": results,
     }
     out = args.out or DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_quick" * args.quick)
-    write_json(out, data, sort_keys=False)
+    write_result(out, "model_bench", info["machine"], body)
     print(_table(results, args.device.startswith("cuda")))
     print(f"wrote {out}")
     if args.md:

@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext, suppress
-from datetime import datetime, timezone
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from hagan_clinic.io.files import write_json
+from machine import RESULTS, load, record, write_result  # benchmarks/ is on sys.path when a script here runs
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_speed.json"
+DEFAULT_OUT = RESULTS / "train_speed.json"
 MARK = "TRAIN_SPEED_RESULT "
 MB = 1024.0  # ru_maxrss is in KiB on Linux
 G = 1e9
@@ -151,24 +148,28 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _load() -> dict[str, Any]:
-    """Host load now: `uptime` and, where the kernel has PSI, CPU pressure (% of time some task was stalled)."""
-    out: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
-    with suppress(OSError, IndexError, ValueError):
-        out["cpu_pressure_avg10"] = float(Path("/proc/pressure/cpu").read_text().split()[1].split("=")[1])
-    return out
-
-
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one worker in a fresh interpreter; return its result, or {'error': ...}."""
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    before = _load()
+    before = load()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
-            return {**json.loads(line[len(MARK) :]), "load_before": before, "load_after": _load()}
+            return {**json.loads(line[len(MARK) :]), "load_before": before, "load_after": load()}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {**spec, "error": f"worker exited {proc.returncode}: {tail}"}
+
+
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/machine.record() from a child process (torch stays out of this one)."""
+    cmd = [sys.executable, __file__, "--machine", "--device", args.device, "--mm-size", str(args.mm_size)]
+    proc = subprocess.run(
+        cmd + (["--threads", str(args.threads)] if args.threads else []), capture_output=True, text=True
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK) :])
+    raise SystemExit(f"could not measure the machine: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
 def _table(runs: list[dict[str, Any]], cuda: bool) -> str:
@@ -205,9 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: the tiny config, fp32 and bf16")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT.name}, *_quick)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(MARK + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.machine:  # the machine record, measured in a child so that this parent never imports torch
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        dtypes = ("fp32", "bf16", "fp16") if args.device.startswith("cuda") else ("fp32", "bf16")
+        print(MARK + json.dumps(record(args.device, dtypes, args.mm_size)), flush=True)
         return 0
     if min(args.batch_size, args.repeats) < 1 or args.warmup < 0:
         ap.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
@@ -217,27 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     common = {"threads": args.threads, "device": args.device, "warmup": args.warmup, "repeats": args.repeats}
     common.update(batch_size=args.batch_size, channels_last=args.channels_last, mm_size=args.mm_size)
     common["literal_upsampling"] = args.literal_upsampling
-    host: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
-    env = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "GOMP_"))}
-    host.update(device=args.device, env=env, load_start=_load())
+    machine = _machine(args)
     runs = []
     for config in configs:
         for prec in precisions:
             print(f"{config} B={args.batch_size} {prec} ...", file=sys.stderr, flush=True)
             runs.append(_spawn({**common, "config": config, "overrides": [], "precision": prec}))
-    host["load_end"] = _load()
-    data: dict[str, Any] = {
-        "benchmark": "train_speed",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    data.update(argv=sys.argv[1:] if argv is None else argv, warmup=args.warmup, repeats=args.repeats)
-    data.update(quick=args.quick, host=host, runs=runs)
+    body = {"warmup": args.warmup, "repeats": args.repeats, "quick": args.quick, "runs": runs}
     out = args.out or DEFAULT_OUT.with_stem(DEFAULT_OUT.stem + "_quick" * args.quick)
-    write_json(out, data, sort_keys=False)
+    write_result(out, "train_speed", machine, body)
     print(_table(runs, args.device.startswith("cuda")))
     print(f"wrote {out}")
     return 0 if all("error" not in r for r in runs) else 1

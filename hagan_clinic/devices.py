@@ -46,6 +46,15 @@ def torchrun_env() -> Torchrun:
     return Torchrun(rank=rank, world=world, local_rank=local)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the platform reports one (a container or a job
+    limited to some cores), else the machine's count; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def resolve_device(name: str, what: str = "--device") -> torch.device:
     """``name`` (cpu, cuda, cuda:N, mps or auto) as a ``torch.device``. Under torchrun, plain ``cuda`` means this
     process's GPU (LOCAL_RANK). HaganError (one line) for an unknown name, or a GPU this machine does not have."""

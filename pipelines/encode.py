@@ -19,7 +19,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Set
+from collections.abc import Iterator, Set
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -201,13 +202,36 @@ def _batch_rows(batch: list[SeriesRecord], results: list[dict], z: np.ndarray, s
     return rows
 
 
-def encode_batch(model, grids: list[np.ndarray], device: str, precision: str) -> np.ndarray:
+@contextmanager
+def encoder_threads(readers: int, device: str) -> Iterator[None]:
+    """While ``readers`` reader processes of one thread each are at work, an encoder on the CPU keeps the remaining
+    cores (at least one); the thread count is restored afterwards, on every exit. On two cores an encoder of two
+    threads beside a reader contends with it for both cores instead of overlapping it (benchmarks/encode_bench.py)."""
     import torch
 
-    x = torch.from_numpy(np.stack(grids)).to(device=device, dtype=torch.float32)[:, None]
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
-        z = model.encode(x)
+    from hagan_clinic.devices import usable_cores
+
+    if readers <= 0 or torch.device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, usable_cores() - readers)))
+    log.debug("encoder: %d thread(s) beside %d reader(s)", torch.get_num_threads(), readers)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def encode_batch(model, grids: list[np.ndarray], device: str, precision: str) -> np.ndarray:
+    """z_hat (N, L) float32 of the preprocessed volumes ``grids`` (each (S, S, S)), with the model's inference copies
+    of the encoders at ``precision`` (:meth:`HAGAN.inference_encoders`: weights cast once, channels-last; no autocast;
+    the model's own weights untouched)."""
+    import torch
+
+    x = torch.from_numpy(np.stack(grids)).to(device=device)[:, None]
+    with torch.inference_mode():
+        z = model.encode(x, precision=precision)
     return z.float().cpu().numpy()
 
 
@@ -363,47 +387,44 @@ def run(src: str | Path, opts: EncodeOptions, tracker=None) -> EncodeResult:
         readers = f"{opts.workers} reader process(es)" if opts.workers else "reading in this process"
         log.debug("%s: %d batch(es) of up to %d series, %d to encode (the rest done earlier), %s", name, len(mine),
                   opts.batch_size, len(todo), readers)  # fmt: skip
-        pool = None
-        if opts.workers > 0 and todo:
-            import os
+        pool = WorkerPool(opts.workers, 1) if opts.workers > 0 and todo else None  # a series is read serially
+        with encoder_threads(opts.workers if pool else 0, opts.device):
+            try:
+                queue: deque = deque()
 
-            pool = WorkerPool(opts.workers, max(1, (os.cpu_count() or 1) // (opts.workers + 1)))
-        try:
-            queue: deque = deque()
+                def submit(k: int) -> None:
+                    queue.append([pool.submit(prepare, r) if pool else None for r in batches[k]])
 
-            def submit(k: int) -> None:
-                queue.append([pool.submit(prepare, r) if pool else None for r in batches[k]])
-
-            for k in todo[:2]:  # reading one batch ahead of the encoder
-                submit(k)
-            for i, k in enumerate(todo):
-                tasks = queue.popleft()
-                if i + 2 < len(todo):
-                    submit(todo[i + 2])
-                t_read = time.perf_counter()
-                results = [_collect(pool, t) if pool and t else prepare(r) for t, r in zip(tasks, batches[k])]
-                waited = time.perf_counter() - t_read  # the encoder idle while series are read: too few --workers?
-                grids = [res["grid"] for res in results if res["grid"] is not None]
-                t = time.perf_counter()
-                z = encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
-                took = {"read": 0.0, "preprocess": 0.0, "encode": time.perf_counter() - t}
-                for res in results:
-                    took["read"] += res.get("read_s", 0.0)
-                    took["preprocess"] += res.get("prep_s", 0.0)
-                for key, value in took.items():
-                    seconds[key] += value
-                log.debug("encode batch %d (%d/%d here): %d series, %d encoded; read %.2f s, preprocess %.2f s, "
-                          "encode %.2f s, waited %.2f s for the readers", k, i + 1, len(todo), len(results),
-                          len(grids), *took.values(), waited)  # fmt: skip
-                rows = _batch_rows(batches[k], results, z, scrub)
-                _save_batch(state / f"batch_{k:06d}.npz", z, rows)
-                encoded += len(rows)
-                bar.update(len(rows))
-                bar.set_postfix_str(f"{60 * encoded / (time.perf_counter() - start):.1f} series/min", refresh=False)
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.close()
+                for k in todo[:2]:  # reading one batch ahead of the encoder
+                    submit(k)
+                for i, k in enumerate(todo):
+                    tasks = queue.popleft()
+                    if i + 2 < len(todo):
+                        submit(todo[i + 2])
+                    t_read = time.perf_counter()
+                    results = [_collect(pool, t) if pool and t else prepare(r) for t, r in zip(tasks, batches[k])]
+                    waited = time.perf_counter() - t_read  # the encoder idle while series are read: too few --workers?
+                    grids = [res["grid"] for res in results if res["grid"] is not None]
+                    t = time.perf_counter()
+                    z = encode_batch(model, grids, opts.device, opts.precision) if grids else np.zeros((0, latent))
+                    took = {"read": 0.0, "preprocess": 0.0, "encode": time.perf_counter() - t}
+                    for res in results:
+                        took["read"] += res.get("read_s", 0.0)
+                        took["preprocess"] += res.get("prep_s", 0.0)
+                    for key, value in took.items():
+                        seconds[key] += value
+                    log.debug("encode batch %d (%d/%d here): %d series, %d encoded; read %.2f s, preprocess %.2f s, "
+                              "encode %.2f s, waited %.2f s for the readers", k, i + 1, len(todo), len(results),
+                              len(grids), *took.values(), waited)  # fmt: skip
+                    rows = _batch_rows(batches[k], results, z, scrub)
+                    _save_batch(state / f"batch_{k:06d}.npz", z, rows)
+                    encoded += len(rows)
+                    bar.update(len(rows))
+                    bar.set_postfix_str(f"{60 * encoded / (time.perf_counter() - start):.1f} series/min", refresh=False)
+            finally:
+                bar.close()
+                if pool is not None:
+                    pool.close()
         if encoded:
             per = {f"{k}_s_per_series": v / encoded for k, v in seconds.items()}
             tracker.log_metrics({**per, "series_per_min": 60 * encoded / (time.perf_counter() - start)})

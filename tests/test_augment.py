@@ -8,12 +8,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_config
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import ConfigError
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
+
+from conftest import tiny_config
 
 ARMS = "[real,real+synthetic,real+classical,real+synthetic+classical]"
 
@@ -96,10 +97,10 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
     and no synthetic volume is ever among them: checked on the arrays that reach the network in eval mode."""
     import hashlib
 
-    import hagan_clinic.pipelines.augment as aug
-    import hagan_clinic.pipelines.augment_arms as arms
     import torch
 
+    import hagan_clinic.pipelines.augment as aug
+    import hagan_clinic.pipelines.augment_arms as arms
     from hagan_clinic.config import load_config
     from hagan_clinic.io.cache import decode_grid
 
@@ -135,10 +136,10 @@ def test_only_real_volumes_reach_scoring(cohort, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_classical_augmentation_is_monai_seeded_and_flips_only_when_asked():
     import torch
-    from hagan_clinic.pipelines.augment_arms import classical, classical_transform
     from monai.transforms import RandAffine, RandFlip
 
     from hagan_clinic.config import ClassicalConfig
+    from hagan_clinic.pipelines.augment_arms import classical, classical_transform
 
     plain = classical_transform(ClassicalConfig(), 3)
     assert any(isinstance(t, RandAffine) for t in plain.transforms)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_one_line, assert_refused, run_cli, tiny_config
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.cache import (
@@ -20,6 +19,8 @@ from hagan_clinic.io.cache import (
 )
 from hagan_clinic.io.files import write_rows
 from hagan_clinic.io.volume import SeriesError
+
+from conftest import assert_one_line, assert_refused, run_cli, tiny_config
 
 SIZE = 32  # the tiny config's grid
 

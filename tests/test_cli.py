@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_refused, run_cli
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
 from hagan_clinic.io.files import LEDGER_NAME
 from hagan_clinic.models.hagan import HAGAN
+
+from conftest import assert_refused, run_cli
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -283,6 +284,44 @@ def test_the_default_number_of_workers_is_one_rule():
     assert [default_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [0, 0, 1, 2, 4, 4]
 
 
+def test_encode_readers_leave_the_encoder_the_other_cores(capsys, monkeypatch, tmp_path):
+    """With one reader on two cores the encoder runs on one thread while the reader works (two encoder threads
+    beside a reader contend for both cores); the thread count is restored afterwards."""
+    import hagan_clinic.pipelines.encode as encode_pipeline
+    from hagan_clinic.errors import HaganError
+
+    seen = {}
+    real = encode_pipeline.encoder_threads
+
+    def watching(readers, device):
+        seen.update(readers=readers, previous=torch.get_num_threads())
+        return real(readers, device)
+
+    def encoding(model, grids, device, precision):
+        seen["threads"] = torch.get_num_threads()
+        raise HaganError("stop here")
+
+    monkeypatch.setattr(encode_pipeline, "encoder_threads", watching)
+    monkeypatch.setattr(encode_pipeline, "encode_batch", encoding)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from hagan_clinic.phantoms import write_cohort
+
+        src = tmp_path / "cohort"
+        write_cohort(src, 1, seed=0, shape=(24, 48, 48), progress=False)
+        model = HAGAN.from_config(load_config("tiny")).save(tmp_path / "m.pt")
+        args = ("--checkpoint", model, "--workers", "1", "--no-tracking")
+        code, _, err = run_cli(capsys, "encode", src, "--out", tmp_path / "t.csv", *args)
+        assert code == 2 and "stop here" in err
+        assert seen == {"readers": 1, "threads": 1, "previous": 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("command", ["preprocess", "qct", "encode"])
 def test_every_workers_flag_defaults_to_the_rule(capsys, monkeypatch, tmp_path, command):
     from hagan_clinic.errors import HaganError
@@ -295,6 +334,7 @@ def test_every_workers_flag_defaults_to_the_rule(capsys, monkeypatch, tmp_path, 
 
     monkeypatch.setattr(f"hagan_clinic.pipelines.{command}.run", fake_run)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     extra = ["--checkpoint", "m.pt", "--no-tracking"] if command == "encode" else []
     code, _, err = run_cli(capsys, command, tmp_path, "--out", "t.csv" if command != "preprocess" else "c", *extra)
     assert code == 2 and "stop here" in err

@@ -261,9 +261,8 @@ def test_the_series_runner_follows_the_workers_rule_and_stores_no_timing(tmp_pat
     reach a row or a state file (a re-run's rows equal the first run's)."""
     from pathlib import Path
 
-    from hagan_clinic.pipelines.cohort import SECONDS, run_series
-
     from hagan_clinic.io.cohort import SeriesRecord
+    from hagan_clinic.pipelines.cohort import SECONDS, run_series
 
     records = [
         SeriesRecord(f"uid:{i}", "dicom", (Path(f"s{i}.dcm"),), f"s{i}", "ok", series_uid=str(i)) for i in (1, 2)
@@ -280,10 +279,9 @@ def test_the_series_runner_follows_the_workers_rule_and_stores_no_timing(tmp_pat
 
 def test_an_unpicklable_function_for_worker_processes_is_a_programming_error(tmp_path):
     """With workers >= 1 a lambda failed in every worker, and each series was recorded as failed by it."""
-    from hagan_clinic.pipelines.cohort import run_series
-
     from hagan_clinic.io.cohort import discover
     from hagan_clinic.phantoms import write_cohort
+    from hagan_clinic.pipelines.cohort import run_series
 
     write_cohort(tmp_path / "c", 2, seed=0, shape=(24, 48, 48), progress=False, extras=False)
     records = discover(tmp_path / "c", progress=False).ok

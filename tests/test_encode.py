@@ -146,6 +146,35 @@ def test_reruns_formats_and_workers_give_the_same_numbers(capsys, cohort, checkp
     np.testing.assert_allclose(text[Z].to_numpy(), expected[Z].to_numpy(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
+def test_bf16_encodes_with_bf16_weights_and_agrees_with_fp32(
+    capsys, cohort, checkpoint, reference, monkeypatch, tmp_path
+):
+    """--precision bf16 runs bf16 copies of the encoders (weights cast once, not autocast around fp32 weights) and
+    leaves the model's own weights fp32; its features agree with the fp32 table; the provenance says which precision
+    made them."""
+    import hagan_clinic.pipelines.encode as encode_pipeline
+
+    dtypes, real = {"copy": set(), "own": set()}, encode_pipeline.encode_batch
+
+    def watching(model, grids, device, precision):
+        z = real(model, grids, device, precision)
+        eh, eg = model.inference_encoders(precision)
+        dtypes["copy"].update(str(p.dtype) for p in [*eh.parameters(), *eg.parameters()])
+        dtypes["own"].update(str(p.dtype) for p in [*model.EH.parameters(), *model.EG.parameters()])
+        return z
+
+    monkeypatch.setattr(encode_pipeline, "encode_batch", watching)
+    out = tmp_path / "bf16.parquet"
+    assert encode(capsys, cohort, out, "--checkpoint", str(checkpoint), "--precision", "bf16", *FAST)[0] == 0
+    assert dtypes == {"copy": {"torch.bfloat16"}, "own": {"torch.float32"}}
+    a = pd.read_parquet(reference)[Z].to_numpy(np.float64)
+    b = pd.read_parquet(out)[Z].to_numpy(np.float64)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert json.loads(out.with_name("bf16.provenance.json").read_text())["encode"]["precision"] == "bf16"
+
+
 # ---------------------------------------------------------------- interruption and resumption
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_with_only_the_missing_batches(

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_volumes
 
 from hagan_clinic.cli import main
 from hagan_clinic.feature_nets import FeatureNetError, medicalnet
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.models.medicalnet import MedicalNetResNet
+
+from conftest import tiny_config, write_volumes
 
 
 def _medicalnet_resnet(depth: int):

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
 from hagan_clinic.io.torch_files import CheckpointError
 from hagan_clinic.models.hagan import HAGAN, load_checkpoint
+
+from conftest import assert_refused, run_cli
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ import errno
 import os
 
 import pytest
-from conftest import assert_one_line, run_cli
 
 from hagan_clinic.cli import cli
 from hagan_clinic.errors import HaganError
+
+from conftest import assert_one_line, run_cli
 
 # ---------------------------------------------------------------- seeds
 SEEDED = {

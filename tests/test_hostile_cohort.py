@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
 from hagan_clinic.io.dicom_write import write_series
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
+
+from conftest import run_cli
 
 FAST = ("--workers", "0", "--no-tracking")
 NON_FINITE_FEATURES = "non-finite features (NaN or inf from the encoder: a damaged checkpoint?)"
@@ -190,9 +191,8 @@ def test_a_damaged_encode_state_is_encoded_again_or_refused(capsys, cohort, chec
 def test_a_grid_with_nan_is_never_ok(capsys, monkeypatch, cohort, tmp_path):
     """Readers mark NaN voxels as unmeasured today; should a grid still hold NaN, its series fails, in preprocess
     and in encode alike (the model would turn it into NaN features)."""
-    from hagan_clinic.pipelines.encode import prepare_one
-
     import hagan_clinic.preprocessing as preprocessing
+    from hagan_clinic.pipelines.encode import prepare_one
 
     real = preprocessing.to_model_grid
 
@@ -332,11 +332,10 @@ def test_evaluate_refuses_a_cache_made_for_another_contract(capsys, cohort, chec
 def test_a_fifo_among_the_cached_volumes_is_refused_by_training_and_augment(capsys, cohort, tmp_path):
     """Readers that take the manifest's paths (training's listing, augment) never open a FIFO put in a volume's
     place: they would block forever."""
-    from hagan_clinic.pipelines.augment import load_real
-
     from hagan_clinic.config import load_config
     from hagan_clinic.data import VolumeFolder
     from hagan_clinic.errors import HaganError
+    from hagan_clinic.pipelines.augment import load_real
 
     out = tmp_path / "cache"
     assert run_cli(capsys, "preprocess", cohort, "--out", out, "--config", "tiny")[0] == 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import assert_refused
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import MAX_YAML_VALUES, ConfigError, load_config
+
+from conftest import assert_refused
 
 
 def check_config(capsys, *args: str) -> tuple[int, str, str]:

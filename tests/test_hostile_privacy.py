@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ellipsoid_hu
-from hagan_clinic.pipelines.encode import EncodeOptions, run
 
 from hagan_clinic.io.dicom_write import write_series
+from hagan_clinic.pipelines.encode import EncodeOptions, run
 from hagan_clinic.tracking import NullTracker
+
+from conftest import ellipsoid_hu
 
 SALT = "pepper-\udcff"  # a command line's way of passing the byte 0xff, which is not UTF-8
 SECRETS = ("DOE", "JOHN", "SMITH", "JANE")

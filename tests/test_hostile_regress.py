@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_refused
 
 from hagan_clinic import regression
 from hagan_clinic.cli import main
 from hagan_clinic.io.files import read_provenance, write_json, write_table
 from hagan_clinic.io.model_file import load_bundle
+
+from conftest import assert_refused
 
 N = 20
 

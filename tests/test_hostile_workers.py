@@ -10,10 +10,10 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from hagan_clinic.pipelines.cohort import WORKER_DIED, run_series
-from hagan_clinic.pipelines.encode import _safe_prepare as _real_prepare  # bound before any test replaces it
 
 from hagan_clinic.io.cohort import SeriesRecord
+from hagan_clinic.pipelines.cohort import WORKER_DIED, run_series
+from hagan_clinic.pipelines.encode import _safe_prepare as _real_prepare  # bound before any test replaces it
 
 VICTIM = "uid:2"
 
@@ -53,9 +53,9 @@ def _prepare_or_die(record: SeriesRecord, cfg_dict: dict, qct: bool) -> dict:
 
 @pytest.mark.slow
 def test_a_killed_reader_fails_its_series_only_and_a_rerun_encodes_it(tmp_path, monkeypatch, capsys):
-    import hagan_clinic.pipelines.encode as encode
     import pandas as pd
 
+    import hagan_clinic.pipelines.encode as encode
     from hagan_clinic.cli import main
     from hagan_clinic.config import load_config
     from hagan_clinic.models.hagan import HAGAN

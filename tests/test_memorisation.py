@@ -8,13 +8,14 @@ from itertools import cycle
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_volumes
-from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
 
 import hagan_clinic.models.hagan as checkpoint_module
 from hagan_clinic.io.cache import decode_grid
 from hagan_clinic.metrics import memorisation_check
 from hagan_clinic.models.hagan import HAGAN
+from hagan_clinic.pipelines.evaluate import EvaluateOptions, run
+
+from conftest import tiny_config, write_volumes
 
 
 @pytest.fixture(scope="module")

@@ -201,3 +201,114 @@ def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
     c = HAGAN.from_config(load_config("tiny", ["seed=6"]))
     assert torch.equal(a.G.trunk.fc.weight, b.G.trunk.fc.weight)
     assert not torch.equal(a.G.trunk.fc.weight, c.G.trunk.fc.weight)
+
+
+@pytest.mark.parametrize("mode", ["slabs", "whole"])
+def test_inference_encoders_keep_the_features_and_leave_the_model_alone(mode):
+    """encode(precision=...) runs copies of E^H and E^G cast once (no autocast) and stored channels-last: fp32 gives
+    the plain model's features to rounding, bf16 agrees to bf16's precision, and the model's own weights stay fp32
+    (a later fp32 caller, a checkpoint or a registered model never sees bf16 weights)."""
+    cfg = load_config("tiny", ["model.size=64"])
+    model = HAGAN.from_config(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand((2, 1, 64, 64, 64), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    expected = model.encode(x, mode)
+
+    eh, eg = model.inference_encoders("fp32")
+    weight = eh.blocks[0].conv.weight
+    assert weight.dtype == torch.float32 and weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(model.encode(x, mode, precision="fp32"), expected, rtol=1e-4, atol=1e-5)
+
+    z = model.encode(x, mode, precision="bf16")
+    eh, eg = model.inference_encoders("bf16")
+    assert {p.dtype for p in [*eh.parameters(), *eg.parameters()]} == {torch.bfloat16}
+    assert z.dtype == torch.bfloat16 and z.shape == expected.shape
+    a, b = expected.flatten().double(), z.flatten().double()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert model.inference_encoders("bf16")[0] is eh  # made once
+    torch.testing.assert_close(model.encode(x, mode, precision="bf16"), z, rtol=0, atol=0)
+
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    torch.testing.assert_close(model.encode(x, mode), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'fp32' or 'bf16'"):
+        model.encode(x, mode, precision="fp16")
+
+
+def test_inference_encoders_follow_the_weights():
+    """A loaded state dict or an optimiser step changes the encoders: the inference copies are made again."""
+    cfg = load_config("tiny")
+    model = HAGAN.from_config(cfg).eval()
+    x = torch.rand((1, 1, 32, 32, 32), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    first = model.encode(x, precision="bf16").float()
+    other = HAGAN.from_config(load_config("tiny", ["seed=7"]))
+    model.EH.load_state_dict(other.EH.state_dict())
+    model.EG.load_state_dict(other.EG.state_dict())
+    torch.testing.assert_close(
+        model.encode(x, precision="bf16").float(), other.eval().encode(x, precision="bf16").float()
+    )
+    assert not torch.allclose(model.encode(x, precision="bf16").float(), first)
+    with torch.no_grad():
+        model.EG.out.bias.add_(1.0)  # an in-place update, as an optimiser step makes
+    torch.testing.assert_close(model.encode(x, precision="fp32"), model.encode(x), rtol=1e-4, atol=1e-5)
+
+
+def test_upconv_backward_makes_the_phase_tensor_gradient_once():
+    """The phases' gradient is gathered into one buffer. Autograd of eight slice assignments would build a
+    zero-filled gradient of the whole 8-phase tensor once per phase and add them up (8x its size, 15 tensors),
+    which cost more than the convolution's own backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    phases = 2 * 8 * 3 * 7 * 7 * 7  # (N, 8 Co, d+1, h+1, w+1): the tensor the phases are computed in
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.made: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == phases and out._base is None:
+                self.made.append(func.overloadpacket.__name__)
+            return out
+
+    layer = UpConv3d(4, 3)
+    x = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    y = layer(x)
+    with FullSize() as counter:
+        y.sum().backward()
+    assert len(counter.made) <= 2, counter.made
+    ref = UpConv3d(4, 3)
+    ref.load_state_dict(layer.state_dict())
+    ref.phase_decomposed = False
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_whose_weights_outweigh_their_output_run_outside_autocast():
+    """Under bf16 autocast, G^A's fully connected layer and E^G's last convolution keep fp32 (casting their weights
+    on every pass costs more than it saves); the convolutions around them still run in bf16."""
+    model = HAGAN.from_config(load_config("tiny"))
+    seen: dict[str, torch.dtype] = {}
+    watched = {"fc": model.G.trunk.fc, "EG.out": model.EG.out, "conv": model.G.trunk.blocks[1].conv}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out.dtype))
+    z = torch.randn(2, model.config.model.latent_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(z)
+        model.encode(torch.rand(2, 1, 32, 32, 32) * 2 - 1)
+    assert seen == {"fc": torch.float32, "EG.out": torch.float32, "conv": torch.bfloat16}
+
+
+@pytest.mark.parametrize("dhw", [(1, 1, 1), (1, 2, 3), (3, 4, 5)])
+def test_the_phase_interleave_has_exact_gradients(dhw):
+    """The interleave's hand-written backward against finite differences (float64, any upstream gradient): every
+    phase's gradient lands where its output voxels are, and the border slices no output reads get none."""
+    from hagan_clinic.models.layers import _Interleave
+
+    d, h, w = dhw
+    y = torch.randn(2, 2, 2, 2, 3, d + 1, h + 1, w + 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Interleave.apply, (y,))

@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import tiny_config
 
 from hagan_clinic.data import VolumeFolder
 from hagan_clinic.io.cohort import discover, load_series
@@ -21,6 +20,8 @@ from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.preprocessing import model_input, to_model_grid
 from hagan_clinic.qct import measure
 from hagan_clinic.sampling import generate_to_nifti, sample_latent
+
+from conftest import tiny_config
 
 SPACING = (5.0, 4.0, 6.0)  # x, y, z: all different, so a swapped axis shows
 ORIGIN = (-150.0, -120.0, -310.0)  # LPS of voxel (0, 0, 0)

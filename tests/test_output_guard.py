@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.files import LEDGER_NAME, Outputs, csv_safe, csv_safe_frame, table_format
+
+from conftest import run_cli
 
 
 def test_refuses_an_input_and_a_foreign_file(tmp_path):
@@ -335,9 +336,9 @@ def test_qct_never_deletes_through_a_linked_state_folder(tmp_path, capsys):
 
 def test_augment_with_too_few_patients_says_so():
     import numpy as np
-    from hagan_clinic.pipelines.augment import split
 
     from hagan_clinic.config import load_config
+    from hagan_clinic.pipelines.augment import split
 
     labels, groups = np.array([0, 1, 0]), np.array(["a", "b", "c"])
     with pytest.raises(HaganError, match="too few"):

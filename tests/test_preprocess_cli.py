@@ -9,13 +9,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ellipsoid_hu
 
 from hagan_clinic.cli import main
 from hagan_clinic.config import load_config
 from hagan_clinic.data import VolumeFolder
 from hagan_clinic.io.dicom_write import write_series
 from hagan_clinic.io.volume import Volume
+
+from conftest import ellipsoid_hu
 
 SPACING = (10.0, 10.0, 10.0)  # (x, y, z) mm: 24 x 32 pixels of 10 mm fit the tiny config's 32 x 12 mm grid
 NAME, BIRTH_DATE = "DOE^JANE", "19500101"

@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import tiny_config
 from test_reference_import import as_ours, narrow
 
 from hagan_clinic.config import ConfigError, load_config
@@ -19,6 +18,8 @@ from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.preprocessing import to_model_grid
 from hagan_clinic.reference import import_reference_state_dicts
 from hagan_clinic.sampling import generate_to_nifti
+
+from conftest import tiny_config
 
 REAL_DATA = Path(os.environ.get("HAGAN_CLINIC_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CHEST = REAL_DATA / "chest_ct_lungdx_A0002_8mm_B40f"
@@ -99,9 +100,8 @@ def test_generate_without_spacing_says_so(tmp_path):
 
 
 def test_encode_applies_the_reference_preprocessing(tmp_path):
-    from hagan_clinic.pipelines.encode import prepare_one
-
     from hagan_clinic.io.nifti import write_scan
+    from hagan_clinic.pipelines.encode import prepare_one
 
     rng = np.random.default_rng(1)
     hu = rng.uniform(-1100, 700, (20, 48, 40)).astype(np.float32)

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
 
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io.torch_files import file_sha256
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.tracking import Tracker
 from hagan_clinic.tracking.registry import RegistryError, Resolved, find_version, resolve_checkpoint, set_alias
+
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")

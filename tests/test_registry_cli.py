@@ -8,11 +8,12 @@ import json
 
 import nibabel as nib
 import pytest
-from conftest import run_cli, tiny_config
 
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
 from hagan_clinic.tracking import Tracker
+
+from conftest import run_cli, tiny_config
 
 NAME = "cli-model"
 

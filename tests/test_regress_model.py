@@ -19,14 +19,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import skops.io
-from conftest import assert_refused, run_cli
-from hagan_clinic.pipelines import regress as regress_pipeline
 
 from hagan_clinic import regression
 from hagan_clinic.errors import HaganError
 from hagan_clinic.io import model_file
 from hagan_clinic.io.files import read_provenance
 from hagan_clinic.io.model_file import RegressionBundle, load_bundle, save_bundle
+from hagan_clinic.pipelines import regress as regress_pipeline
+
+from conftest import assert_refused, run_cli
 
 N, D = 24, 4
 COLUMNS = [f"z{i}" for i in range(D)]

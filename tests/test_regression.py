@@ -866,9 +866,8 @@ def test_metrics_json_mlflow_console_and_plot_titles_agree(cohort):
 def test_a_feature_table_is_read_by_its_content_whatever_its_name(tmp_path, name):
     """encode writes parquet under a name without a suffix, or .pq: regress and predict read it as parquet (they
     read everything but .parquet as CSV, and failed on encode's own output)."""
-    from hagan_clinic.pipelines.regress import read_table
-
     from hagan_clinic.io.files import write_table
+    from hagan_clinic.pipelines.regress import read_table
 
     table = pd.DataFrame({"patient_id": ["007", "P2"], "z0": [0.25, -1.5]})
     fmt = "csv" if name.endswith(".csv") else "parquet"

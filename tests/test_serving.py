@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ellipsoid_hu, tiny_config
 
 from hagan_clinic.errors import HaganError
+
+from conftest import ellipsoid_hu, tiny_config
 
 NAME = "served"
 Z = [f"z{i}" for i in range(32)]  # the tiny config's latent_dim
@@ -171,9 +172,8 @@ def test_a_grid_too_large_for_arrays_is_refused(encoder, monkeypatch):
 def test_a_path_is_bounded_before_anything_is_read(encoder, tmp_path, monkeypatch):
     """A request names one series: a tree of more entries (a cohort, a folder of 10^5 files, /proc/self whose walk
     never ends) is refused after counting at most MAX_SERIES_ENTRIES of them, before encode's reader sees it."""
-    from hagan_clinic.pipelines import encode_inputs
-
     from hagan_clinic import serving
+    from hagan_clinic.pipelines import encode_inputs
 
     def not_reached(*args, **kwargs):
         raise AssertionError("the path was handed to the reader")

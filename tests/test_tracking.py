@@ -16,10 +16,11 @@ import nibabel as nib
 import pandas as pd
 import pydicom
 import pytest
-from conftest import run_cli, tiny_config
 
 from hagan_clinic.models.hagan import HAGAN
 from hagan_clinic.phantoms import write_cohort
+
+from conftest import run_cli, tiny_config
 
 SALT = "pepper-7c1e"
 SECRET_FOLDER = "SECRETSITE_cohort"  # the source folder's name: a pseudonymised run must not write it anywhere

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,9 @@ SEED = click.IntRange(0, 2**32 - 1)
 def default_workers(cores: int | None = None) -> int:
     """The one default of every ``--workers``: none on one or two cores (a worker process would compete with the
     main process instead of overlapping it), else half the cores, at most four (reading is I/O-bound beyond)."""
-    cores = cores if cores is not None else os.cpu_count() or 1
+    from ..devices import usable_cores
+
+    cores = cores if cores is not None else usable_cores()
     return 0 if cores <= 2 else min(4, cores // 2)
 
 

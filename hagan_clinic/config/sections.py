@@ -341,7 +341,9 @@ class EncodeConfig(_Section):
     workers: int | None = Field(
         default=None, ge=0, le=256, description="reader processes (0: read in the main process); null: the default rule"
     )
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="autocast dtype of the encoder")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="dtype of the encoders' weights and arithmetic (cast once; no autocast)"
+    )
 
 
 class RegressConfig(_Section):

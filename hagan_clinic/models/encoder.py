@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import ConvNormAct, check_input, conv3, down4
+from .layers import ConvNormAct, check_input, conv3, down4, outside_autocast
 
 
 class SlabEncoder(nn.Module):
@@ -56,4 +56,4 @@ class GroundEncoder(nn.Module):
         check_input(h, (None, *self.in_shape), "E^G input")
         for block in self.blocks:
             h = block(h)
-        return self.out(h).flatten(1)
+        return outside_autocast(self.out, h).flatten(1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import ConvNormAct, UpConv3d, check_input, conv3
+from .layers import ConvNormAct, UpConv3d, check_input, conv3, outside_autocast
 
 
 class Trunk(nn.Module):
@@ -40,7 +40,7 @@ class Trunk(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, zc: torch.Tensor) -> torch.Tensor:
-        h = self.fc(zc).view(zc.shape[0], self.base_channels, 4, 4, 4)
+        h = outside_autocast(self.fc, zc).view(zc.shape[0], self.base_channels, 4, 4, 4)
         for block in self.blocks:
             h = block(h)
         return h

@@ -21,6 +21,7 @@ a half-written checkpoint under the real name.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ class HAGAN(nn.Module):
         self.EG = GroundEncoder(cfg)
         #: parts whose weights are meaningful (trained or loaded); a sampling checkpoint may lack D
         self.parts: tuple[str, ...] = PARTS
+        #: inference copies of E^H and E^G per precision, with the weights' identity they were made from (a plain
+        #: dict: not submodules, so never in a state dict, a checkpoint or a .to())
+        self._inference: dict[str, tuple[tuple, nn.Module, nn.Module]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> HAGAN:
@@ -92,13 +96,15 @@ class HAGAN(nn.Module):
         z = z.to(self.device, self.G.trunk.fc.weight.dtype)
         return self.G.low(self.G.features(z, labels))
 
-    def encode_features(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """E^H of a whole volume (N, 1, S, S, S) -> (N, 2c, F, F, F), per slab or in one go (see module doc)."""
+    def encode_features(self, x: torch.Tensor, mode: str | None = None, eh: nn.Module | None = None) -> torch.Tensor:
+        """E^H of a whole volume (N, 1, S, S, S) -> (N, 2c, F, F, F), per slab or in one go (see module doc).
+        ``eh``: the E^H to run (default the model's own; :meth:`encode` passes an inference copy)."""
+        eh = self.EH if eh is None else eh
         s = self.config.model.size
         check_input(x, (None, 1, s, s, s), "volume")
         mode = mode or self.config.model.encode_mode
         if mode == "whole":
-            return self.EH(x)
+            return eh(x)
         if mode != "slabs":
             raise ValueError(f"encode mode must be 'slabs' or 'whole', got {mode!r}")
         # the slabs of all volumes become one batch, run two slabs per call: the same maths as one call per slab
@@ -106,18 +112,47 @@ class HAGAN(nn.Module):
         # memory stays two slabs' activations
         n, s, d = x.shape[0], self.config.model.size, self.config.model.slab_depth
         slabs = x.reshape(n, 1, NUM_SLABS, d, s, s).transpose(1, 2).reshape(n * NUM_SLABS, 1, d, s, s)
-        h = torch.cat([self.EH(slabs[i : i + SLABS_PER_CALL]) for i in range(0, n * NUM_SLABS, SLABS_PER_CALL)])
+        h = torch.cat([eh(slabs[i : i + SLABS_PER_CALL]) for i in range(0, n * NUM_SLABS, SLABS_PER_CALL)])
         c, f, side = h.shape[1], h.shape[2], h.shape[3]
         return h.reshape(n, NUM_SLABS, c, f, side, side).transpose(1, 2).reshape(n, c, NUM_SLABS * f, side, side)
 
+    def inference_encoders(self, precision: str = "fp32") -> tuple[nn.Module, nn.Module]:
+        """E^H and E^G ready for inference at ``precision`` (fp32 or bf16): copies with the weights cast once and
+        stored channels-last 3D, the layout in which oneDNN's and cuDNN's 3D convolutions run fastest; bf16 then runs
+        without autocast's per-call casts of weights and activations, GroupNorm included.
+
+        The copies are made at the first call and made again when the model's encoder weights change (a loaded
+        state dict, an optimiser step, a move to another device). The model's own E^H and E^G are never touched, so
+        a later fp32 caller, a saved checkpoint or a registered model sees the trained fp32 weights.
+        """
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+        if dtype is None:
+            raise ValueError(f"encoder precision must be 'fp32' or 'bf16', got {precision!r}")
+        params = [*self.EH.parameters(), *self.EG.parameters()]
+        key = (str(self.device), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        cached = self._inference.get(precision)
+        if cached is None or cached[0] != key:
+            parts = []
+            for part in (self.EH, self.EG):
+                twin = copy.deepcopy(part).eval().requires_grad_(False)
+                # Module.to takes memory_format at run time, but torch's overloads do not declare it
+                parts.append(twin.to(dtype=dtype, memory_format=torch.channels_last_3d))  # type: ignore[call-overload]
+            cached = self._inference[precision] = (key, parts[0], parts[1])
+        return cached[1], cached[2]
+
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        """z_hat = E^G(E^H(x)) for volumes x (N, 1, S, S, S) in [-1, 1]; returns (N, L)."""
+    def encode(self, x: torch.Tensor, mode: str | None = None, precision: str | None = None) -> torch.Tensor:
+        """z_hat = E^G(E^H(x)) for volumes x (N, 1, S, S, S) in [-1, 1]; returns (N, L).
+
+        ``precision``: None runs the model's own encoders (their dtype, under the caller's autocast if any);
+        "fp32" or "bf16" runs :meth:`inference_encoders` (the result is then in that dtype).
+        """
         missing = {"EH", "EG"} - set(self.parts)
         if missing:
             raise ValueError(f"this model has no trained {' or '.join(sorted(missing))}: it cannot encode")
-        x = x.to(self.device, self.EG.out.weight.dtype)
-        return self.EG(self.encode_features(x, mode))
+        eh, eg = (self.EH, self.EG) if precision is None else self.inference_encoders(precision)
+        x = x.to(self.device, next(eh.parameters()).dtype)
+        return eg(self.encode_features(x, mode, eh))
 
     def part_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: getattr(self, name).state_dict() for name in self.parts}
