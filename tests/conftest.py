@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +124,14 @@ def volume_dir(tmp_path):
 def make_volumes():
     """``write_volumes`` for tests that need more folders or other sizes."""
     return write_volumes
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module, imported as the script imports its neighbours (benchmarks/ on sys.path):
+    benchmarks/ is a folder of scripts, not a package."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)

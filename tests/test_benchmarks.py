@@ -8,7 +8,6 @@ Only the structure of what they write is checked, never a timing value.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -40,16 +41,7 @@ SPEED_RESULTS = (
 OTHER_RESULTS = ("phantom_regress_metrics.json", "real_data_validation.json", "memory_table.json")
 
 
-def _machine_module() -> Any:
-    """benchmarks/machine.py, loaded from its file (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_machine", BENCHMARKS / "machine.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-machine = _machine_module()
+machine = benchmark_module("machine")
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:

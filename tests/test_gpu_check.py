@@ -5,7 +5,6 @@ whole process group."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
 import subprocess
@@ -18,16 +17,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """The script as a module (benchmarks/ on sys.path, as when it runs)."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    return importlib.import_module("gpu_check")
+    return benchmark_module("gpu_check")
 
 
 def run_script(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -234,7 +232,7 @@ def test_an_encode_row_that_raises_is_recorded_and_each_precision_warms_up(gpu_c
 
 
 def test_the_table_prints_rows_a_section_left_half_written(gpu_check):
-    report = importlib.import_module("gpu_check_report")
+    report = benchmark_module("gpu_check_report")
     sections = {
         "train": {"status": "error", "wall_s": 1.0, "rows": [{"size": 32, "precision": "fp32"}]},  # no status
         "slab": {"status": "ok", "wall_s": 2.0, "rows": [{"precision": "bf16", "slab": 4, "status": "ok"}]},

@@ -3,7 +3,6 @@ consistency of what it writes; never a timing value, never the verdict's outcome
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import statistics
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "loss_curve.py"
 LOSSES = ("loss_D", "loss_G", "loss_EH", "loss_EG")
@@ -20,10 +21,7 @@ LOSSES = ("loss_D", "loss_G", "loss_EH", "loss_EG")
 
 @pytest.fixture(scope="module")
 def lc():
-    """The script as a module (benchmarks/ on sys.path, as when it runs)."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    return importlib.import_module("loss_curve")
+    return benchmark_module("loss_curve")
 
 
 def noisy(level: float, seed: int, n: int = 40) -> list[float]:

@@ -3,7 +3,6 @@ structure and consistency of what they write; never timing values)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -11,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "scaling.py"
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    """The script as a module (benchmarks/ on sys.path, as when it runs)."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    return importlib.import_module("scaling")
+    return benchmark_module("scaling")
 
 
 def point(task="generate", size=64, batch=1, s=1.0, gflop=1.0, peak_mb=100.0, status="ok", **kw) -> dict:
@@ -150,7 +148,7 @@ def test_force_runs_the_points_predicted_over_budget(tmp_path):
 @pytest.mark.slow
 def test_quick_sweep_measures_every_point(tmp_path, scaling):
     _, data, md = run_sweep(tmp_path)
-    required = importlib.import_module("machine").REQUIRED  # importable once the fixture has loaded the script
+    required = benchmark_module("machine").REQUIRED
     assert all(k in data for k in (*required, "settings", "points", "analysis"))
     assert data["machine"]["matmul_gflops"]["fp32"] > 0
     pts = {(p["task"], p["size"], p["batch"]): p for p in data["points"]}
