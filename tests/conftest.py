@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from hagan_clinic.config import load_config
+from hagan_clinic.io import logs
 from hagan_clinic.models.hagan import HAGAN
+
+_PRISTINE_LOG_STATE = dict(logs._state)  # before any command ran in this process
 
 
 @pytest.fixture(autouse=True)
@@ -21,22 +24,28 @@ def _deterministic_threads():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _project_logger_restored():
-    """An in-process command configures the project's logger (its own stderr handler, no propagation); each test
-    starts from the state before it, so a later test's ``caplog`` sees the project's records whatever ran first."""
+def _project_logger_pristine() -> None:
+    """The project's logger as no command has touched it: no handler of its own, propagating to the root logger
+    (where ``caplog`` listens on every pytest version), level unset, normal verbosity."""
     import logging
 
-    from hagan_clinic.io import logs
-
     root = logging.getLogger(logs.LOGGER)
-    saved = (list(root.handlers), root.propagate, root.level, dict(logs._state))
-    yield
-    root.handlers[:] = saved[0]
-    root.propagate = saved[1]
-    root.setLevel(saved[2])
+    for handler in [h for h in root.handlers if isinstance(h, logs._CurrentStderr)]:
+        root.removeHandler(handler)
+    root.propagate = True
+    root.setLevel(logging.NOTSET)
     logs._state.clear()
-    logs._state.update(saved[3])
+    logs._state.update(_PRISTINE_LOG_STATE)
+
+
+@pytest.fixture(autouse=True)
+def _project_logger_pristine_around_each_test():
+    """An in-process command configures the project's logger (its own stderr handler, no propagation), and a module
+    or session fixture may run one before this fixture starts; so each test begins and ends with the pristine
+    logger, and a later test's ``caplog`` sees the project's records whatever ran first."""
+    _project_logger_pristine()
+    yield
+    _project_logger_pristine()
 
 
 @pytest.fixture(autouse=True)

@@ -459,21 +459,34 @@ def test_phantoms_take_out_as_a_flag_or_positionally(capsys, tmp_path):
 
 
 @pytest.fixture
-def log_to_stderr(monkeypatch):
-    """The project's logging configured as the command line does, and restored after (the handler writes to each
-    test's captured stderr: see test_log_lines_go_to_the_stderr_of_the_moment)."""
+def log_to_stderr():
+    """The project's logging configured as the command line does (the handler writes to each test's captured
+    stderr: see test_log_lines_go_to_the_stderr_of_the_moment); conftest makes the logger pristine again after."""
+    from hagan_clinic.io import logs
+
+    logs.configure(0)
+    yield
+
+
+@pytest.fixture(scope="module")
+def command_run_by_a_module_fixture():
+    """A command run in this process before any function fixture starts, as the cohort tests' fixtures do."""
+    assert main(["--verbose", "check-config", "tiny"]) == 0
+
+
+def test_each_test_starts_with_the_project_logger_no_command_touched(command_run_by_a_module_fixture, caplog):
+    """Older pytest versions capture only what reaches the root logger: a command that ran in a module fixture
+    (its stderr handler, propagation off, debug level) must not hide a later test's records from ``caplog``."""
     import logging
 
     from hagan_clinic.io import logs
 
     root = logging.getLogger(logs.LOGGER)
-    monkeypatch.setattr(root, "handlers", list(root.handlers))
-    monkeypatch.setattr(root, "propagate", root.propagate)
-    monkeypatch.setitem(logs._state, "verbosity", logs._state["verbosity"])
-    level = root.level
-    logs.configure(0)
-    yield
-    root.setLevel(level)
+    assert root.propagate and root.level == logging.NOTSET and logs._state == {"verbosity": 0}
+    assert not [h for h in root.handlers if isinstance(h, logs._CurrentStderr)]
+    with caplog.at_level("WARNING", logger="hagan_clinic.serving"):
+        logging.getLogger("hagan_clinic.serving").warning("seen by caplog")
+    assert "seen by caplog" in caplog.text
 
 
 def test_verbose_adds_debug_lines_and_every_level_prints_the_same_results(

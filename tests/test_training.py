@@ -136,15 +136,8 @@ def test_train_writes_the_run_folder(volume_dir, tmp_path):
 
 
 @pytest.fixture
-def train_log(monkeypatch):
-    """The training package's log records; the logging set-up that ``configure`` changes is restored after."""
-    from hagan_clinic.io import logs
-
-    root = logging.getLogger(logs.LOGGER)
-    monkeypatch.setattr(root, "handlers", list(root.handlers))
-    monkeypatch.setattr(root, "propagate", root.propagate)
-    level = root.level
-    monkeypatch.setitem(logs._state, "verbosity", logs._state["verbosity"])
+def train_log():
+    """The training package's log records (conftest makes the project's logger pristine again after)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
@@ -152,7 +145,6 @@ def train_log(monkeypatch):
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
-    root.setLevel(level)  # through setLevel: it also clears the loggers' cached levels
 
 
 @pytest.mark.slow
