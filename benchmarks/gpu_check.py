@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from hagan_clinic.config import Config, load_config
-from hagan_clinic.devices import resolve_device
+from hagan_clinic.devices import resolve_device, torch_dtype, usable_cores
 from hagan_clinic.errors import HaganError, describe, one_line
 from hagan_clinic.models.hagan import HAGAN
 
@@ -72,7 +72,6 @@ SECTIONS = ("parity", "train", "slab", "encode", "torchrun")
 #: each section's share of the budget; a section may also spend what the ones before it left
 SHARES = {"parity": 0.05, "train": 0.45, "slab": 0.15, "encode": 0.2, "torchrun": 0.15}
 PRECISIONS = ("fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAPER_REFERENCE = {"size": 256, "mb": 5961, "note": "the paper's figure, at its own settings; not measured here"}
 PARITY_TOLERANCE = 1e-3  # fp32 without TF32: kernels differ only in summation order, far below this
 BATCH = 2
@@ -274,7 +273,7 @@ def slab(check: Check, res: dict[str, Any]) -> None:
     res.update(config=name, size=size, batch=1, slab_semantics="k feature slices of G^H per pass")
     rows: list[dict[str, Any]] = res.setdefault("rows", [])
     for prec in ("fp32", "bf16"):
-        model.to(DTYPES[prec])  # inference weights cast once, as a bf16 user would run it
+        model.to(torch_dtype(prec))  # inference weights cast once, as a bf16 user would run it
         first: list[tuple[torch.Tensor, int]] = []
         for k in (1, 4):
             row: dict[str, Any] = {"precision": prec, "slab": k, "status": "pending"}
@@ -295,7 +294,7 @@ def encode(check: Check, res: dict[str, Any]) -> None:
     from hagan_clinic.pipelines.encode import EncodeOptions, run
 
     name, n, shape = ("tiny", 2, (16, 32, 32)) if check.quick else ("paper_256", 4, (120, 256, 256))
-    workers = 0 if check.quick else min(4, (os.cpu_count() or 1) // 4)  # readers beside a fast GPU encoder
+    workers = 0 if check.quick else min(4, usable_cores() // 4)  # readers beside a fast GPU encoder
     work = check.work / "encode"
     cohort = work / "cohort"
     write_cohort(cohort, n=n, seed=0, shape=shape, progress=False, extras=False)

@@ -53,8 +53,10 @@ def matmul_gflops(dtype: str = "fp32", device: str = "cpu", n: int = 2048, reps:
     the rate a dense kernel can reach on this machine at this moment."""
     import torch
 
+    from hagan_clinic.devices import torch_dtype
+
     dev = torch.device(device)
-    t = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    t = torch_dtype(dtype)
     gen = torch.Generator().manual_seed(1)
     a, b = (torch.randn(n, n, generator=gen).to(dev, t) for _ in range(2))
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)

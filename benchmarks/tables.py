@@ -32,12 +32,17 @@ def machine_line(result: dict[str, Any]) -> str:
     return f"{m['cpu']}, {m['threads']} threads, matmul {rate} GFLOP/s, load {load:.1f} at the start"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its separator (as many columns as the header) and the rows."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def encode_table(result: dict[str, Any]) -> str:
-    rows = [
-        "| size | read + preprocess | encoder fp32 / bf16 | `encode` end to end: fp32, no reader (the default on "
-        "2 cores) | fp32, 1 reader | bf16, no reader | bf16, 1 reader | reference pipeline | best speed-up over it |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["size", "read + preprocess", "encoder fp32 / bf16",
+              "`encode` end to end: fp32, no reader (the default on 2 cores)", "fp32, 1 reader", "bf16, no reader",
+              "bf16, 1 reader", "reference pipeline", "best speed-up over it"]  # fmt: skip
+    rows = []
     for r in result["results"]:
         floor = r["read_s"] + r["preprocess_s"]
         cells = []
@@ -46,10 +51,9 @@ def encode_table(result: dict[str, Any]) -> str:
             cells.append(f"{r[key + '_s_per_series']:.2f} s ({r[key + '_ratio_to_read_preprocess']:.2f}x)")
         best = max(v for k, v in r.items() if k.endswith("_speedup_over_reference"))
         rows.append(
-            f"| {r['size']}^3 | {floor:.2f} s | {r['encode_fp32_s']:.2f} / {r['encode_bf16_s']:.2f} s | "
-            + " | ".join(cells)
-            + f" | {r['reference']['s_per_series']:.2f} s | {best:.1f}x |"
-        )
+            [f"{r['size']}^3", f"{floor:.2f} s", f"{r['encode_fp32_s']:.2f} / {r['encode_bf16_s']:.2f} s", *cells,
+             f"{r['reference']['s_per_series']:.2f} s", f"{best:.1f}x"]
+        )  # fmt: skip
     agree = []
     for r in result["results"]:
         a, f = r.get("bf16_agreement_with_fp32"), r.get("bf16_per_feature_agreement")
@@ -61,7 +65,7 @@ def encode_table(result: dict[str, Any]) -> str:
                 f"{f['max_diff_over_sd_max']:.2f} of that feature's spread (median {f['max_diff_over_sd_median']:.2f})"
             )
     return (
-        "\n".join(rows)
+        markdown_table(header, rows)
         + "\n\nIn brackets: the ratio to read + preprocess. bf16 features against fp32 (untrained weights): "
         + "; ".join(agree)
         + "."
@@ -69,42 +73,39 @@ def encode_table(result: dict[str, Any]) -> str:
 
 
 def train_table(result: dict[str, Any]) -> str:
-    rows = [
-        "| config | batch | precision | s / iteration | GFLOP / iteration | GFLOP/s | matmul GFLOP/s (same run) | "
-        "efficiency |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["config", "batch", "precision", "s / iteration", "GFLOP / iteration", "GFLOP/s",
+              "matmul GFLOP/s (same run)", "efficiency"]  # fmt: skip
+    rows = []
     for r in result["runs"]:
+        first = [r["config"], str(r["batch_size"]), r["precision"]]
         if "error" in r:
-            rows.append(f"| {r['config']} | {r['batch_size']} | {r['precision']} | error: {r['error']} | | | | |")
+            rows.append([*first, f"error: {r['error']}", "", "", "", ""])
             continue
         rows.append(
-            f"| {r['config']} | {r['batch_size']} | {r['precision']} | {r['s_per_iter']:.2f} | "
-            f"{r['gflop_per_iter']:.0f} | {r['achieved_gflops']:.0f} | {r['matmul_gflops']:.0f} | "
-            f"{r['efficiency']:.2f} |"
-        )
-    return "\n".join(rows)
+            [*first, f"{r['s_per_iter']:.2f}", f"{r['gflop_per_iter']:.0f}", f"{r['achieved_gflops']:.0f}",
+             f"{r['matmul_gflops']:.0f}", f"{r['efficiency']:.2f}"]
+        )  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def generate_table(result: dict[str, Any]) -> str:
-    rows = ["| size | one pass | `--slab 8` | reference maths |", "|---|---|---|---|"]
+    rows = []
     for size, r in result["results"].items():
         cells = []
         for mode in ("one_pass", "slab_8", "reference"):
             m = r["modes"].get(mode)
             cells.append("-" if not m or "time_s" not in m else f"{m['time_s']:.2f} s, {m['peak_mb']:.0f} MB")
-        rows.append(f"| {size}^3 | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([f"{size}^3", *cells])
+    return markdown_table(["size", "one pass", "`--slab 8`", "reference maths"], rows)
 
 
 def preprocess_table(result: dict[str, Any]) -> str:
-    rows = ["| series | decode only | read | preprocess | ratio to decode |", "|---|---|---|---|---|"]
-    for r in result["results"]:
-        rows.append(
-            f"| {r['series']}, {r['slices']} slices | {r['decode_floor_s']:.3f} s | {r['read_s']:.3f} s | "
-            f"{r['preprocess_s']:.3f} s | {r['ratio_total_to_floor']:.2f} |"
-        )
-    return "\n".join(rows)
+    rows = [
+        [f"{r['series']}, {r['slices']} slices", f"{r['decode_floor_s']:.3f} s", f"{r['read_s']:.3f} s",
+         f"{r['preprocess_s']:.3f} s", f"{r['ratio_total_to_floor']:.2f}"]
+        for r in result["results"]
+    ]  # fmt: skip
+    return markdown_table(["series", "decode only", "read", "preprocess", "ratio to decode"], rows)
 
 
 def render() -> str:

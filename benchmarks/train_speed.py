@@ -43,7 +43,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from hagan_clinic.config import load_config
-    from hagan_clinic.devices import resolve_device
+    from hagan_clinic.devices import resolve_device, torch_dtype
     from hagan_clinic.training.build import build
     from hagan_clinic.training.loop import train_step
     from hagan_clinic.training.losses import PHASES
@@ -99,7 +99,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             rates.append(2 * n**3 / (time.perf_counter() - t0) / G)
         return rates[1:]
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+    dtype = torch_dtype(tc.precision)
     n, mm_gen = spec["mm_size"], torch.Generator().manual_seed(1)  # operands made before the memory baseline
     mats = {t: [torch.randn(n, n, generator=mm_gen).to(dev, t) for _ in "ab"] for t in {dtype, torch.float32}}
 

@@ -55,6 +55,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype a precision name (fp32, bf16, fp16) stands for; KeyError for another name."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def resolve_device(name: str, what: str = "--device") -> torch.device:
     """``name`` (cpu, cuda, cuda:N, mps or auto) as a ``torch.device``. Under torchrun, plain ``cuda`` means this
     process's GPU (LOCAL_RANK). HaganError (one line) for an unknown name, or a GPU this machine does not have."""

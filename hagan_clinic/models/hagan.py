@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..config import NUM_SLABS, Config, ConfigError
+from ..devices import torch_dtype
 from ..errors import one_line, short_repr
 from ..io.torch_files import CheckpointError, atomic_torch_save, check_expanded_size, file_sha256, load_untrusted
 from .discriminator import Discriminator
@@ -125,9 +126,9 @@ class HAGAN(nn.Module):
         state dict, an optimiser step, a move to another device). The model's own E^H and E^G are never touched, so
         a later fp32 caller, a saved checkpoint or a registered model sees the trained fp32 weights.
         """
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
-        if dtype is None:
+        if precision not in ("fp32", "bf16"):
             raise ValueError(f"encoder precision must be 'fp32' or 'bf16', got {precision!r}")
+        dtype = torch_dtype(precision)
         params = [*self.EH.parameters(), *self.EG.parameters()]
         key = (str(self.device), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         cached = self._inference.get(precision)

@@ -30,7 +30,7 @@ import torch
 
 from ..config import Config
 from ..data import ShardedSampler, VolumeFolder
-from ..devices import resolve_device
+from ..devices import resolve_device, torch_dtype
 from ..io.files import atomic_target, make_folder, write_text
 from ..io.logs import progress_bar, quiet
 from ..io.torch_files import file_sha256
@@ -77,7 +77,7 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """The forward passes' autocast for ``train.precision`` (none for fp32)."""
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type, dtype=torch_dtype(precision))
 
 
 def train_only(model: HAGAN, part: str | None) -> None:
