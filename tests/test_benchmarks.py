@@ -181,7 +181,7 @@ def test_model_bench_merge_keeps_every_source_machine(tmp_path):
 @pytest.mark.parametrize("name", SPEED_RESULTS)
 def test_committed_speed_result_says_which_machine(name):
     path = BENCHMARKS / "results" / name
-    if not path.exists():
+    if name == "gpu_check.json" and not path.exists():  # written only where a GPU was lent
         pytest.skip(f"no {name} committed")
     assert_stamped(json.loads(path.read_text()))
 

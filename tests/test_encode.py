@@ -159,7 +159,7 @@ def test_bf16_encodes_with_bf16_weights_and_agrees_with_fp32(
 
     def watching(model, grids, device, precision):
         z = real(model, grids, device, precision)
-        eh, eg = model.inference_encoders(precision)
+        _, eh, eg = model._inference[precision]  # the copies encode_batch made (KeyError: it made none)
         dtypes["copy"].update(str(p.dtype) for p in [*eh.parameters(), *eg.parameters()])
         dtypes["own"].update(str(p.dtype) for p in [*model.EH.parameters(), *model.EG.parameters()])
         return z

@@ -249,9 +249,12 @@ def test_inference_encoders_follow_the_weights():
         model.encode(x, precision="bf16").float(), other.eval().encode(x, precision="bf16").float()
     )
     assert not torch.allclose(model.encode(x, precision="bf16").float(), first)
+    stale = model.encode(x, precision="fp32")  # an fp32 copy is cached before the update
     with torch.no_grad():
         model.EG.out.bias.add_(1.0)  # an in-place update, as an optimiser step makes
-    torch.testing.assert_close(model.encode(x, precision="fp32"), model.encode(x), rtol=1e-4, atol=1e-5)
+    fresh = model.encode(x, precision="fp32")
+    torch.testing.assert_close(fresh, model.encode(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fresh, stale + 1.0, rtol=1e-4, atol=1e-5)  # the bias moved every feature by 1
 
 
 def test_upconv_backward_makes_the_phase_tensor_gradient_once():
@@ -278,7 +281,7 @@ def test_upconv_backward_makes_the_phase_tensor_gradient_once():
     y = layer(x)
     with FullSize() as counter:
         y.sum().backward()
-    assert len(counter.made) <= 2, counter.made
+    assert 1 <= len(counter.made) <= 2, counter.made  # the one buffer (and a view of it); none: nothing counted
     ref = UpConv3d(4, 3)
     ref.load_state_dict(layer.state_dict())
     ref.phase_decomposed = False
